@@ -1,0 +1,3 @@
+"""ftrain: fault-tolerant training for PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,424 @@
+"""Save and load checkpoints with DCP: asynchronous saves, one in flight, committed only when durable everywhere.
+
+A save goes through these instants; a crash at any of them leaves either the previous complete checkpoints or
+the new one complete, never a directory that looks complete and is not:
+
+1. ``save()``: wait for the previous save's commit; snapshot the state (``state_dict()`` calls) and hand it to
+   ``dcp.async_save``, which stages (copies) tensors in the background.
+2. ``wait_for_staging()``: called before the optimizer next mutates parameters; the copy must be finished.
+3. Background: DCP writes and fsyncs every rank's files, then the coordinator writes ``.metadata``. Only
+   when that succeeded on all ranks does rank 0 write the ``COMPLETE`` marker (tmp, fsync, rename, fsync dir).
+4. Background (rank 0): retention deletes what is no longer kept, only now that a newer checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
+from torch.distributed.checkpoint.stateful import Stateful
+
+from ftrain import faults
+from ftrain.checkpoint import layout
+
+logger = logging.getLogger("ftrain.checkpoint")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded; the message says which and why."""
+
+
+@dataclass
+class SaveStats:
+    """What one checkpoint cost; times are the maximum over ranks."""
+
+    step: int
+    blocking_s: float  # training loop stopped: waiting for the previous save, snapshot, dispatch, staging wait
+    staging_s: float  # from dispatch until the state was copied off the live tensors
+    save_s: float  # from the save call until the commit marker was written
+    write_s: float  # from staging done until every rank's files were durable
+    size_bytes: int  # all ranks' files together
+    ok: bool
+    error: str = ""
+
+    @property
+    def write_gbps(self) -> float:
+        return self.size_bytes / self.write_s / 1e9 if self.write_s > 0 and self.ok else 0.0
+
+
+@dataclass
+class LoadResult:
+    step: int
+    path: Path
+    load_s: float
+    marker: dict[str, Any]
+
+
+@dataclass
+class _PendingSave:
+    step: int
+    path: Path
+    started: float
+    blocking_s: float = 0.0
+    staging_future: Future | None = None
+    upload_future: Future | None = None
+    staged_at: float | None = None
+    uploaded_at: float | None = None
+    committed_at: float | None = None
+    marker: dict[str, Any] | None = None
+    error: str = ""
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class CheckpointManager:
+    """Owns ``{run.dir}/checkpoints``: saving, committing, retention and loading.
+
+    ``states`` maps names to ``Stateful`` objects (or plain state dicts); the manager knows nothing of models,
+    data or the trainer. ``marker_info`` is written into every commit marker and checked on load.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        mode: str,
+        keep_last: int,
+        keep_every: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        process_group: dist.ProcessGroup | None,
+        marker_info: dict[str, Any],
+        timeout_s: float = 600.0,
+    ) -> None:
+        self.root = Path(root)
+        self.mode = mode
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.process_group = process_group
+        self.marker_info = dict(marker_info)
+        self.timeout_s = timeout_s
+        self.failures = 0
+        self._pending: _PendingSave | None = None
+        self._stager: DefaultStager | None = None
+        self._purge_queue: queue.Queue[Path | None] = queue.Queue()
+        self._purger: threading.Thread | None = None
+        if rank == 0 and mode != "off":
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._purger = threading.Thread(target=self._purge_loop, name="ftrain-purge", daemon=True)
+            self._purger.start()
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    # ----------------------------------------------------------------------------------------------- saving
+    def save(self, step: int, states: dict[str, Any]) -> SaveStats | None:
+        """Start checkpointing ``states`` as step ``step``; returns the previous save's stats, if any."""
+        if not self.enabled:
+            return None
+        started = time.perf_counter()
+        previous = self.wait()
+        path = layout.step_dir(self.root, step)
+        pending = _PendingSave(step=step, path=path, started=started)
+        self._pending = pending
+        if self.mode == "sync":
+            self._save_sync(pending, states)
+        else:
+            self._save_async(pending, states)
+        pending.blocking_s += time.perf_counter() - started
+        return previous
+
+    def _save_sync(self, pending: _PendingSave, states: dict[str, Any]) -> None:
+        try:
+            dcp.save(states, checkpoint_id=str(pending.path), process_group=self.process_group)
+            pending.staged_at = pending.uploaded_at = time.perf_counter()
+            if self.rank == 0:
+                self._commit(pending)
+        except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            self._record_failure(pending, exc)
+        pending.done.set()
+
+    def _save_async(self, pending: _PendingSave, states: dict[str, Any]) -> None:
+        kind = AsyncCheckpointerType.PROCESS if self.mode == "async_process" else AsyncCheckpointerType.THREAD
+        try:
+            response = dcp.async_save(
+                states,
+                checkpoint_id=str(pending.path),
+                process_group=self.process_group,
+                async_checkpointer_type=kind,
+                async_stager=self._get_stager(),
+            )
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            self._record_failure(pending, exc)
+            pending.done.set()
+            return
+        if isinstance(response, AsyncSaveResponse):
+            pending.staging_future = response.staging_completion
+            pending.upload_future = response.upload_completion
+            pending.staging_future.add_done_callback(lambda _: setattr(pending, "staged_at", time.perf_counter()))
+        else:  # staged synchronously inside async_save
+            pending.staged_at = time.perf_counter()
+            pending.upload_future = response
+        threading.Thread(target=self._finish, args=(pending,), name=f"ftrain-commit-{pending.step}", daemon=True).start()
+
+    def _get_stager(self) -> DefaultStager:
+        if self._stager is None:
+            on_gpu = self.device.type == "cuda"
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=on_gpu,  # pinned host memory needs an accelerator
+                    use_shared_memory=self.mode == "async_process",  # hands tensors to the writer process cheaply
+                    use_async_staging=True,
+                    use_non_blocking_copy=on_gpu,
+                )
+            )
+        return self._stager
+
+    def _finish(self, pending: _PendingSave) -> None:
+        """Background: wait for every rank's data to be durable, then commit (rank 0)."""
+        try:
+            assert pending.upload_future is not None
+            pending.upload_future.result()
+            pending.uploaded_at = time.perf_counter()
+            if pending.staged_at is None:
+                pending.staged_at = pending.uploaded_at
+            if self.rank == 0:
+                self._commit(pending)
+        except BaseException as exc:  # noqa: BLE001 - report every failure, CheckpointException included
+            self._record_failure(pending, exc)
+        finally:
+            pending.done.set()
+
+    def _commit(self, pending: _PendingSave) -> None:
+        faults.pause_point("before_commit", pending.step)
+        info = {
+            "step": pending.step,
+            "world_size": self.world_size,
+            "mode": self.mode,
+            **self.marker_info,
+        }
+        pending.marker = layout.write_marker(pending.path, info)
+        pending.committed_at = time.perf_counter()
+        logger.info(
+            "checkpoint step %d committed: %.1f MB in %.2f s (%s)",
+            pending.step,
+            pending.marker["total_bytes"] / 1e6,
+            pending.committed_at - pending.started,
+            pending.path,
+        )
+        faults.pause_point("after_commit", pending.step)
+        self._purge_queue.put(pending.path)
+
+    def _record_failure(self, pending: _PendingSave, exc: BaseException) -> None:
+        pending.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        self.failures += 1
+        logger.error(
+            "checkpoint step %d FAILED on rank %d, it will not be marked complete: %s",
+            pending.step,
+            self.rank,
+            pending.error,
+        )
+
+    def failed_pending(self) -> bool:
+        """True if the save in flight has already failed on this rank (cheap; for a per-step check)."""
+        return self._pending is not None and bool(self._pending.error)
+
+    def wait_for_staging(self) -> None:
+        """Block until the in-flight save has copied the state; call before mutating parameters."""
+        pending = self._pending
+        if pending is None or pending.staging_future is None or pending.staging_future.done():
+            return
+        waited = time.perf_counter()
+        try:
+            pending.staging_future.result(timeout=self.timeout_s)
+        except TimeoutError:
+            raise CheckpointError(
+                f"staging of checkpoint step {pending.step} did not finish within checkpoint.timeout_s={self.timeout_s}"
+            ) from None
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            # the upload future carries the same failure; _finish reports it
+        pending.blocking_s += time.perf_counter() - waited
+
+    def wait(self) -> SaveStats | None:
+        """Finish the save in flight (commit included) and return its stats, reduced over ranks.
+
+        Every rank must call this at the same point: the stats are combined with a collective.
+        """
+        pending = self._pending
+        if pending is None:
+            return None
+        waited = time.perf_counter()
+        if not pending.done.wait(timeout=self.timeout_s):
+            raise CheckpointError(
+                f"checkpoint step {pending.step} did not finish within checkpoint.timeout_s={self.timeout_s}s "
+                f"(stuck I/O or a rank that stopped answering)"
+            )
+        pending.blocking_s += time.perf_counter() - waited
+        self._pending = None
+        return self._reduce_stats(pending)
+
+    def _reduce_stats(self, pending: _PendingSave) -> SaveStats:
+        staged = pending.staged_at or pending.started
+        uploaded = pending.uploaded_at or staged
+        local = [
+            pending.blocking_s,
+            staged - pending.started,
+            uploaded - staged,
+            (pending.committed_at or uploaded) - pending.started,
+            1.0 if pending.error else 0.0,
+            float(pending.marker["total_bytes"]) if pending.marker else 0.0,
+        ]
+        tensor = torch.tensor(local, dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        blocking, staging, write, save, failed, size = tensor.tolist()
+        return SaveStats(
+            step=pending.step,
+            blocking_s=blocking,
+            staging_s=staging,
+            save_s=save,
+            write_s=write,
+            size_bytes=int(size),
+            ok=failed == 0.0,
+            error=pending.error,
+        )
+
+    # ------------------------------------------------------------------------------------------- retention
+    def _purge_loop(self) -> None:
+        while True:
+            committed = self._purge_queue.get()
+            if committed is None:
+                return
+            try:
+                in_flight = self._pending.step if self._pending else None
+                for path in layout.plan_purge(self.root, self.keep_last, self.keep_every, in_flight=in_flight):
+                    layout.remove_dir(path)
+                    logger.debug("retention removed %s", path)
+            except Exception as exc:  # must not kill this thread: the next commit retries
+                logger.warning("retention could not clean %s: %s", self.root, exc)
+
+    # --------------------------------------------------------------------------------------------- loading
+    def find(self, resume: str) -> list[layout.StepDir]:
+        """Candidate checkpoints for ``checkpoint.resume``, best first; empty means start fresh."""
+        if resume == "never":
+            return []
+        if resume == "auto":
+            return list(reversed(layout.complete_steps(self.root)))
+        if resume.isdigit():
+            step = int(resume)
+            path = layout.step_dir(self.root, step)
+            if not (path / layout.MARKER).is_file():
+                have = ", ".join(str(d.step) for d in layout.complete_steps(self.root)) or "none"
+                raise CheckpointError(
+                    f"checkpoint.resume={resume}: no complete checkpoint {path} (complete steps: {have})"
+                )
+            return [layout.StepDir(step, path, True)]
+        path = Path(resume).expanduser()
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
+        if not (path / layout.MARKER).is_file():
+            raise CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no {layout.MARKER} marker)")
+        return [layout.StepDir(layout.parse_step(path) or -1, path, True)]
+
+    def load(self, states: dict[str, Stateful], resume: str) -> LoadResult | None:
+        """Load the best usable checkpoint into ``states``; None means a fresh start (logged with the reason)."""
+        candidates = self.find(resume)
+        if not candidates:
+            why = "checkpoint.resume=never" if resume == "never" else f"no complete checkpoint under {self.root}"
+            logger.info("starting fresh: %s", why)
+            return None
+        tried = []
+        for candidate in candidates:
+            started = time.perf_counter()
+            problem = self._check(candidate.path)
+            if not problem:
+                try:
+                    dcp.load(states, checkpoint_id=str(candidate.path), process_group=self.process_group)
+                except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+                    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                        raise
+                    problem = f"load failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            problem = self._agree(problem)
+            if not problem:
+                load_s = self._max_over_ranks(time.perf_counter() - started)
+                marker = layout.read_marker(candidate.path)
+                logger.info("resumed from %s (step %d) in %.2f s", candidate.path, marker["step"], load_s)
+                return LoadResult(int(marker["step"]), candidate.path, load_s, marker)
+            logger.warning("checkpoint %s is unusable (%s); trying the previous one", candidate.path, problem)
+            tried.append(f"{candidate.path.name}: {problem}")
+        raise CheckpointError("no usable checkpoint; tried " + "; ".join(tried))
+
+    def _check(self, path: Path) -> str:
+        """Cheap checks before loading: the marker, file sizes, and that it was made for this run's shape."""
+        try:
+            marker = layout.read_marker(path)
+        except ValueError as exc:
+            return str(exc)
+        for key in ("model",):
+            if key in self.marker_info and marker.get(key) != self.marker_info[key]:
+                raise CheckpointError(
+                    f"checkpoint {path} was saved for a different {key} ({_diff(marker.get(key), self.marker_info[key])}); "
+                    f"use a matching config or another run.dir"
+                )
+        if marker.get("world_size") != self.world_size:
+            raise CheckpointError(
+                f"checkpoint {path} was saved with {marker.get('world_size')} ranks, this run has {self.world_size}; "
+                f"resuming on a different world size is not supported yet"
+            )
+        problems = layout.check_sizes(path, marker)
+        return "; ".join(problems)
+
+    def _agree(self, problem: str) -> str:
+        """All ranks take the same decision: a checkpoint unusable on one rank is unusable for all."""
+        bad = self._max_over_ranks(1.0 if problem else 0.0)
+        if bad and not problem:
+            return "unusable on another rank"
+        return problem
+
+    def _max_over_ranks(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor.item())
+
+    # ---------------------------------------------------------------------------------------------- closing
+    def close(self) -> SaveStats | None:
+        """Wait for the last save to commit, stop the background threads, and release staging buffers."""
+        stats = self.wait()
+        if self._purger is not None:
+            self._purge_queue.put(None)
+            self._purger.join(timeout=self.timeout_s)
+            self._purger = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        return stats
+
+
+def _diff(saved: Any, current: Any) -> str:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        return ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys)
+    return f"checkpoint {saved!r}, now {current!r}"

@@ -1,0 +1,91 @@
+"""Process-group setup from torchrun's environment, device choice and small rank helpers."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    checkpoint_group: dist.ProcessGroup
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """``auto`` means CUDA when present, else CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device_choice: str = "auto", timeout_s: float = 600.0) -> DistEnv:
+    """Join the process group torchrun set up, or make a one-rank group when run with plain ``python``.
+
+    Under torchrun each restart round gets a key space of its own in the agent's store: ranks of a new round
+    must never read the addresses that a dead round left there (they would try to connect to dead ports).
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(device_choice, local_rank)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        store = _round_store(timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    else:
+        rank, world_size = 0, 1
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+
+    # Background checkpoint collectives get their own gloo group so that they never interleave with the
+    # training collectives on the default group.
+    checkpoint_group = dist.new_group(backend="gloo", timeout=timeout)
+    return DistEnv(rank, world_size, local_rank, device, checkpoint_group)
+
+
+def _round_store(timeout: datetime.timedelta) -> dist.Store:
+    host = os.environ["MASTER_ADDR"]
+    port = int(os.environ["MASTER_PORT"])
+    round_id = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        client = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    else:
+        is_master = int(os.environ["RANK"]) == 0
+        client = dist.TCPStore(host, port, int(os.environ["WORLD_SIZE"]), is_master=is_master, timeout=timeout)
+    return dist.PrefixStore(f"ftrain/{run_id}/round{round_id}/", client)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks in one collective on the default group."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()

@@ -1,0 +1,25 @@
+"""Named instants at which tests and ``tools/chaos.py`` can freeze a process to kill it exactly there.
+
+``FTRAIN_FAULT=<point>@<step>`` makes the process sleep (``FTRAIN_FAULT_SECONDS``, default 600) when it
+reaches ``point`` for checkpoint ``step``. Points:
+
+    before_commit   every rank's data and DCP's metadata are durable; the COMPLETE marker is not yet written
+    after_commit    the marker is written; retention has not yet run
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+logger = logging.getLogger("ftrain.faults")
+
+
+def pause_point(point: str, step: int) -> None:
+    spec = os.environ.get("FTRAIN_FAULT", "")
+    if spec != f"{point}@{step}":
+        return
+    seconds = float(os.environ.get("FTRAIN_FAULT_SECONDS", "600"))
+    logger.warning("FTRAIN_FAULT: pausing at %s of step %d for %.0f s", point, step, seconds)
+    time.sleep(seconds)

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The test suite (what CI runs). Extra arguments go to pytest, e.g. -k resume, or -m soak for long runs.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$ROOT"
+exec "$PY" -m pytest -q "$@"

@@ -1,0 +1,164 @@
+"""Shared helpers: launching the real recipe under torchrun, reading its outputs, killing it for real."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+# Small and quick: every run of the recipe in the tests uses these unless it overrides them.
+FAST = ["train.max_steps=20", "checkpoint.interval=5", "log.interval=5", "model.seq_len=64", "train.batch_size=4"]
+
+
+def train_cmd(run_dir: Path, *overrides: str, nproc: int = 2) -> list[str]:
+    launcher = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    return [*launcher, str(REPO / "recipes" / "train.py"), f"run.dir={run_dir}", *FAST, *overrides]
+
+
+def run_train(run_dir: Path, *overrides: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        train_cmd(run_dir, *overrides, nproc=nproc), capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def check_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+
+
+def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
+    """A TensorBoard scalar by step, as TensorBoard shows it (events purged by a resume are gone)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return {}
+    return {event.step: event.value for event in acc.Scalars(tag)}
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint, unsharded, by flattened key."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    state: dict = {}
+    dcp.load(state, checkpoint_id=str(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}{key}.", value)
+        elif isinstance(node, torch.Tensor):
+            flat[prefix[:-1]] = node
+
+    walk("", state)
+    return flat
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process under it (workers run in sessions of their own)."""
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:  # freeze first, so nothing forks or reacts in between
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            pass
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "processes survived SIGKILL"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted 2-rank run of the fast config; the yardstick for every resume test."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    check_ok(run_train(run_dir))
+    return run_dir
+
+
+def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """Rank -> pid of the training processes under a torchrun job (not their data or writer children)."""
+    found = {}
+    for pid in descendants(proc.pid):
+        try:
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        if b"recipes/train.py" in cmdline and b"RANK" in env and b"multiprocessing" not in cmdline:
+            rank = int(env[b"RANK"])
+            found.setdefault(rank, pid)  # the parent comes first; data-worker forks share its environment
+    return found
+
+
+def wait_for(condition, timeout: float = 120, what: str = "condition", proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"job exited ({proc.returncode}) before {what}\n{out[-2000:]}\n{err[-4000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_train(run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        train_cmd(run_dir, *overrides, nproc=nproc),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,61 @@
+"""The recipe end to end, as a user runs it: real torchrun, real TensorBoard files."""
+
+import subprocess
+import sys
+
+from conftest import REPO, assert_same_tensors, check_ok, checkpoint_tensors, run_train, scalars
+
+
+def test_two_ranks_log_every_step(reference_run):
+    losses = scalars(reference_run / "tb", "train/loss")
+    assert sorted(losses) == list(range(1, 21))
+    assert losses[20] < losses[1]
+    for tag in ("train/lr", "train/step_time_s", "train/tokens_per_s"):
+        assert sorted(scalars(reference_run / "tb", tag)) == list(range(1, 21))
+    assert (reference_run / "config.yaml").read_text().count("max_steps: 20") == 1
+
+
+def test_checkpoint_scalars_are_logged(reference_run):
+    for tag in ("checkpoint/blocking_s", "checkpoint/staging_s", "checkpoint/save_s", "checkpoint/size_bytes",
+                "checkpoint/write_GBps"):
+        assert sorted(scalars(reference_run / "tb", tag)) == [5, 10, 15, 20], tag
+    assert all(v > 1e6 for v in scalars(reference_run / "tb", "checkpoint/size_bytes").values())
+
+
+def test_same_config_gives_identical_losses_and_weights(reference_run, tmp_path):
+    check_ok(run_train(tmp_path))
+    assert scalars(tmp_path / "tb", "train/loss") == scalars(reference_run / "tb", "train/loss")
+    assert_same_tensors(
+        checkpoint_tensors(tmp_path / "checkpoints" / "step_00000020"),
+        checkpoint_tensors(reference_run / "checkpoints" / "step_00000020"),
+    )
+
+
+def test_retention_keeps_the_last_three(reference_run):
+    names = sorted(p.name for p in (reference_run / "checkpoints").iterdir())
+    assert names == ["step_00000010", "step_00000015", "step_00000020"]
+
+
+def test_plain_python_runs_one_rank(tmp_path):
+    proc = run_train(tmp_path, "train.max_steps=6", "checkpoint.interval=3", nproc=0)
+    check_ok(proc)
+    assert sorted(scalars(tmp_path / "tb", "train/loss")) == list(range(1, 7))
+    assert (tmp_path / "checkpoints" / "step_00000006" / "COMPLETE").is_file()
+
+
+def test_bad_key_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "train.py"), f"run.dir={tmp_path}", "train.max_stepz=3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.max_stepz" in lines[0], proc.stderr
+
+
+def test_missing_data_path_is_one_line(tmp_path):
+    proc = run_train(tmp_path, f"data.path={tmp_path}/nope", nproc=0)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("ftrain:")]
+    assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
