@@ -1,0 +1,91 @@
+"""Kill the real job (SIGKILL of every process) during a checkpoint, restart it, and demand bit-identical results."""
+
+import os
+import signal
+
+import pytest
+
+from conftest import (
+    assert_same_tensors,
+    check_ok,
+    checkpoint_tensors,
+    kill_job,
+    run_train,
+    scalars,
+    start_train,
+    wait_for,
+    worker_pids,
+)
+
+
+def assert_matches_reference(run_dir, reference_run):
+    assert scalars(run_dir / "tb", "train/loss") == scalars(reference_run / "tb", "train/loss")
+    assert_same_tensors(
+        checkpoint_tensors(run_dir / "checkpoints" / "step_00000020"),
+        checkpoint_tensors(reference_run / "checkpoints" / "step_00000020"),
+    )
+
+
+@pytest.mark.parametrize("mode", ["async", "sync", "async_process"])
+def test_sigkill_after_data_is_durable_but_before_commit(mode, reference_run, tmp_path):
+    """The worst instant: every file of step 10 is on disk, only the marker is missing."""
+    step10 = tmp_path / "checkpoints" / "step_00000010"
+    proc = start_train(tmp_path, f"checkpoint.mode={mode}", env={"FTRAIN_FAULT": "before_commit@10"})
+    try:
+        wait_for(lambda: (step10 / ".metadata").is_file(), what="step 10's data", proc=proc)
+    finally:
+        kill_job(proc)
+    assert not (step10 / "COMPLETE").exists()
+    assert (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
+
+    resumed = run_train(tmp_path, f"checkpoint.mode={mode}")
+    check_ok(resumed)
+    assert "step_00000005 (step 5)" in resumed.stderr
+    assert_matches_reference(tmp_path, reference_run)
+
+
+def test_sigkill_mid_write_with_data_workers(tmp_path, tmp_path_factory):
+    """Kill as soon as step 15's directory appears (DCP is writing), with 2 data-loader workers per rank."""
+    reference = tmp_path_factory.mktemp("reference_workers")
+    check_ok(run_train(reference, "data.num_workers=2"))
+    step15 = tmp_path / "checkpoints" / "step_00000015"
+    proc = start_train(tmp_path, "data.num_workers=2")
+    try:
+        wait_for(step15.exists, what="step 15's directory", proc=proc)
+    finally:
+        kill_job(proc)
+    resumed = run_train(tmp_path, "data.num_workers=2")
+    check_ok(resumed)
+    assert "resumed from" in resumed.stderr
+    assert not any(p.name.endswith(".deleting") for p in (tmp_path / "checkpoints").iterdir())
+    assert_matches_reference(tmp_path, reference)
+
+
+def test_sigterm_saves_and_exits_then_resumes(reference_run, tmp_path):
+    """Preemption: SIGTERM to one rank only; both agree, save the current step, exit 75; a rerun finishes."""
+    proc = start_train(tmp_path, env={"FTRAIN_FAULT": "after_commit@5", "FTRAIN_FAULT_SECONDS": "3"})
+    wait_for(lambda: (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file(), proc=proc,
+             what="step 5's commit")
+    os.kill(worker_pids(proc)[1], signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "exitcode  : 75" in err, err[-3000:]
+    assert "stop requested (SIGTERM)" in err
+    complete = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
+    stopped_at = int(complete[-1][5:])
+    assert 5 < stopped_at < 20
+    resumed = run_train(tmp_path)
+    check_ok(resumed)
+    assert f"(step {stopped_at})" in resumed.stderr
+    assert_matches_reference(tmp_path, reference_run)
+
+
+def test_sigterm_single_process_exit_code(tmp_path):
+    proc = start_train(tmp_path, "train.max_steps=400", "checkpoint.interval=3", nproc=0)
+    wait_for(lambda: (tmp_path / "checkpoints" / "step_00000003" / "COMPLETE").is_file(), proc=proc,
+             what="the first commit")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-3000:]
+    latest = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if (p / "COMPLETE").is_file())[-1]
+    assert f"saving step {int(latest[5:])} and exiting" in err
