@@ -140,7 +140,7 @@ class Trainer:
             for path in layout.remove_incomplete(root):
                 logger.info("removed incomplete checkpoint %s (left by an interrupted save)", path)
             for path in layout.set_aside_newer(root, self.step):
-                logger.warning("moved %s aside: it is newer than the step this run starts from", path)
+                logger.warning("checkpoint newer than step %d moved aside to %s", self.step, path)
         dist.barrier()
         return result.load_s if result else None
 
@@ -178,7 +178,10 @@ class Trainer:
             )
             progress.maybe_print(self.step, mean_loss, lr, tokens_per_step / step_time)
             if failed and cfg.checkpoint.on_failure == "abort":
-                raise CheckpointError("a background checkpoint save failed and checkpoint.on_failure=abort")
+                raise CheckpointError(
+                    f"stopping because checkpoint.on_failure=abort and a background save failed: "
+                    f"{self.checkpointer.last_error or 'on another rank'}"
+                )
             if stop:
                 logger.warning("stop requested (%s): saving step %d and exiting", self.preemption.requested, self.step)
                 self.save()

@@ -89,3 +89,23 @@ def test_sigterm_single_process_exit_code(tmp_path):
     assert proc.returncode == 75, err[-3000:]
     latest = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if (p / "COMPLETE").is_file())[-1]
     assert f"saving step {int(latest[5:])} and exiting" in err
+
+
+@pytest.mark.parametrize("on_failure", ["continue", "abort"])
+def test_failed_background_save_is_never_committed(on_failure, tmp_path):
+    """A real I/O failure: a file sits where step 10's directory must go, so every rank's write fails."""
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_00000010").write_text("in the way")
+    proc = run_train(tmp_path, f"checkpoint.on_failure={on_failure}")
+    assert "checkpoint step 10 FAILED on rank 0" in proc.stderr
+    assert "step_00000010" in proc.stderr.split("FAILED on rank 0")[1].splitlines()[0]  # the cause names the path
+    assert not (tmp_path / "checkpoints" / "step_00000010").is_dir()
+    complete = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
+    if on_failure == "continue":
+        check_ok(proc)
+        assert complete == ["step_00000005", "step_00000015", "step_00000020"]
+        assert scalars(tmp_path / "tb", "checkpoint/failures")[20] == 1.0
+    else:
+        assert proc.returncode != 0
+        assert "checkpoint.on_failure=abort and a background save failed: rank 0,1: FileExistsError" in proc.stderr
+        assert complete == ["step_00000005"]

@@ -229,7 +229,7 @@ class CheckpointManager:
         self._purge_queue.put(pending.path)
 
     def _record_failure(self, pending: _PendingSave, exc: BaseException) -> None:
-        pending.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        pending.error = describe_error(exc)
         self.failures += 1
         logger.error(
             "checkpoint step %d FAILED on rank %d, it will not be marked complete: %s",
@@ -237,6 +237,11 @@ class CheckpointManager:
             self.rank,
             pending.error,
         )
+
+    @property
+    def last_error(self) -> str:
+        """The cause of the in-flight save's failure on this rank, or ''."""
+        return self._pending.error if self._pending else ""
 
     def failed_pending(self) -> bool:
         """True if the save in flight has already failed on this rank (cheap; for a per-step check)."""
@@ -358,7 +363,7 @@ class CheckpointManager:
                 except BaseException as exc:  # DCP's CheckpointException derives from BaseException
                     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                         raise
-                    problem = f"load failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+                    problem = f"load failed: {describe_error(exc)}"
             problem = self._agree(problem)
             if not problem:
                 load_s = self._max_over_ranks(time.perf_counter() - started)
@@ -415,6 +420,22 @@ class CheckpointManager:
             self._stager.close()
             self._stager = None
         return stats
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line with the root cause: DCP wraps each rank's exception and its traceback in one big message."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        causes = {}
+        for rank, failure in sorted(failures.items()):
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            causes.setdefault(f"{type(cause).__name__}: {_squash(cause)}", []).append(str(rank))
+        return "; ".join(f"rank {','.join(ranks)}: {cause}" for cause, ranks in causes.items())
+    return f"{type(exc).__name__}: {_squash(exc)}"
+
+
+def _squash(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:400]
 
 
 def _diff(saved: Any, current: Any) -> str:
