@@ -20,6 +20,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "recipes" / "configs" 
 
 CHECKPOINT_MODES = ("async", "async_process", "sync", "off")
 ON_SAVE_FAILURE = ("continue", "abort")
+ON_WORLD_SIZE_CHANGE = ("reshard", "refuse")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,7 @@ class ModelConfig:
 class DataConfig:
     path: str = ""
     num_workers: int = 0
+    record_samples: bool = False
 
 
 @dataclass
@@ -59,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     device: str = "auto"
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -69,6 +72,7 @@ class CheckpointConfig:
     keep_every: int = 0
     resume: str = "auto"
     on_failure: str = "continue"
+    on_world_size_change: str = "reshard"
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     timeout_s: float = 600.0
 
@@ -251,6 +255,7 @@ def validate(cfg: Config) -> None:
     require(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     require(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     require(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    require(cfg.train.timeout_s > 0, "train.timeout_s", "must be positive")
     require(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be one of auto, cpu, cuda")
     require(1 <= cfg.model.vocab_size <= 256, "model.vocab_size", "byte-level tokens need 1..256")
     require(cfg.model.seq_len >= 2, "model.seq_len", "must be at least 2")
@@ -264,6 +269,11 @@ def validate(cfg: Config) -> None:
     require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1 (the latest is never deleted)")
     require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0 keeps none permanently)")
     require(cfg.checkpoint.on_failure in ON_SAVE_FAILURE, "checkpoint.on_failure", "must be continue or abort")
+    require(
+        cfg.checkpoint.on_world_size_change in ON_WORLD_SIZE_CHANGE,
+        "checkpoint.on_world_size_change",
+        "must be reshard or refuse",
+    )
     require(cfg.checkpoint.timeout_s > 0, "checkpoint.timeout_s", "must be positive")
     require(cfg.log.interval >= 1, "log.interval", "must be at least 1")
     resume = cfg.checkpoint.resume

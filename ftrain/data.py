@@ -97,6 +97,11 @@ class GlobalOrderSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         return _GlobalOrderIterator(self, **self.start)
 
+    def advance(self, position: dict[str, int]) -> dict[str, int]:
+        """The position after one more step from ``position`` (what every rank's iterator will have done)."""
+        epoch, cursor = next_position(position["epoch"], position["cursor"], self.global_batch, self.num_samples)
+        return {"epoch": epoch, "cursor": cursor + self.global_batch}
+
     def order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.num_samples, generator=generator)
@@ -109,6 +114,13 @@ class GlobalOrderSampler(Sampler[int]):
         self.start = {"epoch": int(state["epoch"]), "cursor": int(state["cursor"])}
 
 
+def next_position(epoch: int, cursor: int, global_batch: int, num_samples: int) -> tuple[int, int]:
+    """Where the next step's global batch starts: the epoch's ragged tail (shorter than a batch) is dropped."""
+    if cursor + global_batch > num_samples:
+        return epoch + 1, 0
+    return epoch, cursor
+
+
 class _GlobalOrderIterator(Iterator[int]):
     def __init__(self, sampler: GlobalOrderSampler, epoch: int, cursor: int) -> None:
         self.sampler = sampler
@@ -119,9 +131,10 @@ class _GlobalOrderIterator(Iterator[int]):
 
     def __next__(self) -> int:
         s = self.sampler
-        if self.cursor + s.global_batch > s.num_samples:  # drop the epoch's ragged tail
-            self.epoch, self.cursor = self.epoch + 1, 0
-            self.perm = s.order(self.epoch)
+        if self.offset == 0:
+            epoch, self.cursor = next_position(self.epoch, self.cursor, s.global_batch, s.num_samples)
+            if epoch != self.epoch:
+                self.epoch, self.perm = epoch, s.order(epoch)
         index = int(self.perm[self.cursor + s.rank * s.batch_size + self.offset])
         self.offset += 1
         if self.offset == s.batch_size:

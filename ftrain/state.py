@@ -67,20 +67,45 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-class TrainProgress(Stateful):
-    """The loop's own state: step, scheduler, and this rank's RNG and data position."""
+def seed_rank_rngs(seed: int, rank: int, step: int) -> None:
+    """Seed Python's and torch's RNGs for one rank: each rank draws its own dropout masks."""
+    value = (seed * 1_000_003 + step) * 1009 + rank + 1
+    random.seed(value)
+    torch.manual_seed(value)
 
-    def __init__(self, scheduler: Any, dataloader: Any, rank: int, device: torch.device) -> None:
+
+class TrainProgress(Stateful):
+    """The loop's own state: step, scheduler, the global data position, and this rank's RNG and loader state.
+
+    A checkpoint from another world size has no per-rank entries for this rank: the loader then continues from
+    the global data position (every sample of the epoch still read exactly once) and the RNGs are re-seeded.
+    """
+
+    def __init__(self, scheduler: Any, dataloader: Any, rank: int, world_size: int, device: torch.device, seed: int) -> None:
         self.step = 0
         self.scheduler = scheduler
         self.dataloader = dataloader
+        self.sampler = dataloader.sampler
+        self.data_position = {"epoch": 0, "cursor": 0}
         self.rank = rank
+        self.world_size = world_size
         self.device = device
+        self.seed = seed
+        self.resharded_from: int | None = None
+
+    OPTIONAL_PREFIXES = ("train.rng.", "train.data.")
+
+    def advance(self) -> None:
+        """Count one finished optimizer step."""
+        self.step += 1
+        self.data_position = self.sampler.advance(self.data_position)
 
     def state_dict(self) -> dict[str, Any]:
         key = f"rank_{self.rank}"
         return {
             "step": self.step,
+            "world_size": self.world_size,
+            "data_position": dict(self.data_position),
             "scheduler": to_blob(self.scheduler.state_dict()),
             "rng": {key: to_blob(capture_rng(self.device))},
             "data": {key: to_blob(self.dataloader.state_dict())},
@@ -89,6 +114,35 @@ class TrainProgress(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         key = f"rank_{self.rank}"
         self.step = int(state_dict["step"])
+        self.data_position = {k: int(v) for k, v in state_dict["data_position"].items()}
         self.scheduler.load_state_dict(from_blob(state_dict["scheduler"]))
-        self.dataloader.load_state_dict(from_blob(state_dict["data"][key]))
-        restore_rng(from_blob(state_dict["rng"][key]), self.device)
+        saved_world_size = int(state_dict["world_size"])
+        rng_blob, data_blob = state_dict["rng"].get(key), state_dict["data"].get(key)
+        if saved_world_size == self.world_size and rng_blob and data_blob:
+            self.dataloader.load_state_dict(from_blob(data_blob))
+            restore_rng(from_blob(rng_blob), self.device)
+            return
+        # Another world size: per-rank states do not map onto these ranks; continue from the global position.
+        self.resharded_from = saved_world_size
+        self.sampler.load_state_dict(self.data_position)
+        seed_rank_rngs(self.seed, self.rank, self.step)
+
+    def for_loading(self) -> Stateful:
+        """The object to hand to ``dcp.load``: its per-rank entries start empty, so an entry the checkpoint does
+        not have (another world size) is seen as missing rather than silently keeping the current value."""
+        return _ProgressLoader(self)
+
+
+class _ProgressLoader(Stateful):
+    def __init__(self, progress: TrainProgress) -> None:
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, Any]:
+        template = self.progress.state_dict()
+        key = f"rank_{self.progress.rank}"
+        template["rng"][key] = b""
+        template["data"][key] = b""
+        return template
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.progress.load_state_dict(state_dict)

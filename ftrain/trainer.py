@@ -7,10 +7,10 @@ Exit codes (``Trainer.fit`` returns them; ``recipes/train.py`` exits with them):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
-import random
 import signal
 import time
 from functools import partial
@@ -28,12 +28,20 @@ from ftrain.data import build_dataloader
 from ftrain.distributed import all_reduce_sum, close_distributed, init_distributed
 from ftrain.metrics import Metrics, Progress, setup_logging
 from ftrain.model import build_model, num_parameters
-from ftrain.state import ModelOptimizerState, TrainProgress
+from ftrain.state import ModelOptimizerState, TrainProgress, seed_rank_rngs
 
 logger = logging.getLogger("ftrain")
 
 EXIT_OK = 0
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """A collective failed because another rank died, stalled past the timeout, or closed its connection."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        mark in text for mark in ("gloo/transport", "Connection reset", "Connection closed", "Timed out waiting", "NCCL")
+    )
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -63,10 +71,30 @@ class PreemptionFlag:
         self.requested = signal.Signals(signum).name
 
 
+class SampleRecorder:
+    """Appends which sequences each step consumed, for checking exactly-once data across restarts.
+
+    Lines are JSON: ``{"step", "rank", "attempt", "indices"}``; ``attempt`` is this process's start time, so
+    steps redone after a resume can be told from the ones they replace (keep the latest attempt per step).
+    """
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        path = run_dir / "samples" / f"rank_{rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(path, "a")
+        self.rank = rank
+        self.attempt = time.time()
+
+    def write(self, step: int, indices: torch.Tensor) -> None:
+        line = {"step": step, "rank": self.rank, "attempt": self.attempt, "indices": indices.tolist()}
+        self.handle.write(json.dumps(line) + "\n")
+        self.handle.flush()
+
+
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.env = init_distributed(cfg.train.device, cfg.checkpoint.timeout_s)
+        self.env = init_distributed(cfg.train.device, cfg.train.timeout_s)
         setup_logging(self.env.rank)
         self.run_dir = Path(cfg.run.dir)
         self.device = self.env.device
@@ -90,11 +118,11 @@ class Trainer:
         self.dataloader = build_dataloader(
             cfg.data, cfg.model.seq_len, cfg.train.batch_size, self.env.rank, self.env.world_size, cfg.train.seed
         )
-        self.progress = TrainProgress(self.scheduler, self.dataloader, self.env.rank, self.device)
+        self.progress = TrainProgress(
+            self.scheduler, self.dataloader, self.env.rank, self.env.world_size, self.device, cfg.train.seed
+        )
         self.states = {"app": ModelOptimizerState(self.model, self.optimizer), "train": self.progress}
-        # Each rank draws its own dropout masks.
-        torch.manual_seed(cfg.train.seed * 1000 + self.env.rank + 1)
-        random.seed(cfg.train.seed * 1000 + self.env.rank + 1)
+        seed_rank_rngs(cfg.train.seed, self.env.rank, step=0)
 
         self.checkpointer = CheckpointManager(
             self.run_dir / "checkpoints",
@@ -107,6 +135,7 @@ class Trainer:
             process_group=self.env.checkpoint_group,
             marker_info={"model": vars(cfg.model), "ftrain_version": __version__, "run_name": cfg.run.name},
             timeout_s=cfg.checkpoint.timeout_s,
+            allow_world_size_change=cfg.checkpoint.on_world_size_change == "reshard",
         )
         self.preemption = PreemptionFlag(cfg.checkpoint.signals)
         load_s = self._resume()
@@ -135,7 +164,21 @@ class Trainer:
         root = self.checkpointer.root
         result = None
         if self.checkpointer.enabled or self.cfg.checkpoint.resume != "auto":
-            result = self.checkpointer.load(self.states, self.cfg.checkpoint.resume)
+            result = self.checkpointer.load(
+                {**self.states, "train": self.progress.for_loading()},
+                self.cfg.checkpoint.resume,
+                optional_prefixes=TrainProgress.OPTIONAL_PREFIXES,
+            )
+            if self.progress.resharded_from is not None and self.env.is_main:
+                logger.warning(
+                    "resharded from %d to %d ranks: data continues at epoch %d, sequence %d of its order; "
+                    "RNGs re-seeded, so this run is not bit-identical to one on %d ranks",
+                    self.progress.resharded_from,
+                    self.env.world_size,
+                    self.progress.data_position["epoch"],
+                    self.progress.data_position["cursor"],
+                    self.progress.resharded_from,
+                )
         if self.env.is_main and self.checkpointer.enabled:
             for path in layout.remove_incomplete(root):
                 logger.info("removed incomplete checkpoint %s (left by an interrupted save)", path)
@@ -153,12 +196,15 @@ class Trainer:
         progress = Progress(self.step, cfg.train.max_steps, cfg.log.interval)
         tokens_per_step = cfg.train.batch_size * cfg.model.seq_len * self.env.world_size
         batches = iter(self.dataloader)
+        record = SampleRecorder(self.run_dir, self.env.rank) if cfg.data.record_samples else None
         while self.step < cfg.train.max_steps:
             started = time.perf_counter()
-            _, inputs, targets = next(batches)
+            indices, inputs, targets = next(batches)
             lr = self.scheduler.get_last_lr()[0]
             loss = self.train_step(inputs.to(self.device), targets.to(self.device))
-            self.progress.step += 1
+            self.progress.advance()
+            if record:
+                record.write(self.step, indices)
 
             # One collective per step: the mean loss, and whether any rank was asked to stop or saw a save fail.
             loss_sum, stop, failed = all_reduce_sum(

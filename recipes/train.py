@@ -12,7 +12,7 @@ import sys
 
 from ftrain.checkpoint import CheckpointError
 from ftrain.config import ConfigError, load_config
-from ftrain.trainer import Trainer
+from ftrain.trainer import Trainer, is_peer_failure
 
 
 def main(argv: list[str]) -> int:
@@ -29,6 +29,12 @@ def main(argv: list[str]) -> int:
         return code
     except (CheckpointError, ValueError) as exc:
         print(f"ftrain: error: {exc}", file=sys.stderr)
+        code = 1
+    except RuntimeError as exc:
+        if not is_peer_failure(exc):
+            logging.getLogger("ftrain").exception("training failed")
+        else:
+            print(f"ftrain: error: lost contact with another rank: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
         code = 1
     except BaseException:
         logging.getLogger("ftrain").exception("training failed")

@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from ftrain import faults
 from ftrain.checkpoint import layout
+from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
 
 logger = logging.getLogger("ftrain.checkpoint")
 
@@ -101,6 +102,7 @@ class CheckpointManager:
         process_group: dist.ProcessGroup | None,
         marker_info: dict[str, Any],
         timeout_s: float = 600.0,
+        allow_world_size_change: bool = True,
     ) -> None:
         self.root = Path(root)
         self.mode = mode
@@ -112,6 +114,7 @@ class CheckpointManager:
         self.process_group = process_group
         self.marker_info = dict(marker_info)
         self.timeout_s = timeout_s
+        self.allow_world_size_change = allow_world_size_change
         self.failures = 0
         self._pending: _PendingSave | None = None
         self._stager: DefaultStager | None = None
@@ -346,8 +349,14 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no {layout.MARKER} marker)")
         return [layout.StepDir(layout.parse_step(path) or -1, path, True)]
 
-    def load(self, states: dict[str, Stateful], resume: str) -> LoadResult | None:
-        """Load the best usable checkpoint into ``states``; None means a fresh start (logged with the reason)."""
+    def load(
+        self, states: dict[str, Stateful], resume: str, optional_prefixes: tuple[str, ...] = ()
+    ) -> LoadResult | None:
+        """Load the best usable checkpoint into ``states``; None means a fresh start (logged with the reason).
+
+        Keys under ``optional_prefixes`` may be missing from the checkpoint (per-rank entries of another world
+        size); every other key must be there. Nothing in the checkpoint is unpickled beyond plain data.
+        """
         candidates = self.find(resume)
         if not candidates:
             why = "checkpoint.resume=never" if resume == "never" else f"no complete checkpoint under {self.root}"
@@ -359,7 +368,12 @@ class CheckpointManager:
             problem = self._check(candidate.path)
             if not problem:
                 try:
-                    dcp.load(states, checkpoint_id=str(candidate.path), process_group=self.process_group)
+                    dcp.load(
+                        states,
+                        storage_reader=SafeFileSystemReader(str(candidate.path)),
+                        planner=SafeLoadPlanner(optional_prefixes),
+                        process_group=self.process_group,
+                    )
                 except BaseException as exc:  # DCP's CheckpointException derives from BaseException
                     if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                         raise
@@ -386,10 +400,10 @@ class CheckpointManager:
                     f"checkpoint {path} was saved for a different {key} ({_diff(marker.get(key), self.marker_info[key])}); "
                     f"use a matching config or another run.dir"
                 )
-        if marker.get("world_size") != self.world_size:
+        if marker.get("world_size") != self.world_size and not self.allow_world_size_change:
             raise CheckpointError(
-                f"checkpoint {path} was saved with {marker.get('world_size')} ranks, this run has {self.world_size}; "
-                f"resuming on a different world size is not supported yet"
+                f"checkpoint {path} was saved with {marker.get('world_size')} ranks, this run has {self.world_size}, "
+                f"and checkpoint.on_world_size_change=refuse"
             )
         problems = layout.check_sizes(path, marker)
         return "; ".join(problems)
