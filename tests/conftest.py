@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import pytest
 import torch
+
+from ftrain.checkpoint.reader import differing_tensors, read_tensors
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -47,30 +48,13 @@ def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP checkpoint, unsharded, by flattened key."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-
-    state: dict = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-        dcp.load(state, checkpoint_id=str(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    flat: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, node: object) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(f"{prefix}{key}.", value)
-        elif isinstance(node, torch.Tensor):
-            flat[prefix[:-1]] = node
-
-    walk("", state)
-    return flat
+    tensors = read_tensors(path)
+    assert any(k.startswith("app.model.") for k in tensors) and any(k.startswith("app.optim.") for k in tensors)
+    return tensors
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
+    different = differing_tensors(a, b)
     assert not different, f"tensors differ: {different[:5]}"
 
 

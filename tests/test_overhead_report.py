@@ -5,7 +5,7 @@ import json
 import statistics
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 
@@ -114,6 +114,11 @@ def test_read_scalars_honours_a_resume_purge(tmp_path):
     for step in range(1, 11):
         first.log({"train/step_time_s": float(step)}, step)
     first.close()
+    # Event files are read in name order, and the name starts with the second of creation; a real restart is
+    # seconds later, but two writers in one second of one process would be ordered by a counter's digits.
+    started = int(time.time())
+    while int(time.time()) == started:
+        time.sleep(0.05)
     second = Metrics(tmp_path, enabled=True, start_step=5)
     for step in range(6, 9):
         second.log({"train/step_time_s": 100.0 + step}, step)
@@ -178,3 +183,12 @@ def test_plot_of_a_run_with_a_failure_a_resume_and_one_without_checkpoints(tmp_p
     for name, data in (("mixed.png", run), ("none.png", no_checkpoints)):
         report_tool.render_plot(data, report_tool.summarize(data, "run"), tmp_path / name)
         assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_missing_pillow_is_one_line_exit_1_unless_no_plot(reference_run, monkeypatch, capsys):
+    monkeypatch.setattr(report_tool, "pillow_missing", lambda: True)
+    assert report_tool.main([str(reference_run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Pillow" in err and "--no-plot" in err
+    assert report_tool.main([str(reference_run), "--no-plot"]) == 0
+    assert "4 (4 committed, 0 failed)" in capsys.readouterr().out

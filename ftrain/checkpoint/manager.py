@@ -134,16 +134,16 @@ class CheckpointManager:
         """Start checkpointing ``states`` as step ``step``; returns the previous save's stats, if any."""
         if not self.enabled:
             return None
+        called = time.perf_counter()
+        previous = self._finish_pending(charge_wait=False)  # this wait is charged to the new save instead
         started = time.perf_counter()
-        previous = self.wait()
-        path = layout.step_dir(self.root, step)
-        pending = _PendingSave(step=step, path=path, started=started)
+        pending = _PendingSave(step=step, path=layout.step_dir(self.root, step), started=started)
         self._pending = pending
         if self.mode == "sync":
             self._save_sync(pending, states)
         else:
             self._save_async(pending, states)
-        pending.blocking_s += time.perf_counter() - started
+        pending.blocking_s += time.perf_counter() - called
         return previous
 
     def _save_sync(self, pending: _PendingSave, states: dict[str, Any]) -> None:
@@ -273,6 +273,9 @@ class CheckpointManager:
 
         Every rank must call this at the same point: the stats are combined with a collective.
         """
+        return self._finish_pending(charge_wait=True)
+
+    def _finish_pending(self, charge_wait: bool) -> SaveStats | None:
         pending = self._pending
         if pending is None:
             return None
@@ -282,7 +285,8 @@ class CheckpointManager:
                 f"checkpoint step {pending.step} did not finish within checkpoint.timeout_s={self.timeout_s}s "
                 f"(stuck I/O or a rank that stopped answering)"
             )
-        pending.blocking_s += time.perf_counter() - waited
+        if charge_wait:
+            pending.blocking_s += time.perf_counter() - waited
         self._pending = None
         return self._reduce_stats(pending)
 

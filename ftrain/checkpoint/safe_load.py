@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
@@ -78,20 +78,8 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
-class SafeLoadPlanner(DefaultLoadPlanner):
-    """Loads non-tensor entries with ``weights_only=True``; keys under ``optional_prefixes`` may be absent
-    from the checkpoint (they keep the value they had), every other key must be there."""
-
-    def __init__(self, optional_prefixes: tuple[str, ...] = ()) -> None:
-        super().__init__()
-        self.optional_prefixes = optional_prefixes
-
-    def set_up_planner(self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
-        super().set_up_planner(state_dict, metadata, is_coordinator)
-        if metadata is not None and self.optional_prefixes:
-            for fqn in list(self.state_dict):
-                if fqn.startswith(self.optional_prefixes) and fqn not in metadata.state_dict_metadata:
-                    del self.state_dict[fqn]
+class _SafeBytes:
+    """Non-tensor entries are read with ``weights_only=True``: plain data and tensors only, never code."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         try:
@@ -104,3 +92,23 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+class SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
+    """Loads into a given state dict. Keys under ``optional_prefixes`` may be absent from the checkpoint (they
+    keep the value they had); every other key must be there."""
+
+    def __init__(self, optional_prefixes: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.optional_prefixes = optional_prefixes
+
+    def set_up_planner(self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False) -> None:
+        super().set_up_planner(state_dict, metadata, is_coordinator)
+        if metadata is not None and self.optional_prefixes:
+            for fqn in list(self.state_dict):
+                if fqn.startswith(self.optional_prefixes) and fqn not in metadata.state_dict_metadata:
+                    del self.state_dict[fqn]
+
+
+class SafeWholeLoadPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
+    """Loads everything a checkpoint holds into an empty dict (for tools: no model needed)."""

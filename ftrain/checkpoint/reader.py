@@ -1,0 +1,41 @@
+"""Reading a checkpoint outside training, in one process: for tools, tests and comparisons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeWholeLoadPlanner
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """Everything the checkpoint holds, unsharded, as nested dicts (tensors and plain data only)."""
+    state: dict[str, Any] = {}
+    # dcp.load would copy into a fresh dict and drop what the empty-dict planner builds: go one level down.
+    _load_state_dict(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeWholeLoadPlanner(), no_dist=True)
+    return state
+
+
+def flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": x}}`` -> ``{"a.b": x}``."""
+    flat: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint, unsharded, by flattened key (``app.model.blocks.0.qkv.weight``, ...)."""
+    return {k: v for k, v in flatten(read_state(path)).items() if isinstance(v, torch.Tensor)}
+
+
+def differing_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose tensors are not bit-identical (or exist on one side only)."""
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if k not in a or k not in b or not torch.equal(a[k], b[k])]
