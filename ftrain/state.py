@@ -138,11 +138,17 @@ class _ProgressLoader(Stateful):
         self.progress = progress
 
     def state_dict(self) -> dict[str, Any]:
-        template = self.progress.state_dict()
+        # Only the structure matters here. Building it must not call the loader's state_dict(): that would
+        # create its iterator now, before the loaded position is applied.
         key = f"rank_{self.progress.rank}"
-        template["rng"][key] = b""
-        template["data"][key] = b""
-        return template
+        return {
+            "step": 0,
+            "world_size": 0,
+            "data_position": {"epoch": 0, "cursor": 0},
+            "scheduler": b"",
+            "rng": {key: b""},
+            "data": {key: b""},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.progress.load_state_dict(state_dict)

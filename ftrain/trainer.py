@@ -25,7 +25,7 @@ from ftrain.checkpoint import CheckpointError, CheckpointManager, SaveStats
 from ftrain.checkpoint import layout
 from ftrain.config import Config, to_yaml
 from ftrain.data import build_dataloader
-from ftrain.distributed import all_reduce_sum, close_distributed, init_distributed
+from ftrain.distributed import all_reduce_max, all_reduce_sum, close_distributed, init_distributed
 from ftrain.metrics import Metrics, Progress, setup_logging
 from ftrain.model import build_model, num_parameters
 from ftrain.state import ModelOptimizerState, TrainProgress, seed_rank_rngs
@@ -78,12 +78,12 @@ class SampleRecorder:
     steps redone after a resume can be told from the ones they replace (keep the latest attempt per step).
     """
 
-    def __init__(self, run_dir: Path, rank: int) -> None:
+    def __init__(self, run_dir: Path, rank: int, attempt: float) -> None:
         path = run_dir / "samples" / f"rank_{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(path, "a")
         self.rank = rank
-        self.attempt = time.time()
+        self.attempt = attempt
 
     def write(self, step: int, indices: torch.Tensor) -> None:
         line = {"step": step, "rank": self.rank, "attempt": self.attempt, "indices": indices.tolist()}
@@ -196,7 +196,9 @@ class Trainer:
         progress = Progress(self.step, cfg.train.max_steps, cfg.log.interval)
         tokens_per_step = cfg.train.batch_size * cfg.model.seq_len * self.env.world_size
         batches = iter(self.dataloader)
-        record = SampleRecorder(self.run_dir, self.env.rank) if cfg.data.record_samples else None
+        record = None
+        if cfg.data.record_samples:  # one attempt id for all ranks of this launch
+            record = SampleRecorder(self.run_dir, self.env.rank, all_reduce_max([time.time()], self.device)[0])
         while self.step < cfg.train.max_steps:
             started = time.perf_counter()
             indices, inputs, targets = next(batches)

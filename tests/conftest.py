@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ftrain import chaos
+from ftrain.chaos import kill_tree
 from ftrain.checkpoint.reader import differing_tensors, read_tensors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,50 +59,14 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"tensors differ: {different[:5]}"
 
 
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and every process under it (workers run in sessions of their own)."""
-    pids = [proc.pid, *descendants(proc.pid)]
-    for pid in pids:  # freeze first, so nothing forks or reacts in between
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
-            pass
-    pids = [proc.pid, *descendants(proc.pid)]
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_tree(proc.pid)
     proc.wait(timeout=30)
-    deadline = time.time() + 30
-    while time.time() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    assert not any(_alive(p) for p in pids), "processes survived SIGKILL"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
+def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
+    return chaos.worker_pids(proc.pid)
 
 
 @pytest.fixture(scope="session")
@@ -111,21 +76,6 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     check_ok(run_train(run_dir))
     return run_dir
 
-
-def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
-    """Rank -> pid of the training processes under a torchrun job (not their data or writer children)."""
-    found = {}
-    for pid in descendants(proc.pid):
-        try:
-            environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
-            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            continue
-        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-        if b"recipes/train.py" in cmdline and b"RANK" in env and b"multiprocessing" not in cmdline:
-            rank = int(env[b"RANK"])
-            found.setdefault(rank, pid)  # the parent comes first; data-worker forks share its environment
-    return found
 
 
 def wait_for(condition, timeout: float = 120, what: str = "condition", proc: subprocess.Popen | None = None) -> None:

@@ -1,0 +1,104 @@
+"""Failures torchrun and users bring: elastic restarts, random kills, a changed world size, a stalled rank."""
+
+import json
+import os
+import signal
+import subprocess
+from collections import defaultdict
+
+import pytest
+
+from conftest import FAST, REPO, TORCHRUN, check_ok, run_train, wait_for, worker_pids
+from ftrain.chaos import compare_runs, run_chaos
+from ftrain.data import GlobalOrderSampler, WindowDataset, load_tokens
+
+
+def chaos_cmd(run_dir, *extra, max_restarts=0):
+    return [
+        *TORCHRUN, "--standalone", "--nproc_per_node=2", f"--max-restarts={max_restarts}",
+        str(REPO / "recipes" / "train.py"), f"run.dir={run_dir}", *FAST, "log.interval=1", *extra,
+    ]
+
+
+def test_random_sigkills_of_the_whole_job(reference_run, tmp_path):
+    """Issue #3's acceptance in short: SIGKILL at random moments, restart the same command, same result."""
+    run_dir = tmp_path / "run"
+    report = run_chaos(chaos_cmd(run_dir), run_dir, kills=3, kinds=("job",), seed=3, min_delay=0.2, max_delay=1.5)
+    assert report.kills == 3 and len(report.recoveries) == 3
+    assert (run_dir / "checkpoints" / "step_00000020" / "COMPLETE").is_file()
+    same_weights, same_losses, diffs = compare_runs(run_dir, reference_run)
+    assert same_weights and same_losses, diffs
+
+
+def test_torchrun_restarts_after_one_rank_dies(reference_run, tmp_path):
+    """SIGKILL of a single worker and SIGTERM of another: torchrun --max-restarts recovers on its own."""
+    run_dir = tmp_path / "run"
+    report = run_chaos(
+        chaos_cmd(run_dir, max_restarts=5), run_dir, kills=2, kinds=("rank", "sigterm"), seed=5,
+        min_delay=0.3, max_delay=1.0,
+    )
+    assert len(report.recoveries) == 2
+    assert all(r.recovery_s < 60 for r in report.recoveries), report.recoveries
+    same_weights, same_losses, diffs = compare_runs(run_dir, reference_run)
+    assert same_weights and same_losses, diffs
+
+
+def consumed(run_dir):
+    """Sequence indices consumed per step, keeping the latest attempt of each step (redone steps replace)."""
+    latest = {}
+    for path in sorted((run_dir / "samples").glob("rank_*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            key = (record["step"], record["rank"])
+            if key not in latest or record["attempt"] >= latest[key]["attempt"]:
+                latest[key] = record
+    newest_attempt = defaultdict(float)
+    for (step, _), record in latest.items():
+        newest_attempt[step] = max(newest_attempt[step], record["attempt"])
+    per_step = defaultdict(list)
+    for (step, rank), record in sorted(latest.items()):
+        if record["attempt"] == newest_attempt[step]:  # a rank that no longer exists left older records
+            per_step[step].extend(record["indices"])
+    return per_step
+
+
+@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
+def test_world_size_change_reads_every_sample_exactly_once(first, second, tmp_path):
+    run_dir = tmp_path / "run"
+    check_ok(run_train(run_dir, "data.record_samples=true", "train.max_steps=10", nproc=first))
+    resumed = run_train(run_dir, "data.record_samples=true", "train.max_steps=20", nproc=second)
+    check_ok(resumed)
+    assert f"resharded from {first} to {second} ranks" in resumed.stderr
+    per_step = consumed(run_dir)
+    assert sorted(per_step) == list(range(1, 21))
+    assert all(len(per_step[s]) == 4 * first for s in range(1, 11))  # FAST: 4 sequences per rank
+    assert all(len(per_step[s]) == 4 * second for s in range(11, 21))
+    everything = [i for s in sorted(per_step) for i in per_step[s]]
+    assert len(everything) == len(set(everything)), "a sample was read twice"
+    # ... and nothing was skipped: it is exactly the start of the epoch's global order
+    num_samples = len(WindowDataset(load_tokens(""), 64))
+    order = GlobalOrderSampler(num_samples, 4, 0, 1, seed=1234).order(0)
+    assert sorted(everything) == sorted(order[: len(everything)].tolist())
+
+
+def test_world_size_change_can_be_refused(tmp_path):
+    check_ok(run_train(tmp_path, "train.max_steps=5", nproc=2))
+    proc = run_train(tmp_path, "checkpoint.on_world_size_change=refuse", nproc=1)
+    assert proc.returncode != 0
+    assert "saved with 2 ranks, this run has 1, and checkpoint.on_world_size_change=refuse" in proc.stderr
+
+
+def test_stalled_rank_becomes_an_error_torchrun_can_restart(reference_run, tmp_path):
+    """SIGSTOP one worker: the other's collective times out (train.timeout_s) with a clear error instead of
+    hanging, torchrun kills the stalled one and restarts the group, and the run still ends bit for bit."""
+    proc = subprocess.Popen(
+        chaos_cmd(tmp_path, "train.timeout_s=4", max_restarts=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file(), proc=proc, what="step 5")
+    os.kill(worker_pids(proc)[1], signal.SIGSTOP)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    assert "lost contact with another rank" in err and "Timed out" in err
+    same_weights, same_losses, diffs = compare_runs(tmp_path, reference_run)
+    assert same_weights and same_losses, diffs
