@@ -123,6 +123,7 @@ class Job:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.log.write(line)
+            self.log.flush()
             now = time.time()
             with self.lock:
                 if match := _RESUMED.search(line):

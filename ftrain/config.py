@@ -73,6 +73,7 @@ class CheckpointConfig:
     resume: str = "auto"
     on_failure: str = "continue"
     on_world_size_change: str = "reshard"
+    verify: str = "checksums"
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     timeout_s: float = 600.0
 
@@ -274,6 +275,7 @@ def validate(cfg: Config) -> None:
         "checkpoint.on_world_size_change",
         "must be reshard or refuse",
     )
+    require(cfg.checkpoint.verify in ("sizes", "checksums"), "checkpoint.verify", "must be sizes or checksums")
     require(cfg.checkpoint.timeout_s > 0, "checkpoint.timeout_s", "must be positive")
     require(cfg.log.interval >= 1, "log.interval", "must be at least 1")
     resume = cfg.checkpoint.resume

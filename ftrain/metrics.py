@@ -29,28 +29,64 @@ def setup_logging(rank: int) -> None:
 
 
 class Metrics:
-    """Scalars to TensorBoard with the global step as x-axis; a no-op on ranks other than 0."""
+    """Scalars to TensorBoard with the global step as x-axis; a no-op on ranks other than 0.
+
+    A failing disk must not stop training: if writing events fails (disk full, say), logging pauses with a
+    warning and is retried, in a new event file, at the next flush (each checkpoint).
+    """
 
     def __init__(self, log_dir: Path, enabled: bool, start_step: int) -> None:
+        self.log_dir = Path(log_dir)
         self.writer: SummaryWriter | None = None
+        self.enabled = enabled
+        self.broken = False
         if enabled:
-            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
             # purge_step drops events at or after it that an earlier, killed attempt of this run logged
-            self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is None:
             return
-        for name, value in scalars.items():
-            self.writer.add_scalar(name, value, step)
+        try:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, step)
+        except OSError as exc:
+            self._pause(exc)
 
     def flush(self) -> None:
-        if self.writer is not None:
+        if self.broken and self.enabled:
+            self._reopen()
+        if self.writer is None:
+            return
+        try:
             self.writer.flush()
+        except OSError as exc:
+            self._pause(exc)
+
+    def _pause(self, exc: OSError) -> None:
+        logger.warning("TensorBoard logging paused (%s: %s); training goes on", self.log_dir, exc)
+        self.broken = True
+        writer, self.writer = self.writer, None
+        try:
+            writer.close()
+        except Exception:  # the writer is already broken; nothing more to save from it
+            pass
+
+    def _reopen(self) -> None:
+        try:
+            self.writer = SummaryWriter(str(self.log_dir))
+            self.broken = False
+            logger.info("TensorBoard logging resumed in %s", self.log_dir)
+        except OSError:
+            self.writer = None
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as exc:
+                logger.warning("TensorBoard events could not be flushed at exit: %s", exc)
             self.writer = None
 
 

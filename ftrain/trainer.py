@@ -23,6 +23,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ftrain import __version__
 from ftrain.checkpoint import CheckpointError, CheckpointManager, SaveStats
 from ftrain.checkpoint import layout
+from ftrain.checkpoint.lock import LockedError, RunLock
 from ftrain.config import Config, to_yaml
 from ftrain.data import build_dataloader
 from ftrain.distributed import all_reduce_max, all_reduce_sum, close_distributed, init_distributed
@@ -98,6 +99,7 @@ class Trainer:
         setup_logging(self.env.rank)
         self.run_dir = Path(cfg.run.dir)
         self.device = self.env.device
+        self.lock = self._take_lock()
         self._write_config()
 
         # Build order: the model before the optimizer (its state refers to the parameters), the data loader
@@ -136,6 +138,7 @@ class Trainer:
             marker_info={"model": vars(cfg.model), "ftrain_version": __version__, "run_name": cfg.run.name},
             timeout_s=cfg.checkpoint.timeout_s,
             allow_world_size_change=cfg.checkpoint.on_world_size_change == "reshard",
+            verify_checksums=cfg.checkpoint.verify == "checksums",
         )
         self.preemption = PreemptionFlag(cfg.checkpoint.signals)
         load_s = self._resume()
@@ -153,6 +156,19 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.progress.step
+
+    def _take_lock(self) -> RunLock | None:
+        """Rank 0 takes the run directory's lock; every rank learns whether it succeeded."""
+        lock, problem = None, ""
+        if self.env.is_main:
+            lock = RunLock(self.run_dir)
+            try:
+                lock.acquire()
+            except LockedError as exc:
+                problem = str(exc)
+        if all_reduce_max([1.0 if problem else 0.0], self.device)[0]:
+            raise LockedError(problem or "the run directory is in use by another job (see rank 0)")
+        return lock
 
     def _write_config(self) -> None:
         if self.env.is_main:
@@ -290,4 +306,6 @@ class Trainer:
     def close(self) -> None:
         """Release everything after ``fit`` returned (its last save is already committed)."""
         self.metrics.close()
+        if self.lock is not None:
+            self.lock.release()
         close_distributed()

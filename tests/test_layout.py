@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ftrain.checkpoint import layout
+from ftrain.checkpoint import integrity, layout
 
 
 def make_step(root, step, complete=True, size=10):
@@ -13,7 +13,7 @@ def make_step(root, step, complete=True, size=10):
     (path / "__0_0.distcp").write_bytes(b"x" * size)
     (path / ".metadata").write_bytes(b"m")
     if complete:
-        layout.write_marker(path, {"step": step, "world_size": 1})
+        layout.write_marker(path, {"step": step, "world_size": 1}, integrity.file_entries(path))
     return path
 
 
@@ -24,7 +24,7 @@ def test_marker_content_and_atomic_write(tmp_path):
     assert marker["total_bytes"] == 124
     assert {f["name"]: f["size"] for f in marker["files"]} == {"__0_0.distcp": 123, ".metadata": 1}
     assert not (path / "COMPLETE.tmp").exists()
-    assert layout.check_sizes(path, marker) == []
+    assert integrity.verify(path) == []
 
 
 def test_latest_ignores_data_without_marker(tmp_path):
@@ -60,12 +60,16 @@ def test_missing_root_means_no_checkpoints(tmp_path):
     assert layout.latest_complete(tmp_path / "nope") is None
 
 
-def test_size_check_finds_truncation_and_missing_files(tmp_path):
-    path = make_step(tmp_path, 10)
-    marker = layout.read_marker(path)
+def test_verify_finds_truncation_missing_files_and_flipped_bytes(tmp_path):
+    path = make_step(tmp_path, 10, size=100)
+    data = bytearray((path / "__0_0.distcp").read_bytes())
+    data[50] ^= 0x01
+    (path / "__0_0.distcp").write_bytes(bytes(data))
+    assert any("__0_0.distcp fails its checksum" in p for p in integrity.verify(path))
+    assert integrity.verify(path, checksums=False) == []  # same size: only the checksum can tell
     (path / "__0_0.distcp").write_bytes(b"short")
     (path / ".metadata").unlink()
-    problems = layout.check_sizes(path, marker)
+    problems = integrity.verify(path)
     assert any("missing file .metadata" in p for p in problems)
     assert any("__0_0.distcp is 5 bytes" in p for p in problems)
 
@@ -75,6 +79,7 @@ def test_unreadable_marker(tmp_path):
     (path / "COMPLETE").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
         layout.read_marker(path)
+    assert "unreadable" in integrity.verify(path)[0]
 
 
 def test_retention_keeps_last_and_every(tmp_path):

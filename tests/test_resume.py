@@ -107,5 +107,5 @@ def test_failed_background_save_is_never_committed(on_failure, tmp_path):
         assert scalars(tmp_path / "tb", "checkpoint/failures")[20] == 1.0
     else:
         assert proc.returncode != 0
-        assert "checkpoint.on_failure=abort and a background save failed: rank 0,1: FileExistsError" in proc.stderr
+        assert "checkpoint.on_failure=abort and a background save failed: writing" in proc.stderr
         assert complete == ["step_00000005"]

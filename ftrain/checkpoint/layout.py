@@ -81,15 +81,14 @@ def list_files(path: Path) -> list[dict[str, Any]]:
     ]
 
 
-def write_marker(path: Path, info: dict[str, Any]) -> dict[str, Any]:
+def write_marker(path: Path, info: dict[str, Any], files: list[dict[str, Any]]) -> dict[str, Any]:
     """Commit the checkpoint in ``path``: every file it holds must already be durable.
 
-    The marker is written to a temporary name, fsynced, renamed into place and the directory fsynced, so it
-    exists either whole or not at all. Returns the marker's content.
+    ``files`` lists them (name, size, checksum). The marker is written to a temporary name, fsynced, renamed
+    into place and the directory fsynced, so it exists either whole or not at all. Returns its content.
     """
     path = Path(path)
     fsync_dir(path)  # the data files' directory entries (DCP renames .metadata into place) are durable first
-    files = list_files(path)
     marker = {
         "format_version": FORMAT_VERSION,
         **info,
@@ -119,18 +118,6 @@ def read_marker(path: Path) -> dict[str, Any]:
     if not isinstance(marker, dict) or "step" not in marker or "files" not in marker:
         raise ValueError(f"{marker_path} is not an ftrain commit marker")
     return marker
-
-
-def check_sizes(path: Path, marker: dict[str, Any]) -> list[str]:
-    """Problems found comparing the files on disk with the sizes the marker recorded (empty if none)."""
-    problems = []
-    for entry in marker["files"]:
-        file = Path(path) / entry["name"]
-        if not file.is_file():
-            problems.append(f"missing file {entry['name']}")
-        elif file.stat().st_size != entry["size"]:
-            problems.append(f"{entry['name']} is {file.stat().st_size} bytes, marker says {entry['size']}")
-    return problems
 
 
 def remove_dir(path: Path) -> None:

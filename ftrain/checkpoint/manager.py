@@ -30,7 +30,8 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType,
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ftrain import faults
-from ftrain.checkpoint import layout
+from ftrain.checkpoint import integrity, layout
+from ftrain.checkpoint.integrity import ChecksummingWriter
 from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
 
 logger = logging.getLogger("ftrain.checkpoint")
@@ -103,6 +104,7 @@ class CheckpointManager:
         marker_info: dict[str, Any],
         timeout_s: float = 600.0,
         allow_world_size_change: bool = True,
+        verify_checksums: bool = True,
     ) -> None:
         self.root = Path(root)
         self.mode = mode
@@ -115,6 +117,7 @@ class CheckpointManager:
         self.marker_info = dict(marker_info)
         self.timeout_s = timeout_s
         self.allow_world_size_change = allow_world_size_change
+        self.verify_checksums = verify_checksums
         self.failures = 0
         self._pending: _PendingSave | None = None
         self._stager: DefaultStager | None = None
@@ -148,7 +151,7 @@ class CheckpointManager:
 
     def _save_sync(self, pending: _PendingSave, states: dict[str, Any]) -> None:
         try:
-            dcp.save(states, checkpoint_id=str(pending.path), process_group=self.process_group)
+            dcp.save(states, storage_writer=ChecksummingWriter(str(pending.path)), process_group=self.process_group)
             pending.staged_at = pending.uploaded_at = time.perf_counter()
             if self.rank == 0:
                 self._commit(pending)
@@ -163,7 +166,7 @@ class CheckpointManager:
         try:
             response = dcp.async_save(
                 states,
-                checkpoint_id=str(pending.path),
+                storage_writer=ChecksummingWriter(str(pending.path)),
                 process_group=self.process_group,
                 async_checkpointer_type=kind,
                 async_stager=self._get_stager(),
@@ -219,7 +222,7 @@ class CheckpointManager:
             "mode": self.mode,
             **self.marker_info,
         }
-        pending.marker = layout.write_marker(pending.path, info)
+        pending.marker = layout.write_marker(pending.path, info, integrity.file_entries(pending.path))
         pending.committed_at = time.perf_counter()
         logger.info(
             "checkpoint step %d committed: %.1f MB in %.2f s (%s)",
@@ -232,7 +235,7 @@ class CheckpointManager:
         self._purge_queue.put(pending.path)
 
     def _record_failure(self, pending: _PendingSave, exc: BaseException) -> None:
-        pending.error = describe_error(exc)
+        pending.error = f"writing {pending.path}: {describe_error(exc)}"
         self.failures += 1
         logger.error(
             "checkpoint step %d FAILED on rank %d, it will not be marked complete: %s",
@@ -369,7 +372,7 @@ class CheckpointManager:
         tried = []
         for candidate in candidates:
             started = time.perf_counter()
-            problem = self._check(candidate.path)
+            problem = self._agree(self._check(candidate.path))  # every rank loads, or none does
             if not problem:
                 try:
                     dcp.load(
@@ -393,7 +396,7 @@ class CheckpointManager:
         raise CheckpointError("no usable checkpoint; tried " + "; ".join(tried))
 
     def _check(self, path: Path) -> str:
-        """Cheap checks before loading: the marker, file sizes, and that it was made for this run's shape."""
+        """Checks before loading: the marker, that it was made for this run's model, file sizes and checksums."""
         try:
             marker = layout.read_marker(path)
         except ValueError as exc:
@@ -409,15 +412,19 @@ class CheckpointManager:
                 f"checkpoint {path} was saved with {marker.get('world_size')} ranks, this run has {self.world_size}, "
                 f"and checkpoint.on_world_size_change=refuse"
             )
-        problems = layout.check_sizes(path, marker)
-        return "; ".join(problems)
+        # Each rank checks its share of the files; _agree() combines the verdicts.
+        names = [entry["name"] for entry in marker["files"]]
+        mine = names[self.rank :: self.world_size]
+        return "; ".join(integrity.verify(path, checksums=self.verify_checksums, files=mine))
 
     def _agree(self, problem: str) -> str:
-        """All ranks take the same decision: a checkpoint unusable on one rank is unusable for all."""
-        bad = self._max_over_ranks(1.0 if problem else 0.0)
-        if bad and not problem:
-            return "unusable on another rank"
-        return problem
+        """All ranks take the same decision: a checkpoint unusable on one rank is unusable for all.
+        Returns every rank's reasons, so rank 0 can say what was wrong wherever it was found."""
+        if self.world_size == 1:
+            return problem
+        problems: list[str] = [""] * self.world_size
+        dist.all_gather_object(problems, problem)
+        return "; ".join(dict.fromkeys(p for p in problems if p))
 
     def _max_over_ranks(self, value: float) -> float:
         if self.world_size == 1:
