@@ -102,3 +102,19 @@ def test_stalled_rank_becomes_an_error_torchrun_can_restart(reference_run, tmp_p
     assert "lost contact with another rank" in err and "Timed out" in err
     same_weights, same_losses, diffs = compare_runs(tmp_path, reference_run)
     assert same_weights and same_losses, diffs
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("seed", [11, 12])
+def test_soak_many_random_failures(seed, tmp_path_factory):
+    """Long form (not in CI): 10 failures of every kind on a longer run; bash scripts/test.sh -m soak."""
+    reference = tmp_path_factory.mktemp("soak_reference")
+    check_ok(run_train(reference, "train.max_steps=80"))
+    run_dir = tmp_path_factory.mktemp("soak") / "run"
+    report = run_chaos(
+        chaos_cmd(run_dir, "train.max_steps=80", max_restarts=30), run_dir, kills=10, kinds=("job", "rank", "sigterm"),
+        seed=seed, min_delay=0.2, max_delay=3.0,
+    )
+    assert len(report.recoveries) == report.kills == 10
+    same_weights, same_losses, diffs = compare_runs(run_dir, reference)
+    assert same_weights and same_losses, diffs
