@@ -1,6 +1,7 @@
 """Kill the real job (SIGKILL of every process) during a checkpoint, restart it, and demand bit-identical results."""
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -109,3 +110,21 @@ def test_failed_background_save_is_never_committed(on_failure, tmp_path):
         assert proc.returncode != 0
         assert "checkpoint.on_failure=abort and a background save failed: writing" in proc.stderr
         assert complete == ["step_00000005"]
+
+
+def test_resume_refuses_a_different_model_in_one_line(reference_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run, run_dir)
+    proc = run_train(run_dir, "model.n_layer=3", nproc=1)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ftrain: error:")]
+    assert len(errors) == 1 and "different model (n_layer: checkpoint 2, now 3)" in errors[0]
+
+
+@pytest.mark.parametrize("resume, message", [("/nonexistent/step_00000005", "no such checkpoint directory"),
+                                             ("7", "no complete checkpoint")])
+def test_resume_from_a_missing_checkpoint_is_one_line(resume, message, tmp_path):
+    proc = run_train(tmp_path, f"checkpoint.resume={resume}", nproc=0)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ftrain: error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in proc.stderr
