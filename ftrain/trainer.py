@@ -250,7 +250,7 @@ class Trainer:
                 logger.warning("stop requested (%s): saving step %d and exiting", self.preemption.requested, self.step)
                 self.save()
                 self.finish_saving()
-                return EXIT_PREEMPTED
+                return EXIT_PREEMPTED if self.step < cfg.train.max_steps else EXIT_OK
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.max_steps:
                 self.save()
         self.finish_saving()
