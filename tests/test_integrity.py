@@ -180,7 +180,9 @@ def test_full_disk_mid_run(on_failure, small_disk, reference_run, tmp_path, monk
     code = job.wait(timeout=240)
     text = log.read_text()
     cause = text.split("checkpoint step 10 FAILED on rank 0")[1].splitlines()[0]
-    assert "No space left on device" in cause and str(run_dir) in cause
+    # torch's stream writer sometimes turns ENOSPC into "unexpected pos": the free-space note tells the user
+    assert str(run_dir) in cause and ("No space left on device" in cause or "unexpected pos" in cause), cause
+    assert "MB free on the checkpoint filesystem" in cause
     assert not (step_path(run_dir, 10) / "COMPLETE").exists()
     assert integrity.verify(step_path(run_dir, 5)) == []  # the earlier checkpoint is untouched
     if on_failure == "continue":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
 from concurrent.futures import Future
@@ -235,7 +236,7 @@ class CheckpointManager:
         self._purge_queue.put(pending.path)
 
     def _record_failure(self, pending: _PendingSave, exc: BaseException) -> None:
-        pending.error = f"writing {pending.path}: {describe_error(exc)}"
+        pending.error = f"writing {pending.path}: {describe_error(exc)}{_free_space_note(self.root)}"
         self.failures += 1
         logger.error(
             "checkpoint step %d FAILED on rank %d, it will not be marked complete: %s",
@@ -457,6 +458,15 @@ def describe_error(exc: BaseException) -> str:
             causes.setdefault(f"{type(cause).__name__}: {_squash(cause)}", []).append(str(rank))
         return "; ".join(f"rank {','.join(ranks)}: {cause}" for cause, ranks in causes.items())
     return f"{type(exc).__name__}: {_squash(exc)}"
+
+
+def _free_space_note(root: Path) -> str:
+    """Torch's writer reports a full disk as 'unexpected pos ...': say how much room there is."""
+    try:
+        free = shutil.disk_usage(root).free
+    except OSError:
+        return ""
+    return f" ({free / 1e6:.1f} MB free on the checkpoint filesystem)"
 
 
 def _squash(exc: BaseException) -> str:
