@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -61,14 +62,23 @@ def init_distributed(device_choice: str = "auto", timeout_s: float = 600.0) -> D
 def _round_store(timeout: datetime.timedelta) -> dist.Store:
     host = os.environ["MASTER_ADDR"]
     port = int(os.environ["MASTER_PORT"])
-    round_id = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # One store for the agent's whole life, shared by every round: key each round apart. The restart count
+        # is kept by each agent on its own, so it names the round only while there is one agent (one node).
+        round_id = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(os.environ["RANK"]) == 0:
+            logging.getLogger("ftrain").warning(
+                "several nodes share torchrun's agent store: a restarted or replaced node will not rejoin. "
+                "Start every node's torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see README)"
+            )
         client = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-    else:
-        is_master = int(os.environ["RANK"]) == 0
-        client = dist.TCPStore(host, port, int(os.environ["WORLD_SIZE"]), is_master=is_master, timeout=timeout)
-    return dist.PrefixStore(f"ftrain/{run_id}/round{round_id}/", client)
+        return dist.PrefixStore(f"ftrain/{run_id}/round{round_id}/", client)
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (or a launcher without an agent store): rank 0 hosts a new store on
+    # the port that this round's rendezvous picked, so no key of an earlier round can be in it.
+    is_master = int(os.environ["RANK"]) == 0
+    client = dist.TCPStore(host, port, int(os.environ["WORLD_SIZE"]), is_master=is_master, timeout=timeout)
+    return dist.PrefixStore(f"ftrain/{run_id}/", client)
 
 
 def close_distributed() -> None:

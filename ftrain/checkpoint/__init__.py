@@ -1,5 +1,7 @@
 """Checkpointing: the on-disk layout (``layout``) and the DCP save/load manager (``manager``)."""
 
-from ftrain.checkpoint.manager import CheckpointError, CheckpointManager, LoadResult, SaveStats
+from ftrain.checkpoint.errors import CheckpointError
+from ftrain.checkpoint.loading import LoadResult
+from ftrain.checkpoint.manager import CheckpointManager, SaveStats
 
 __all__ = ["CheckpointError", "CheckpointManager", "LoadResult", "SaveStats"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import shutil
 import threading
 import time
 from concurrent.futures import Future
@@ -31,15 +30,12 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType,
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ftrain import faults
-from ftrain.checkpoint import integrity, layout
+from ftrain.checkpoint import integrity, layout, loading
+from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
+from ftrain.checkpoint.loading import LoadResult
 from ftrain.checkpoint.integrity import ChecksummingWriter
-from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
 
 logger = logging.getLogger("ftrain.checkpoint")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be saved or loaded; the message says which and why."""
 
 
 @dataclass
@@ -58,14 +54,6 @@ class SaveStats:
     @property
     def write_gbps(self) -> float:
         return self.size_bytes / self.write_s / 1e9 if self.write_s > 0 and self.ok else 0.0
-
-
-@dataclass
-class LoadResult:
-    step: int
-    path: Path
-    load_s: float
-    marker: dict[str, Any]
 
 
 @dataclass
@@ -236,7 +224,7 @@ class CheckpointManager:
         self._purge_queue.put(pending.path)
 
     def _record_failure(self, pending: _PendingSave, exc: BaseException) -> None:
-        pending.error = f"writing {pending.path}: {describe_error(exc)}{_free_space_note(self.root)}"
+        pending.error = f"writing {pending.path}: {describe_error(exc)}{free_space_note(self.root)}"
         self.failures += 1
         logger.error(
             "checkpoint step %d FAILED on rank %d, it will not be marked complete: %s",
@@ -335,104 +323,23 @@ class CheckpointManager:
                 logger.warning("retention could not clean %s: %s", self.root, exc)
 
     # --------------------------------------------------------------------------------------------- loading
-    def find(self, resume: str) -> list[layout.StepDir]:
-        """Candidate checkpoints for ``checkpoint.resume``, best first; empty means start fresh."""
-        if resume == "never":
-            return []
-        if resume == "auto":
-            return list(reversed(layout.complete_steps(self.root)))
-        if resume.isdigit():
-            step = int(resume)
-            path = layout.step_dir(self.root, step)
-            if not (path / layout.MARKER).is_file():
-                have = ", ".join(str(d.step) for d in layout.complete_steps(self.root)) or "none"
-                raise CheckpointError(
-                    f"checkpoint.resume={resume}: no complete checkpoint {path} (complete steps: {have})"
-                )
-            return [layout.StepDir(step, path, True)]
-        path = Path(resume).expanduser()
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
-        if not (path / layout.MARKER).is_file():
-            raise CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no {layout.MARKER} marker)")
-        return [layout.StepDir(layout.parse_step(path) or -1, path, True)]
-
     def load(
         self, states: dict[str, Stateful], resume: str, optional_prefixes: tuple[str, ...] = ()
     ) -> LoadResult | None:
-        """Load the best usable checkpoint into ``states``; None means a fresh start (logged with the reason).
-
-        Keys under ``optional_prefixes`` may be missing from the checkpoint (per-rank entries of another world
-        size); every other key must be there. Nothing in the checkpoint is unpickled beyond plain data.
-        """
-        candidates = self.find(resume)
-        if not candidates:
-            why = "checkpoint.resume=never" if resume == "never" else f"no complete checkpoint under {self.root}"
-            logger.info("starting fresh: %s", why)
-            return None
-        tried = []
-        for candidate in candidates:
-            started = time.perf_counter()
-            problem = self._agree(self._check(candidate.path))  # every rank loads, or none does
-            if not problem:
-                try:
-                    dcp.load(
-                        states,
-                        storage_reader=SafeFileSystemReader(str(candidate.path)),
-                        planner=SafeLoadPlanner(optional_prefixes),
-                        process_group=self.process_group,
-                    )
-                except BaseException as exc:  # DCP's CheckpointException derives from BaseException
-                    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                        raise
-                    problem = f"load failed: {describe_error(exc)}"
-            problem = self._agree(problem)
-            if not problem:
-                load_s = self._max_over_ranks(time.perf_counter() - started)
-                marker = layout.read_marker(candidate.path)
-                logger.info("resumed from %s (step %d) in %.2f s", candidate.path, marker["step"], load_s)
-                return LoadResult(int(marker["step"]), candidate.path, load_s, marker)
-            logger.warning("checkpoint %s is unusable (%s); trying the previous one", candidate.path, problem)
-            tried.append(f"{candidate.path.name}: {problem}")
-        raise CheckpointError("no usable checkpoint; tried " + "; ".join(tried))
-
-    def _check(self, path: Path) -> str:
-        """Checks before loading: the marker, that it was made for this run's model, file sizes and checksums."""
-        try:
-            marker = layout.read_marker(path)
-        except ValueError as exc:
-            return str(exc)
-        for key in ("model",):
-            if key in self.marker_info and marker.get(key) != self.marker_info[key]:
-                raise CheckpointError(
-                    f"checkpoint {path} was saved for a different {key} ({_diff(marker.get(key), self.marker_info[key])}); "
-                    f"use a matching config or another run.dir"
-                )
-        if marker.get("world_size") != self.world_size and not self.allow_world_size_change:
-            raise CheckpointError(
-                f"checkpoint {path} was saved with {marker.get('world_size')} ranks, this run has {self.world_size}, "
-                f"and checkpoint.on_world_size_change=refuse"
-            )
-        # Each rank checks its share of the files; _agree() combines the verdicts.
-        names = [entry["name"] for entry in marker["files"]]
-        mine = names[self.rank :: self.world_size]
-        return "; ".join(integrity.verify(path, checksums=self.verify_checksums, files=mine))
-
-    def _agree(self, problem: str) -> str:
-        """All ranks take the same decision: a checkpoint unusable on one rank is unusable for all.
-        Returns every rank's reasons, so rank 0 can say what was wrong wherever it was found."""
-        if self.world_size == 1:
-            return problem
-        problems: list[str] = [""] * self.world_size
-        dist.all_gather_object(problems, problem)
-        return "; ".join(dict.fromkeys(p for p in problems if p))
-
-    def _max_over_ranks(self, value: float) -> float:
-        if self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return float(tensor.item())
+        """Load the best usable checkpoint into ``states`` (see ``loading.load_best``); None: fresh start."""
+        return loading.load_best(
+            states,
+            loading.find_candidates(self.root, resume),
+            resume=resume,
+            expect=loading.Expectations(self.marker_info.get("model"), self.world_size, self.allow_world_size_change),
+            rank=self.rank,
+            world_size=self.world_size,
+            device=self.device,
+            process_group=self.process_group,
+            verify_checksums=self.verify_checksums,
+            optional_prefixes=optional_prefixes,
+            root=self.root,
+        )
 
     # ---------------------------------------------------------------------------------------------- closing
     def close(self) -> SaveStats | None:
@@ -446,35 +353,3 @@ class CheckpointManager:
             self._stager.close()
             self._stager = None
         return stats
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line with the root cause: DCP wraps each rank's exception and its traceback in one big message."""
-    failures = getattr(exc, "failures", None)
-    if isinstance(failures, dict) and failures:
-        causes = {}
-        for rank, failure in sorted(failures.items()):
-            cause = failure[0] if isinstance(failure, tuple) else failure
-            causes.setdefault(f"{type(cause).__name__}: {_squash(cause)}", []).append(str(rank))
-        return "; ".join(f"rank {','.join(ranks)}: {cause}" for cause, ranks in causes.items())
-    return f"{type(exc).__name__}: {_squash(exc)}"
-
-
-def _free_space_note(root: Path) -> str:
-    """Torch's writer reports a full disk as 'unexpected pos ...': say how much room there is."""
-    try:
-        free = shutil.disk_usage(root).free
-    except OSError:
-        return ""
-    return f" ({free / 1e6:.1f} MB free on the checkpoint filesystem)"
-
-
-def _squash(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:400]
-
-
-def _diff(saved: Any, current: Any) -> str:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-        return ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys)
-    return f"checkpoint {saved!r}, now {current!r}"

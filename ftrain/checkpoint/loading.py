@@ -1,0 +1,155 @@
+"""Choosing and loading a checkpoint: candidates for ``checkpoint.resume``, checks, fallback, agreement.
+
+Every rank takes the same decision for every candidate (a collective after each check), so either all
+ranks load a checkpoint or none does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.stateful import Stateful
+
+from ftrain.checkpoint import integrity, layout
+from ftrain.checkpoint.errors import CheckpointError, describe_diff, describe_error
+from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
+
+logger = logging.getLogger("ftrain.checkpoint")
+
+
+@dataclass
+class LoadResult:
+    step: int
+    path: Path
+    load_s: float
+    marker: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Expectations:
+    """What a checkpoint must match to be loaded into this run."""
+
+    model: dict[str, Any] | None
+    world_size: int
+    allow_world_size_change: bool
+
+
+def find_candidates(root: Path, resume: str) -> list[layout.StepDir]:
+    """Candidate checkpoints for ``checkpoint.resume``, best first; empty means start fresh."""
+    if resume == "never":
+        return []
+    if resume == "auto":
+        return list(reversed(layout.complete_steps(root)))
+    if resume.isdigit():
+        step = int(resume)
+        path = layout.step_dir(root, step)
+        if not (path / layout.MARKER).is_file():
+            have = ", ".join(str(d.step) for d in layout.complete_steps(root)) or "none"
+            raise CheckpointError(f"checkpoint.resume={resume}: no complete checkpoint {path} (complete steps: {have})")
+        return [layout.StepDir(step, path, True)]
+    path = Path(resume).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
+    if not (path / layout.MARKER).is_file():
+        raise CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no {layout.MARKER} marker)")
+    return [layout.StepDir(layout.parse_step(path) or -1, path, True)]
+
+
+def load_best(
+    states: dict[str, Stateful],
+    candidates: list[layout.StepDir],
+    *,
+    resume: str,
+    expect: Expectations,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    process_group: dist.ProcessGroup | None,
+    verify_checksums: bool,
+    optional_prefixes: tuple[str, ...],
+    root: Path,
+) -> LoadResult | None:
+    """Load the newest usable candidate into ``states``; fall back to older ones, logging why.
+
+    Keys under ``optional_prefixes`` may be missing from the checkpoint (per-rank entries of another world
+    size); every other key must be there. Nothing in the checkpoint is unpickled beyond plain data.
+    """
+    if not candidates:
+        why = "checkpoint.resume=never" if resume == "never" else f"no complete checkpoint under {root}"
+        logger.info("starting fresh: %s", why)
+        return None
+    tried = []
+    for candidate in candidates:
+        started = time.perf_counter()
+        problem = _agree(check(candidate.path, expect, rank, world_size, verify_checksums), world_size)
+        if not problem:
+            try:
+                dcp.load(
+                    states,
+                    storage_reader=SafeFileSystemReader(str(candidate.path)),
+                    planner=SafeLoadPlanner(optional_prefixes),
+                    process_group=process_group,
+                )
+            except BaseException as exc:  # DCP's CheckpointException derives from BaseException
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                problem = f"load failed: {describe_error(exc)}"
+            problem = _agree(problem, world_size)
+        if not problem:
+            load_s = _max_over_ranks(time.perf_counter() - started, world_size, device)
+            marker = layout.read_marker(candidate.path)
+            logger.info("resumed from %s (step %d) in %.2f s", candidate.path, marker["step"], load_s)
+            return LoadResult(int(marker["step"]), candidate.path, load_s, marker)
+        logger.warning("checkpoint %s is unusable (%s); trying the previous one", candidate.path, problem)
+        tried.append(f"{candidate.path.name}: {problem}")
+    raise CheckpointError("no usable checkpoint; tried " + "; ".join(tried))
+
+
+def check(path: Path, expect: Expectations, rank: int, world_size: int, verify_checksums: bool) -> str:
+    """Checks before loading: the marker, that it was made for this run's model, file sizes and checksums.
+
+    A checkpoint of another model or (if refused) world size is a configuration error, raised at once;
+    damage is returned as a problem so the caller can fall back.
+    """
+    try:
+        marker = layout.read_marker(path)
+    except ValueError as exc:
+        return str(exc)
+    if expect.model is not None and marker.get("model") != expect.model:
+        raise CheckpointError(
+            f"checkpoint {path} was saved for a different model ({describe_diff(marker.get('model'), expect.model)}); "
+            f"use a matching config or another run.dir"
+        )
+    if marker.get("world_size") != expect.world_size and not expect.allow_world_size_change:
+        raise CheckpointError(
+            f"checkpoint {path} was saved with {marker.get('world_size')} ranks, this run has {expect.world_size}, "
+            f"and checkpoint.on_world_size_change=refuse"
+        )
+    # Each rank checks its share of the files; _agree() combines the verdicts.
+    names = [entry["name"] for entry in marker["files"]]
+    return "; ".join(integrity.verify(path, checksums=verify_checksums, files=names[rank::world_size]))
+
+
+def _agree(problem: str, world_size: int) -> str:
+    """All ranks take the same decision: a checkpoint unusable on one rank is unusable for all.
+    Returns every rank's reasons, so rank 0 can say what was wrong wherever it was found."""
+    if world_size == 1:
+        return problem
+    problems: list[str] = [""] * world_size
+    dist.all_gather_object(problems, problem)
+    return "; ".join(dict.fromkeys(p for p in problems if p))
+
+
+def _max_over_ranks(value: float, world_size: int, device: torch.device) -> float:
+    if world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
