@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections import defaultdict
 
 import pytest
@@ -118,3 +119,14 @@ def test_soak_many_random_failures(seed, tmp_path_factory):
     assert len(report.recoveries) == report.kills == 10
     same_weights, same_losses, diffs = compare_runs(run_dir, reference)
     assert same_weights and same_losses, diffs
+
+
+def test_save_stuck_on_io_times_out(tmp_path, monkeypatch):
+    """A commit that never finishes (frozen I/O) becomes an error after checkpoint.timeout_s, not a hang."""
+    monkeypatch.setenv("FTRAIN_FAULT", "before_commit@5")  # rank 0's commit thread sleeps for 600 s
+    started = time.time()
+    proc = run_train(tmp_path, "checkpoint.timeout_s=3", "train.timeout_s=10", timeout=240)
+    assert proc.returncode != 0
+    assert "checkpoint step 5 did not finish within checkpoint.timeout_s=3.0s" in proc.stderr
+    assert time.time() - started < 120
+    assert not (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").exists()
