@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,11 @@ def _merge(base: DictConfig, update: dict[str, Any], source: str) -> DictConfig:
 
 
 def _suggest(key: str) -> str:
-    known = [f"{s.name}.{f.name}" for s in dataclasses.fields(Config) for f in dataclasses.fields(s.type if isinstance(s.type, type) else globals()[s.type])]
+    known = [
+        f"{section.name}.{f.name}"
+        for section in dataclasses.fields(Config)
+        for f in dataclasses.fields(_resolve_type(section.type))
+    ]
     close = difflib.get_close_matches(key, known, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -280,8 +285,6 @@ def validate(cfg: Config) -> None:
     require(cfg.log.interval >= 1, "log.interval", "must be at least 1")
     resume = cfg.checkpoint.resume
     require(bool(resume.strip()), "checkpoint.resume", "must be auto, never, a step number or a path")
-    import signal  # local: only needed for this check
-
     for name in cfg.checkpoint.signals:
         require(isinstance(getattr(signal, str(name), None), signal.Signals), "checkpoint.signals", f"unknown signal {name!r}")
 
