@@ -49,6 +49,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from ftrain.chaos import descendants
+from ftrain.checkpoint.layout import fsync_dir
+
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 ASYNC_MODES = ("async", "async_process")
@@ -185,24 +188,6 @@ def _status_kb(pid: int | str, fields: tuple[str, ...]) -> int:
     return total
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 class MemorySampler:
     """Samples this rank's host memory every ``period_s`` in a thread and keeps the peak since ``reset()``.
 
@@ -227,7 +212,7 @@ class MemorySampler:
         return (own + children) * 1024, children * 1024
 
     def start(self) -> None:
-        self._children = _descendants(self._pid)
+        self._children = descendants(self._pid)
         self._thread.start()
 
     def stop(self) -> None:
@@ -237,7 +222,7 @@ class MemorySampler:
     def reset(self) -> tuple[int, int]:
         """Start a new peak from now; returns the current (baseline) sample."""
         gc.collect()
-        self._children = _descendants(self._pid)
+        self._children = descendants(self._pid)
         now = self.sample()
         with self._lock:
             self._peak = now
@@ -257,7 +242,7 @@ class MemorySampler:
         last_scan = time.monotonic()
         while not self._stop.wait(self.period_s):
             if time.monotonic() - last_scan > self.rescan_s:
-                self._children = _descendants(self._pid)
+                self._children = descendants(self._pid)
                 last_scan = time.monotonic()
             self._record(self.sample())
 
@@ -357,14 +342,6 @@ def read_file(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                 if not got:
                     raise BenchError(f"{path} is shorter than the state it should hold")
                 done += got
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def drop_page_cache(paths: list[Path]) -> None:
