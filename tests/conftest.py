@@ -14,6 +14,7 @@ import torch
 from ftrain import chaos
 from ftrain.chaos import kill_tree
 from ftrain.checkpoint.reader import differing_tensors, read_tensors
+from ftrain.events import read_scalars
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
@@ -39,13 +40,7 @@ def check_ok(proc: subprocess.CompletedProcess) -> None:
 
 def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
     """A TensorBoard scalar by step, as TensorBoard shows it (events purged by a resume are gone)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    if tag not in acc.Tags()["scalars"]:
-        return {}
-    return {event.step: event.value for event in acc.Scalars(tag)}
+    return read_scalars(tb_dir, [tag]).get(tag, {})
 
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:

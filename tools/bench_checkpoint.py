@@ -443,20 +443,8 @@ class Micro:
 
     def manager_mode(self, mode: str) -> dict[str, Any]:
         """Saves through ``CheckpointManager`` as the trainer makes them; keeps the last one for the resume part."""
-        from ftrain.checkpoint import CheckpointManager
-
-        root = self.work / "ckpt" / mode
-        manager = CheckpointManager(
-            root,
-            mode=mode,
-            keep_last=self.args.warmup + self.args.reps + 1,  # retention must not run during the measurement
-            keep_every=0,
-            rank=self.ranks.rank,
-            world_size=self.ranks.world_size,
-            device=self.ranks.device,
-            process_group=self.ranks.checkpoint_group,
-            marker_info={},
-        )
+        # retention must not run during the measurement
+        manager = self._manager(self.work / "ckpt" / mode, mode, keep_last=self.args.warmup + self.args.reps + 1)
         step = iter(range(1, 10**6))
         previous: list[Path] = []
 
@@ -474,6 +462,22 @@ class Micro:
         result["write_gbps"] = summarize([r["size_bytes"] / r["write_s"] / 1e9 for r in reps])
         result["checkpoint"] = str(previous[-1]) if previous else ""
         return result
+
+    def _manager(self, root: Path, mode: str, keep_last: int, **options: Any) -> Any:
+        from ftrain.checkpoint import CheckpointManager
+
+        return CheckpointManager(
+            root,
+            mode=mode,
+            keep_last=keep_last,
+            keep_every=0,
+            rank=self.ranks.rank,
+            world_size=self.ranks.world_size,
+            device=self.ranks.device,
+            process_group=self.ranks.checkpoint_group,
+            marker_info={},
+            **options,
+        )
 
     def _save_once(self, manager: Any, step: int, previous: list[Path]) -> dict[str, float]:
         self.ranks.barrier()
@@ -502,21 +506,8 @@ class Micro:
                verify_checksums: bool | None = None) -> dict[str, Any]:
         """``CheckpointManager.load`` into ``target`` from a cold page cache; ``verify_checksums=None`` keeps the
         manager's default."""
-        from ftrain.checkpoint import CheckpointManager
-
         options = {} if verify_checksums is None else {"verify_checksums": verify_checksums}
-        manager = CheckpointManager(
-            checkpoint.parent,
-            mode="sync",
-            keep_last=10**6,
-            keep_every=0,
-            rank=self.ranks.rank,
-            world_size=self.ranks.world_size,
-            device=self.ranks.device,
-            process_group=self.ranks.checkpoint_group,
-            marker_info={},
-            **options,
-        )
+        manager = self._manager(checkpoint.parent, "sync", keep_last=10**6, **options)
         files = [p for p in checkpoint.iterdir() if p.is_file()]
 
         def once() -> list[float]:
