@@ -166,6 +166,7 @@ class Recovery:
 @dataclass
 class ChaosReport:
     kills: int = 0
+    missed: int = 0  # failures delivered after the run had finished
     recoveries: list[Recovery] = field(default_factory=list)
     final_step: int = 0
     identical_weights: bool | None = None
@@ -252,6 +253,13 @@ def run_chaos(
                 f"kill {report.kills}/{kills}: {kind} at step {killed_step}, resumed from step {resumed}, "
                 f"training again after {recovery.recovery_s:.1f} s"
             )
+        elif job.proc.poll() == 0 and resumed is None:
+            # The signal reached a job that was already finishing and it exited 0 without a restart: nothing
+            # was disrupted, so it is not a kill (nor a missing recovery).
+            report.kills -= 1
+            report.missed += 1
+            say(f"a {kind} failure at step {killed_step} came too late: the run had already finished")
+            break
         since = killed_at
     while True:  # let it finish; a preempted or failed launch is started again
         code = job.wait(timeout=max(timeout - (time.time() - started), 1))

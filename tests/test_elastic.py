@@ -36,9 +36,9 @@ def test_torchrun_restarts_after_one_rank_dies(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     report = run_chaos(
         chaos_cmd(run_dir, max_restarts=5), run_dir, kills=2, kinds=("rank", "sigterm"), seed=5,
-        min_delay=0.3, max_delay=1.0,
+        min_delay=0.1, max_delay=0.4,  # the 20-step run is short: both failures must land while it trains
     )
-    assert len(report.recoveries) == 2
+    assert len(report.recoveries) == report.kills == 2, report
     assert all(r.recovery_s < 60 for r in report.recoveries), report.recoveries
     same_weights, same_losses, diffs = compare_runs(run_dir, reference_run)
     assert same_weights and same_losses, diffs

@@ -89,6 +89,8 @@ def main(argv: list[str]) -> int:
 def print_report(report) -> None:
     recoveries = report.recoveries
     print(f"kills {report.kills}, recoveries {len(recoveries)}, finished at step {report.final_step} in {report.wall_s:.0f} s")
+    if report.missed:
+        print(f"({report.missed} failure(s) came after the run had finished and were not counted; use a longer run)")
     if recoveries:
         times = sorted(r.recovery_s for r in recoveries)
         print(
