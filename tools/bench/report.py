@@ -1,0 +1,156 @@
+"""The report: bench.json, and bench.md with its markdown tables."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import MANAGER_MODES, ratio
+from .system import environment
+from .targets import evaluate_targets
+
+
+def write_report(out: Path, result: dict[str, Any]) -> None:
+    """Write bench.json and bench.md into ``out``; fills in what a micro part launched by hand lacks."""
+    result.setdefault("created", datetime.datetime.now().isoformat(timespec="seconds"))
+    result.setdefault("command", " ".join([Path(sys.executable).name, *sys.argv]))
+    result.setdefault("environment", environment())
+    result["targets"] = evaluate_targets(result)
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    (out / "bench.md").write_text(report_markdown(result))
+
+
+def fmt_s(summary: dict[str, Any] | None) -> str:
+    """``median [min-max]`` of a time, in ms below one second."""
+    if not summary:
+        return "-"
+    scale, unit = (1e3, "ms") if summary["median"] < 1 else (1.0, "s")
+    med, low, high = (summary[k] * scale for k in ("median", "min", "max"))
+    digits = 1 if unit == "ms" and summary["median"] * scale < 100 else 0 if unit == "ms" else 2
+    if summary["n"] == 1:
+        return f"{med:.{digits}f} {unit}"
+    return f"{med:.{digits}f} {unit} [{low:.{digits}f}-{high:.{digits}f}]"
+
+
+def fmt_x(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    lines = [f"# Checkpoint benchmark ({result.get('created', '')})", "", f"Command: `{result.get('command', '')}`", ""]
+    lines += machine_lines(result)
+    if "targets" in result and result["targets"]:
+        lines += targets_table(result["targets"])
+    if "floors" in result:
+        lines += micro_tables(result)
+    if "trainer" in result:
+        lines += trainer_table(result["trainer"])
+    return "\n".join(lines) + "\n"
+
+
+def machine_lines(result: dict[str, Any]) -> list[str]:
+    env, cfg = result.get("environment", {}), result.get("config", {})
+    lines = [f"Machine: {env.get('cpus', '?')} CPU cores, {env.get('memory_gb', '?')} GB RAM, torch {env.get('torch', '?')}, "
+             f"{env.get('platform', '?')}; ftrain sources {env.get('ftrain_source', '?')}."]
+    if env.get("other_cpu_share", 0.0) > 0.05 or env.get("steal_share", 0.0) > 0.05:
+        lines.append(f"**Warning**: other processes used {env['other_cpu_share']:.0%} and the hypervisor stole "
+                     f"{env['steal_share']:.0%} of the CPUs during this run; its numbers may be disturbed.")
+    if cfg:
+        lines.append(f"State: {cfg['size_mb']:.0f} MB over {cfg['world_size']} ranks on {cfg['device']} "
+                     f"({cfg['rank_bytes'] / 1e6:.0f} MB per rank in {cfg['tensors_per_rank']} tensors); "
+                     f"{cfg['warmup']} warm-up + {cfg['reps']} measured reps; times are the slowest rank's, "
+                     f"shown as median [min-max]."
+                     + (f" Other processes used {cfg['other_cpu_share']:.0%} of the CPUs meanwhile."
+                        if "other_cpu_share" in cfg else ""))
+    return [*lines, ""]
+
+
+def targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Targets", "", "| target | mode | measured | limit | status |", "|---|---|---|---|---|"]
+    for row in rows:
+        status = "not measured" if row["met"] is None else "met" if row["met"] else f"**missed**: {row['miss']}"
+        if row["note"]:
+            status += f" ({row['note']})"
+        lines.append(f"| {row['what']} | {row['mode']} | {fmt_x(row['measured'], 3)} | {row['limit']} | {status} |")
+    return [*lines, ""]
+
+
+def micro_tables(result: dict[str, Any]) -> list[str]:
+    floors, saves, resume, memory = result["floors"], result["saves"], result["resume"], result["memory"]
+    rank_bytes = result["config"]["rank_bytes"]
+    lines = ["## Saves and floors", "",
+             "| what | blocked (caller) | staging done | committed / total | GB/s | extra peak host memory |",
+             "|---|---|---|---|---|---|"]
+
+    def mem(name: str) -> str:
+        m = memory.get(name)
+        return f"{m['extra_peak_bytes'] / 1e6:.0f} MB ({m['ratio_to_rank_size']:.2f}x rank)" if m else "-"
+
+    lines.append(f"| floor: copy into preallocated buffer | - | {fmt_s(floors['staging_copy'])} | - | "
+                 f"{fmt_x(floors['staging_copy']['gbps'])} | {mem('floor: staging copy')} |")
+    if floors.get("d2h_pinned"):
+        lines.append(f"| floor: device-to-host into pinned | - | {fmt_s(floors['d2h_pinned'])} | - | "
+                     f"{fmt_x(floors['d2h_pinned']['gbps'])} | {mem('floor: d2h pinned')} |")
+    disk = floors["disk"]
+    lines.append(f"| floor: sequential write + fsync | - | - | {fmt_s(disk['write'])} | {fmt_x(disk['write']['gbps'])} | "
+                 f"{mem('floor: disk write+read')} |")
+    lines.append(f"| `dcp.save` | {fmt_s(saves['dcp_save'])} | - | {fmt_s(saves['dcp_save'])} | "
+                 f"{fmt_x(saves['dcp_save']['gbps'])} | {mem('dcp.save')} |")
+    for mode in MANAGER_MODES:
+        s = saves[mode]
+        lines.append(f"| CheckpointManager `{mode}` | {fmt_s(s['blocked_s'])} | {fmt_s(s['staged_s'])} | "
+                     f"{fmt_s(s['commit_s'])} | {fmt_x(s['write_gbps']['median'])} (write) | {mem('manager ' + mode)} |")
+    lines += ["", f"Checkpoint bytes per rank: {rank_bytes / 1e6:.0f} MB. GB/s counts all ranks' bytes; for the "
+              "manager modes it is the background write (from staging done until every rank's files are durable).", ""]
+    lines += ["## Resume", "", "| what | time | GB/s | vs read floor |", "|---|---|---|---|",
+              f"| floor: sequential read, cold page cache | {fmt_s(disk['read'])} | {fmt_x(disk['read']['gbps'])} | 1 |",
+              f"| `CheckpointManager.load`, cold page cache | {fmt_s(resume)} | {fmt_x(resume['gbps'])} | "
+              f"{fmt_x(ratio(resume['median'], disk['read']['median']))}x |"]
+    unverified = result.get("resume_without_checksums")
+    if unverified:
+        lines.append(f"| same, `verify_checksums=False` | {fmt_s(unverified)} | {fmt_x(unverified['gbps'])} | "
+                     f"{fmt_x(ratio(unverified['median'], disk['read']['median']))}x |")
+    lines.append("")
+    return lines
+
+
+def trainer_table(trainer: dict[str, Any]) -> list[str]:
+    cfg = trainer["config"]
+    k = cfg["interval"]
+    lines = ["## Trainer", "",
+             f"`recipes/train.py`, {cfg['nproc']} ranks, {cfg['max_steps']} steps, checkpoint every {k} steps, "
+             f"{cfg['reps']} alternating run(s) per mode, steps/s from TensorBoard's wall times after step {cfg['skip']}.",
+             "",
+             f"- *steps/s*: {k} / the median duration of the {k}-step windows that each hold one checkpoint; *vs off*: "
+             "divided by the `off` run of the same repetition (run against run: exposed to changes of outside load "
+             "between runs).",
+             f"- *in-run vs off*: within each run, {k} x the median step that does not follow a checkpoint / the "
+             "median window (with / without checkpoints under the same outside load), divided by the same figure "
+             "of the `off` run. This is the estimate the target uses.",
+             "- *whole run*: all steps after the skipped ones / their wall time, and its ratio run against run.",
+             "",
+             "| mode | steps/s | vs off | in-run vs off | whole run: steps/s | vs off | blocked per checkpoint "
+             "| save until commit | checkpoint size | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def spread(summary: dict[str, Any] | None, digits: int) -> str:
+        if not summary:
+            return "-"
+        text = f"{summary['median']:.{digits}f}"
+        return text + (f" [{summary['min']:.{digits}f}-{summary['max']:.{digits}f}]" if summary["n"] > 1 else "")
+
+    for mode, entry in trainer["modes"].items():
+        size = entry.get("checkpoint_size_bytes")
+        lines.append(
+            f"| {mode} | {spread(entry['window_steps_per_s'], 2)} | {spread(entry.get('ratio_to_off'), 3)} | "
+            f"{spread(entry.get('ratio_to_off_in_run'), 3)} | "
+            f"{spread(entry['steps_per_s'], 2)} | {spread(entry.get('ratio_to_off_whole_run'), 3)} | "
+            f"{fmt_s(entry.get('checkpoint_blocking_s'))} | {fmt_s(entry.get('checkpoint_save_s'))} | "
+            f"{f'{size / 1e6:.1f} MB' if size else '-'} | {spread(entry['other_cpu_share'], 2)} |"
+        )
+    return [*lines, "", "Other load: the share of the CPUs that processes outside the benchmark used during each run "
+            "(0.50 = one of two cores).", ""]
