@@ -19,3 +19,23 @@ def test_gpu_run_checkpoints_and_resumes(tmp_path):
     check_ok(resumed)
     assert "(step 10)" in resumed.stderr
     assert sorted(scalars(tmp_path / "tb", "train/loss")) == list(range(1, 21))
+
+
+def test_pinned_staging_waits_for_queued_work_and_reuses_buffers():
+    """The side-stream copy must see what the training stream queued before ``stage`` (here: a fill that
+    only runs after a long GPU spin), land in pinned buffers, and reuse them at the next save."""
+    from ftrain.checkpoint.staging import BufferStager
+
+    stager = BufferStager(pin_memory=True)
+    weight = torch.zeros(16 << 20, device="cuda")
+    try:
+        torch.cuda._sleep(200_000_000)  # keeps the training stream busy for a while
+        weight.fill_(3.0)
+        first = stager.stage({"w": weight}).result()["w"]
+        assert first.is_pinned() and first.device.type == "cpu"
+        assert bool((first == 3.0).all()), "staging copied before the queued work had run"
+        weight.fill_(4.0)
+        second = stager.stage({"w": weight}).result()["w"]
+        assert second.data_ptr() == first.data_ptr() and bool((second == 4.0).all())
+    finally:
+        stager.close()

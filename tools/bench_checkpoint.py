@@ -134,7 +134,9 @@ def launch_micro(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     result_path = out / "micro.json"
     result_path.unlink(missing_ok=True)
     log_path = out / "logs" / "micro.log"
-    cmd = torchrun_cmd(args.nproc, Path(__file__).resolve(), argv)  # this script again, one process per rank
+    # This script again, one process per rank. The ranks take their number from torchrun, and --nproc must not
+    # reach torchrun's own parser: on Python 3.12 it reads options after the script and finds --nproc ambiguous.
+    cmd = torchrun_cmd(args.nproc, Path(__file__).resolve(), without_option(argv, "--nproc"))
     env = {**os.environ, "FTRAIN_BENCH_ORCHESTRATED": "1"}
     waited = wait_for_quiet(args.quiet_wait)
     load = OtherLoad()
@@ -144,6 +146,19 @@ def launch_micro(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     result = json.loads(result_path.read_text())
     result["config"].update({**load.shares(), "quiet_wait_s": waited})
     return result
+
+
+def without_option(argv: list[str], name: str) -> list[str]:
+    """``argv`` less ``name VALUE`` and ``name=VALUE``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            kept.append(arg)
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------- main

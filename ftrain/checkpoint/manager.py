@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -34,6 +34,7 @@ from ftrain.checkpoint import integrity, layout, loading
 from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
 from ftrain.checkpoint.loading import LoadResult
 from ftrain.checkpoint.integrity import ChecksummingWriter
+from ftrain.checkpoint.staging import BufferStager
 
 logger = logging.getLogger("ftrain.checkpoint")
 
@@ -70,6 +71,19 @@ class _PendingSave:
     marker: dict[str, Any] | None = None
     error: str = ""
     done: threading.Event = field(default_factory=threading.Event)
+
+
+class CachedPlanSavePlanner(DefaultSavePlanner):
+    """DCP's default planner with plan caching: when no rank's local plan changed since the previous save
+    (the usual case: same model, same optimizer), the ranks skip exchanging and re-validating plans.
+
+    DCP keeps the cache per planner class; ``cache_key`` gives each manager a cache of its own, so that two
+    managers in one process (different states) never answer each other's plans.
+    """
+
+    def __init__(self, cache_key: str) -> None:
+        super().__init__(enable_plan_caching=True)
+        self._cached_plans_key = cache_key
 
 
 class CheckpointManager:
@@ -109,7 +123,10 @@ class CheckpointManager:
         self.verify_checksums = verify_checksums
         self.failures = 0
         self._pending: _PendingSave | None = None
-        self._stager: DefaultStager | None = None
+        self._stager: BufferStager | None = None
+        self._plan_cache_key = f"ftrain-{id(self):x}"
+        self._commit_queue: queue.Queue[_PendingSave | None] = queue.Queue()
+        self._committer: threading.Thread | None = None
         self._purge_queue: queue.Queue[Path | None] = queue.Queue()
         self._purger: threading.Thread | None = None
         if rank == 0 and mode != "off":
@@ -140,7 +157,12 @@ class CheckpointManager:
 
     def _save_sync(self, pending: _PendingSave, states: dict[str, Any]) -> None:
         try:
-            dcp.save(states, storage_writer=ChecksummingWriter(str(pending.path)), process_group=self.process_group)
+            dcp.save(
+                states,
+                storage_writer=ChecksummingWriter(str(pending.path)),
+                planner=CachedPlanSavePlanner(self._plan_cache_key),
+                process_group=self.process_group,
+            )
             pending.staged_at = pending.uploaded_at = time.perf_counter()
             if self.rank == 0:
                 self._commit(pending)
@@ -156,6 +178,7 @@ class CheckpointManager:
             response = dcp.async_save(
                 states,
                 storage_writer=ChecksummingWriter(str(pending.path)),
+                planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
                 async_checkpointer_type=kind,
                 async_stager=self._get_stager(),
@@ -173,20 +196,22 @@ class CheckpointManager:
         else:  # staged synchronously inside async_save
             pending.staged_at = time.perf_counter()
             pending.upload_future = response
-        threading.Thread(target=self._finish, args=(pending,), name=f"ftrain-commit-{pending.step}", daemon=True).start()
+        if self._committer is None:  # one thread for the manager's life: starting one per save costs GIL time
+            self._committer = threading.Thread(target=self._commit_loop, name="ftrain-commit", daemon=True)
+            self._committer.start()
+        self._commit_queue.put(pending)
 
-    def _get_stager(self) -> DefaultStager:
+    def _get_stager(self) -> BufferStager:
         if self._stager is None:
-            on_gpu = self.device.type == "cuda"
-            self._stager = DefaultStager(
-                StagingOptions(
-                    use_pinned_memory=on_gpu,  # pinned host memory needs an accelerator
-                    use_shared_memory=self.mode == "async_process",  # hands tensors to the writer process cheaply
-                    use_async_staging=True,
-                    use_non_blocking_copy=on_gpu,
-                )
+            self._stager = BufferStager(
+                pin_memory=self.device.type == "cuda",  # pinned host memory needs an accelerator
+                share_memory=self.mode == "async_process",  # hands tensors to the writer process without a copy
             )
         return self._stager
+
+    def _commit_loop(self) -> None:
+        while (pending := self._commit_queue.get()) is not None:
+            self._finish(pending)
 
     def _finish(self, pending: _PendingSave) -> None:
         """Background: wait for every rank's data to be durable, then commit (rank 0)."""
@@ -345,6 +370,10 @@ class CheckpointManager:
     def close(self) -> SaveStats | None:
         """Wait for the last save to commit, stop the background threads, and release staging buffers."""
         stats = self.wait()
+        if self._committer is not None:
+            self._commit_queue.put(None)
+            self._committer.join(timeout=self.timeout_s)
+            self._committer = None
         if self._purger is not None:
             self._purge_queue.put(None)
             self._purger.join(timeout=self.timeout_s)

@@ -1,0 +1,112 @@
+"""The save path's parts on their own: the staging copy, checksums taken while writing, the plan cache."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from ftrain.checkpoint import integrity
+from ftrain.checkpoint.manager import CheckpointManager
+from ftrain.checkpoint.staging import BufferStager
+
+
+def test_staged_copy_is_a_snapshot_in_reused_buffers():
+    stager = BufferStager()
+    weight = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    state = {"w": weight, "t": weight.t(), "nested": {"items": [torch.ones(2), 7, b"blob"], "name": "x"}}
+    try:
+        first = stager.stage(state).result()
+        assert torch.equal(first["w"], weight) and torch.equal(first["t"], weight.t())
+        assert first["nested"]["items"][1:] == [7, b"blob"] and first["nested"]["name"] == "x"
+        weight.add_(100)  # training goes on: the staged copy must not change
+        assert first["w"][0, 0].item() == 0.0
+        second = stager.stage(state).result()
+        assert second["w"].data_ptr() == first["w"].data_ptr(), "the buffer was not reused"
+        assert second["w"][0, 0].item() == 100.0
+        state["w"] = torch.zeros(5)  # another shape at the same place: a new buffer
+        assert stager.stage(state).result()["w"].shape == (5,)
+        assert stager.buffer_bytes == (5 + 12 + 2) * 4
+    finally:
+        stager.close()
+
+
+def test_staging_lets_the_training_thread_run():
+    """DCP's stager holds the GIL for each storage's whole copy; this one must not (Tensor.copy_ releases it)."""
+    big = {"w": torch.ones(128 << 20)}  # 512 MB: the copy takes tens of ms
+    stager = BufferStager()
+    try:
+        stager.stage(big).result()  # allocate (and fault in) the buffers first
+        largest_gap, started = 0.0, time.perf_counter()
+        future = stager.stage(big)
+        last = time.perf_counter()
+        while not future.done():
+            now = time.perf_counter()
+            largest_gap, last = max(largest_gap, now - last), now
+        took = time.perf_counter() - started
+    finally:
+        stager.close()
+    assert took > 0.02, f"copy too quick ({took * 1e3:.1f} ms) to tell anything"
+    assert largest_gap < took / 2, f"training thread stalled {largest_gap * 1e3:.1f} ms of a {took * 1e3:.1f} ms copy"
+
+
+_DTENSOR_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from ftrain.checkpoint.staging import BufferStager
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+source = distribute_tensor(torch.randn(6, 4), init_device_mesh("cpu", (1,)), [Shard(0)])
+staged = BufferStager().stage({"p": source}).result()["p"]
+assert isinstance(staged, DTensor) and staged.placements == source.placements, staged
+assert torch.equal(staged.to_local(), source.to_local())
+assert staged.to_local().data_ptr() != source.to_local().data_ptr()
+print("ok")
+"""
+
+
+def test_dtensors_stay_dtensors():
+    proc = subprocess.run([sys.executable, "-c", _DTENSOR_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_checksums_are_taken_while_writing(tmp_path, monkeypatch):
+    read_back = []
+    monkeypatch.setattr(integrity, "crc32_file", lambda path: read_back.append(path) or "00000000")
+    state = {"a": torch.randn(1000), "b": torch.arange(10), "blob": b"x" * 100}
+    dcp.save(state, storage_writer=integrity.ChecksummingWriter(str(tmp_path)), no_dist=True)
+    monkeypatch.undo()
+    assert not read_back, f"data files were read back: {read_back}"
+    recorded = json.loads((tmp_path / integrity.CHECKSUMS).read_text())
+    data_files = sorted(p.name for p in tmp_path.glob("*.distcp"))
+    assert sorted(recorded) == data_files
+    for name in data_files:
+        assert recorded[name] == integrity.crc32_file(tmp_path / name)
+
+
+def test_each_manager_has_its_own_plan_cache(tmp_path):
+    """With plans cached, two managers saving different states in one process each load back what they saved."""
+
+    def manager(name):
+        return CheckpointManager(
+            tmp_path / name, mode="sync", keep_last=5, keep_every=0, rank=0, world_size=1,
+            device=torch.device("cpu"), process_group=None, marker_info={},
+        )
+
+    small, large = manager("small"), manager("large")
+    try:
+        for step in (1, 2, 3):
+            small.save(step, {"s": {"x": torch.full((3,), float(step))}})
+            large.save(step, {"s": {"x": torch.full((5,), -float(step)), "y": torch.zeros(2)}})
+            assert small.wait().ok and large.wait().ok
+        target_small, target_large = {"s": {"x": torch.zeros(3)}}, {"s": {"x": torch.zeros(5), "y": torch.ones(2)}}
+        small.load(target_small, "3")
+        large.load(target_large, "3")
+    finally:
+        small.close()
+        large.close()
+    assert torch.equal(target_small["s"]["x"], torch.full((3,), 3.0))
+    assert torch.equal(target_large["s"]["x"], torch.full((5,), -3.0)) and not target_large["s"]["y"].any()
