@@ -1,6 +1,7 @@
 """The save path's parts on their own: the staging copy, checksums taken while writing, the plan cache."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -74,17 +75,23 @@ def test_dtensors_stay_dtensors():
 
 
 def test_checksums_are_taken_while_writing(tmp_path, monkeypatch):
-    read_back = []
+    read_back, hinted = [], []
     monkeypatch.setattr(integrity, "crc32_file", lambda path: read_back.append(path) or "00000000")
-    state = {"a": torch.randn(1000), "b": torch.arange(10), "blob": b"x" * 100}
+    fadvise = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda *args: hinted.append(args) or fadvise(*args))
+    state = {"a": torch.randn(1000), "big": torch.randn(3 << 20), "b": torch.arange(10), "blob": b"x" * 100}
     dcp.save(state, storage_writer=integrity.ChecksummingWriter(str(tmp_path)), no_dist=True)
     monkeypatch.undo()
     assert not read_back, f"data files were read back: {read_back}"
+    assert hinted, "the large tensor's write did not start early writeback"
     recorded = json.loads((tmp_path / integrity.CHECKSUMS).read_text())
     data_files = sorted(p.name for p in tmp_path.glob("*.distcp"))
     assert sorted(recorded) == data_files
     for name in data_files:
         assert recorded[name] == integrity.crc32_file(tmp_path / name)
+    loaded = {"a": torch.zeros(1000), "big": torch.zeros(3 << 20), "b": torch.zeros(10, dtype=torch.long), "blob": b""}
+    dcp.load(loaded, checkpoint_id=str(tmp_path), no_dist=True)
+    assert all(torch.equal(loaded[k], state[k]) for k in ("a", "big", "b")) and loaded["blob"] == state["blob"]
 
 
 def test_each_manager_has_its_own_plan_cache(tmp_path):
