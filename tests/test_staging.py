@@ -10,7 +10,7 @@ import time
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ftrain.checkpoint import integrity
+from ftrain.checkpoint import integrity, writer
 from ftrain.checkpoint.manager import CheckpointManager
 from ftrain.checkpoint.staging import BufferStager
 
@@ -76,11 +76,11 @@ def test_dtensors_stay_dtensors():
 
 def test_checksums_are_taken_while_writing(tmp_path, monkeypatch):
     read_back, hinted = [], []
-    monkeypatch.setattr(integrity, "crc32_file", lambda path: read_back.append(path) or "00000000")
+    monkeypatch.setattr(writer, "crc32_file", lambda path: read_back.append(path) or "00000000")
     fadvise = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: hinted.append(args) or fadvise(*args))
     state = {"a": torch.randn(1000), "big": torch.randn(3 << 20), "b": torch.arange(10), "blob": b"x" * 100}
-    dcp.save(state, storage_writer=integrity.ChecksummingWriter(str(tmp_path)), no_dist=True)
+    dcp.save(state, storage_writer=writer.CheckpointWriter(str(tmp_path)), no_dist=True)
     monkeypatch.undo()
     assert not read_back, f"data files were read back: {read_back}"
     assert hinted, "the large tensor's write did not start early writeback"

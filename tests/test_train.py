@@ -2,8 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import REPO, assert_same_tensors, check_ok, checkpoint_tensors, run_train, scalars
+from conftest import (
+    REPO, assert_same_tensors, check_ok, checkpoint_tensors, kill_job, run_train, scalars, start_train, wait_for,
+    worker_pids,
+)
+from ftrain.chaos import descendants
+from ftrain.checkpoint.writer import WRITER_PROCESS_NICE
 
 
 def test_two_ranks_log_every_step(reference_run):
@@ -59,3 +65,23 @@ def test_missing_data_path_is_one_line(tmp_path):
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("ftrain:")]
     assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _nice(pid: int) -> int:
+    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_writer_process_runs_at_lower_priority_than_training(tmp_path):
+    """async_process: DCP's writer process takes what CPU training leaves; the ranks keep their priority."""
+    proc = start_train(tmp_path, "checkpoint.mode=async_process", "train.max_steps=200")
+    try:
+        wait_for(lambda: (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file(), what="first commit",
+                 proc=proc)
+        ranks = worker_pids(proc)
+        writers = [pid for rank_pid in ranks.values() for pid in descendants(rank_pid)
+                   if b"spawn_main" in (Path("/proc") / str(pid) / "cmdline").read_bytes()]
+        assert len(ranks) == 2 and writers, f"ranks {ranks}, writer processes {writers}"
+        assert all(_nice(pid) == 0 for pid in ranks.values())
+        assert all(_nice(pid) >= WRITER_PROCESS_NICE for pid in writers), [_nice(pid) for pid in writers]
+    finally:
+        kill_job(proc)

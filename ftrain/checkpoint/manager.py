@@ -33,8 +33,8 @@ from ftrain import faults
 from ftrain.checkpoint import integrity, layout, loading
 from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
 from ftrain.checkpoint.loading import LoadResult
-from ftrain.checkpoint.integrity import ChecksummingWriter
 from ftrain.checkpoint.staging import BufferStager
+from ftrain.checkpoint.writer import CheckpointWriter
 
 logger = logging.getLogger("ftrain.checkpoint")
 
@@ -159,7 +159,7 @@ class CheckpointManager:
         try:
             dcp.save(
                 states,
-                storage_writer=ChecksummingWriter(str(pending.path)),
+                storage_writer=CheckpointWriter(str(pending.path)),
                 planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
             )
@@ -177,7 +177,7 @@ class CheckpointManager:
         try:
             response = dcp.async_save(
                 states,
-                storage_writer=ChecksummingWriter(str(pending.path)),
+                storage_writer=CheckpointWriter(str(pending.path), in_writer_process=self.mode == "async_process"),
                 planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
                 async_checkpointer_type=kind,
