@@ -77,6 +77,7 @@ class CheckpointConfig:
     verify: str = "checksums"
     signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     timeout_s: float = 600.0
+    write_threads: int = 0
 
 
 @dataclass
@@ -282,6 +283,7 @@ def validate(cfg: Config) -> None:
     )
     require(cfg.checkpoint.verify in ("sizes", "checksums"), "checkpoint.verify", "must be sizes or checksums")
     require(cfg.checkpoint.timeout_s > 0, "checkpoint.timeout_s", "must be positive")
+    require(cfg.checkpoint.write_threads >= 0, "checkpoint.write_threads", "must be >= 0 (0 = one per free core, up to 4)")
     require(cfg.log.interval >= 1, "log.interval", "must be at least 1")
     resume = cfg.checkpoint.resume
     require(bool(resume.strip()), "checkpoint.resume", "must be auto, never, a step number or a path")

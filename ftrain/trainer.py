@@ -139,6 +139,7 @@ class Trainer:
             timeout_s=cfg.checkpoint.timeout_s,
             allow_world_size_change=cfg.checkpoint.on_world_size_change == "reshard",
             verify_checksums=cfg.checkpoint.verify == "checksums",
+            write_threads=cfg.checkpoint.write_threads,
         )
         self.preemption = PreemptionFlag(cfg.checkpoint.signals)
         load_s = self._resume()

@@ -118,4 +118,5 @@ def test_target_rows_say_by_how_much(monkeypatch: pytest.MonkeyPatch):
     assert target_row("blocking_vs_dcp_save", "async", 0.01, "")["met"] is True
     assert target_row("blocking_vs_dcp_save", "async", 0.10, "")["miss"] == "2.0x the limit"
     assert target_row("trainer_throughput_vs_off", "async", 0.76, "")["miss"] == "20% short"
+    assert target_row("trainer_throughput_vs_off", "async", 0.947, "")["miss"] == "0.3% short"
     assert target_row("write_vs_disk_floor", "async", None, "")["met"] is None

@@ -56,6 +56,7 @@ def test_wrong_type():
         ("checkpoint.keep_last=0", "checkpoint.keep_last"),
         ("checkpoint.signals=[SIGNOPE]", "checkpoint.signals"),
         ("run.name=a/b", "run.name"),
+        ("checkpoint.write_threads=-1", "checkpoint.write_threads"),
     ],
 )
 def test_impossible_values(override, key):

@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -74,19 +75,20 @@ def test_dtensors_stay_dtensors():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_checksums_are_taken_while_writing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_checksums_are_taken_while_writing(threads, tmp_path, monkeypatch):
     read_back, hinted = [], []
     monkeypatch.setattr(writer, "crc32_file", lambda path: read_back.append(path) or "00000000")
     fadvise = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: hinted.append(args) or fadvise(*args))
     state = {"a": torch.randn(1000), "big": torch.randn(3 << 20), "b": torch.arange(10), "blob": b"x" * 100}
-    dcp.save(state, storage_writer=writer.CheckpointWriter(str(tmp_path)), no_dist=True)
+    dcp.save(state, storage_writer=writer.CheckpointWriter(str(tmp_path), thread_count=threads), no_dist=True)
     monkeypatch.undo()
     assert not read_back, f"data files were read back: {read_back}"
     assert hinted, "the large tensor's write did not start early writeback"
     recorded = json.loads((tmp_path / integrity.CHECKSUMS).read_text())
     data_files = sorted(p.name for p in tmp_path.glob("*.distcp"))
-    assert sorted(recorded) == data_files
+    assert sorted(recorded) == data_files and len(data_files) == threads
     for name in data_files:
         assert recorded[name] == integrity.crc32_file(tmp_path / name)
     loaded = {"a": torch.zeros(1000), "big": torch.zeros(3 << 20), "b": torch.zeros(10, dtype=torch.long), "blob": b""}
@@ -117,3 +119,11 @@ def test_each_manager_has_its_own_plan_cache(tmp_path):
         large.close()
     assert torch.equal(target_small["s"]["x"], torch.full((3,), 3.0))
     assert torch.equal(target_large["s"]["x"], torch.full((5,), -3.0)) and not target_large["s"]["y"].any()
+
+
+def test_auto_write_threads_share_the_cores_among_local_ranks(monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
+    assert writer.auto_write_threads() == 1  # training fills every core: one writer per rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert writer.auto_write_threads() == max(1, min(writer.MAX_AUTO_WRITE_THREADS, cores))

@@ -34,7 +34,7 @@ from ftrain.checkpoint import integrity, layout, loading
 from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
 from ftrain.checkpoint.loading import LoadResult
 from ftrain.checkpoint.staging import BufferStager
-from ftrain.checkpoint.writer import CheckpointWriter
+from ftrain.checkpoint.writer import CheckpointWriter, auto_write_threads
 
 logger = logging.getLogger("ftrain.checkpoint")
 
@@ -91,6 +91,7 @@ class CheckpointManager:
 
     ``states`` maps names to ``Stateful`` objects (or plain state dicts); the manager knows nothing of models,
     data or the trainer. ``marker_info`` is written into every commit marker and checked on load.
+    ``write_threads``: files each rank writes in parallel (0: ``writer.auto_write_threads()``).
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class CheckpointManager:
         timeout_s: float = 600.0,
         allow_world_size_change: bool = True,
         verify_checksums: bool = True,
+        write_threads: int = 0,
     ) -> None:
         self.root = Path(root)
         self.mode = mode
@@ -121,6 +123,7 @@ class CheckpointManager:
         self.timeout_s = timeout_s
         self.allow_world_size_change = allow_world_size_change
         self.verify_checksums = verify_checksums
+        self.write_threads = write_threads or auto_write_threads()
         self.failures = 0
         self._pending: _PendingSave | None = None
         self._stager: BufferStager | None = None
@@ -159,7 +162,7 @@ class CheckpointManager:
         try:
             dcp.save(
                 states,
-                storage_writer=CheckpointWriter(str(pending.path)),
+                storage_writer=CheckpointWriter(str(pending.path), thread_count=self.write_threads),
                 planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
             )
@@ -177,7 +180,9 @@ class CheckpointManager:
         try:
             response = dcp.async_save(
                 states,
-                storage_writer=CheckpointWriter(str(pending.path), in_writer_process=self.mode == "async_process"),
+                storage_writer=CheckpointWriter(
+                    str(pending.path), thread_count=self.write_threads, in_writer_process=self.mode == "async_process"
+                ),
                 planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
                 async_checkpointer_type=kind,

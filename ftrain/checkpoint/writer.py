@@ -30,6 +30,7 @@ from ftrain.checkpoint.integrity import CHECKSUMS, crc32_file
 
 _SUMS_KEY = "__ftrain_checksums__"
 EARLY_WRITEBACK_BYTES = 4 << 20
+MAX_AUTO_WRITE_THREADS = 4
 WRITER_PROCESS_NICE = 10  # added to the writer process's nice value (0 is the default, 19 the lowest priority)
 
 
@@ -116,6 +117,15 @@ class CheckpointWriter(FileSystemWriter):
                     sums.update(r.storage_data)
         _write_json_durably(Path(self.path) / CHECKSUMS, sums)
         super().finish(metadata, kept)
+
+
+def auto_write_threads() -> int:
+    """Writer threads per rank when the config says 0: the cores this process may use, shared among the ranks
+    on this machine, at most ``MAX_AUTO_WRITE_THREADS``. Each thread checksums and writes a file of its own; on
+    a machine whose cores training already fills (2 ranks on 2 cores) this is 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_AUTO_WRITE_THREADS, cores // max(local_ranks, 1)))
 
 
 def _lower_process_priority(increment: int) -> None:

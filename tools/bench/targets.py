@@ -60,6 +60,7 @@ def target_row(key: str, mode: str, measured: float | None, what: str, note: str
     elif op == "<=":
         miss = f"{measured / limit:.1f}x the limit"
     else:
-        miss = f"{(limit - measured) / limit:.0%} short"
+        short = (limit - measured) / limit
+        miss = f"{short:.1%} short" if short < 0.01 else f"{short:.0%} short"  # "0% short" would read as met
     return {"target": key, "mode": mode, "what": what, "limit": f"{op} {limit:g}", "measured": measured,
             "met": met, "miss": miss, "note": note}
