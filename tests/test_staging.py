@@ -32,6 +32,9 @@ def test_staged_copy_is_a_snapshot_in_reused_buffers():
         state["w"] = torch.zeros(5)  # another shape at the same place: a new buffer
         assert stager.stage(state).result()["w"].shape == (5,)
         assert stager.buffer_bytes == (5 + 12 + 2) * 4
+        del state["t"]  # an entry the state no longer has: its buffer goes
+        stager.stage(state).result()
+        assert stager.buffer_bytes == (5 + 2) * 4
     finally:
         stager.close()
 

@@ -20,7 +20,7 @@ import copy
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ class BufferStager(AsyncStager):
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.share_memory = share_memory
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._used: set[tuple[Any, ...]] = set()  # the keys the current stage has copied
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftrain-stage")
         self._stream = torch.cuda.Stream() if self.pin_memory else None
         self._future: Future[Any] | None = None
@@ -68,13 +69,26 @@ class BufferStager(AsyncStager):
             self._buffers.clear()
 
     def _stage(self, state_dict: dict[str, Any], ready: torch.cuda.Event | None) -> dict[str, Any]:
-        with self._lock, torch.no_grad(), torch.cuda.stream(self._stream) if self._stream else nullcontext():
+        with self._lock, torch.no_grad(), self._on_side_stream():
             if ready is not None:
                 self._stream.wait_event(ready)  # type: ignore[union-attr]
+            self._used = set()
             staged = self._copy(state_dict, ())
             if self._stream is not None:
                 self._stream.synchronize()
+            for key in self._buffers.keys() - self._used:  # entries the state no longer has
+                del self._buffers[key]
         return staged
+
+    def _on_side_stream(self) -> AbstractContextManager[Any]:
+        """In this (staging) thread: the side stream, on its own device. A new thread's current device is 0,
+        and letting it stay 0 would give every rank a CUDA context on the first GPU."""
+        if self._stream is None:
+            return nullcontext()
+        context = ExitStack()
+        context.enter_context(torch.cuda.device(self._stream.device))
+        context.enter_context(torch.cuda.stream(self._stream))
+        return context
 
     def _copy(self, value: Any, key: tuple[Any, ...]) -> Any:
         if isinstance(value, DTensor):
@@ -91,6 +105,7 @@ class BufferStager(AsyncStager):
         return copy.deepcopy(value)  # anything else a Stateful returned: never alias what training may change
 
     def _copy_tensor(self, tensor: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
+        self._used.add(key)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             buffer = self._allocate(tensor)
