@@ -27,19 +27,24 @@ def assert_matches_reference(run_dir, reference_run):
     )
 
 
-@pytest.mark.parametrize("mode", ["async", "sync", "async_process"])
-def test_sigkill_after_data_is_durable_but_before_commit(mode, reference_run, tmp_path):
+@pytest.mark.parametrize(
+    "mode, threads", [("async", 1), ("sync", 1), ("async_process", 1), ("async", 3)], ids=lambda v: str(v)
+)
+def test_sigkill_after_data_is_durable_but_before_commit(mode, threads, reference_run, tmp_path):
     """The worst instant: every file of step 10 is on disk, only the marker is missing."""
+    options = (f"checkpoint.mode={mode}", f"checkpoint.write_threads={threads}")
     step10 = tmp_path / "checkpoints" / "step_00000010"
-    proc = start_train(tmp_path, f"checkpoint.mode={mode}", env={"FTRAIN_FAULT": "before_commit@10"})
+    proc = start_train(tmp_path, *options, env={"FTRAIN_FAULT": "before_commit@10"})
     try:
         wait_for(lambda: (step10 / ".metadata").is_file(), what="step 10's data", proc=proc)
     finally:
         kill_job(proc)
     assert not (step10 / "COMPLETE").exists()
-    assert (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
+    step5 = tmp_path / "checkpoints" / "step_00000005"
+    assert (step5 / "COMPLETE").is_file()
+    assert len(list(step5.glob("*.distcp"))) == 2 * threads  # each rank writes one file per writer thread
 
-    resumed = run_train(tmp_path, f"checkpoint.mode={mode}")
+    resumed = run_train(tmp_path, *options)
     check_ok(resumed)
     assert "step_00000005 (step 5)" in resumed.stderr
     assert_matches_reference(tmp_path, reference_run)
