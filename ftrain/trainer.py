@@ -141,6 +141,7 @@ class Trainer:
             verify_checksums=cfg.checkpoint.verify == "checksums",
             write_threads=cfg.checkpoint.write_threads,
         )
+        self.checkpointer.start_writer()  # async_process: the writer process starts while we resume
         self.preemption = PreemptionFlag(cfg.checkpoint.signals)
         load_s = self._resume()
         self.metrics = Metrics(self.run_dir / "tb", self.env.is_main, self.step)

@@ -9,6 +9,7 @@ from conftest import (
     worker_pids,
 )
 from ftrain.chaos import descendants
+from ftrain.checkpoint.manager import WRITER_START_DIR
 from ftrain.checkpoint.writer import WRITER_PROCESS_NICE
 
 
@@ -72,7 +73,8 @@ def _nice(pid: int) -> int:
 
 
 def test_writer_process_runs_at_lower_priority_than_training(tmp_path):
-    """async_process: DCP's writer process takes what CPU training leaves; the ranks keep their priority."""
+    """async_process: DCP's writer process (started before the first save) takes what CPU training leaves; the
+    ranks keep their priority."""
     proc = start_train(tmp_path, "checkpoint.mode=async_process", "train.max_steps=200")
     try:
         wait_for(lambda: (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file(), what="first commit",
@@ -83,5 +85,6 @@ def test_writer_process_runs_at_lower_priority_than_training(tmp_path):
         assert len(ranks) == 2 and writers, f"ranks {ranks}, writer processes {writers}"
         assert all(_nice(pid) == 0 for pid in ranks.values())
         assert all(_nice(pid) >= WRITER_PROCESS_NICE for pid in writers), [_nice(pid) for pid in writers]
+        assert not (tmp_path / "checkpoints" / WRITER_START_DIR).exists(), "the writer's start-up save was left behind"
     finally:
         kill_job(proc)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import shutil
 import threading
 import time
 from concurrent.futures import Future
@@ -37,6 +38,8 @@ from ftrain.checkpoint.staging import BufferStager
 from ftrain.checkpoint.writer import CheckpointWriter, auto_write_threads
 
 logger = logging.getLogger("ftrain.checkpoint")
+
+WRITER_START_DIR = ".writer-start"  # under the checkpoint root: what start_writer() saves, removed once written
 
 
 @dataclass
@@ -132,6 +135,7 @@ class CheckpointManager:
         self._committer: threading.Thread | None = None
         self._purge_queue: queue.Queue[Path | None] = queue.Queue()
         self._purger: threading.Thread | None = None
+        self._writer_start: Future | None = None
         if rank == 0 and mode != "off":
             self.root.mkdir(parents=True, exist_ok=True)
             self._purger = threading.Thread(target=self._purge_loop, name="ftrain-purge", daemon=True)
@@ -142,11 +146,41 @@ class CheckpointManager:
         return self.mode != "off"
 
     # ----------------------------------------------------------------------------------------------- saving
+    def start_writer(self) -> None:
+        """``async_process``: start DCP's writer process now, in the background, rather than at the first save
+        (spawning it and joining its process group takes 1-4 s, which the save after the first one waited for).
+
+        Collective: every rank calls it at the same point, before any save. It saves a one-element state into
+        ``{root}/.writer-start``, which no step directory scan sees and which is removed once written.
+        """
+        if self.mode != "async_process" or self._writer_start is not None:
+            return
+        self._writer_start = dcp.async_save(
+            {"ftrain_writer_start": torch.zeros(1)},
+            storage_writer=CheckpointWriter(str(self.root / WRITER_START_DIR), in_writer_process=True),
+            process_group=self.process_group,
+            async_checkpointer_type=AsyncCheckpointerType.PROCESS,
+        )
+
+    def _wait_for_writer_start(self) -> None:
+        if self._writer_start is None:
+            return
+        try:
+            self._writer_start.result(timeout=self.timeout_s)
+        except BaseException as exc:  # the first real save will fail too, with its own message
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            logger.warning("starting the checkpoint writer process failed: %s", describe_error(exc))
+        self._writer_start = None
+        if self.rank == 0:
+            shutil.rmtree(self.root / WRITER_START_DIR, ignore_errors=True)
+
     def save(self, step: int, states: dict[str, Any]) -> SaveStats | None:
         """Start checkpointing ``states`` as step ``step``; returns the previous save's stats, if any."""
         if not self.enabled:
             return None
         called = time.perf_counter()
+        self._wait_for_writer_start()
         previous = self._finish_pending(charge_wait=False)  # this wait is charged to the new save instead
         started = time.perf_counter()
         pending = _PendingSave(step=step, path=layout.step_dir(self.root, step), started=started)
@@ -374,6 +408,7 @@ class CheckpointManager:
     # ---------------------------------------------------------------------------------------------- closing
     def close(self) -> SaveStats | None:
         """Wait for the last save to commit, stop the background threads, and release staging buffers."""
+        self._wait_for_writer_start()
         stats = self.wait()
         if self._committer is not None:
             self._commit_queue.put(None)
