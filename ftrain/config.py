@@ -63,6 +63,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     device: str = "auto"
     timeout_s: float = 300.0
+    gc_interval: int = 50
 
 
 @dataclass
@@ -283,6 +284,7 @@ def validate(cfg: Config) -> None:
     )
     require(cfg.checkpoint.verify in ("sizes", "checksums"), "checkpoint.verify", "must be sizes or checksums")
     require(cfg.checkpoint.timeout_s > 0, "checkpoint.timeout_s", "must be positive")
+    require(cfg.train.gc_interval >= 0, "train.gc_interval", "must be >= 0 (0 = Python's automatic collection)")
     require(cfg.checkpoint.write_threads >= 0, "checkpoint.write_threads", "must be >= 0 (0 = one per free core, up to 4)")
     require(cfg.log.interval >= 1, "log.interval", "must be at least 1")
     resume = cfg.checkpoint.resume

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ftrain.config import DataConfig
+from ftrain.gc_policy import enable_in_worker
 
 # torchdata 0.11 calls a torch API that torch 2.13 deprecated; nothing for our users to act on.
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
@@ -167,4 +168,5 @@ def build_dataloader(
         # run restores: otherwise creating the iterator after a resume would shift every later dropout mask.
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
+        worker_init_fn=enable_in_worker if cfg.num_workers > 0 else None,
     )

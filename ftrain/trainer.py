@@ -27,6 +27,7 @@ from ftrain.checkpoint.lock import LockedError, RunLock
 from ftrain.config import Config, to_yaml
 from ftrain.data import build_dataloader
 from ftrain.distributed import all_reduce_max, all_reduce_sum, close_distributed, init_distributed
+from ftrain.gc_policy import StepGarbageCollector
 from ftrain.metrics import Metrics, Progress, setup_logging
 from ftrain.model import build_model, num_parameters
 from ftrain.state import ModelOptimizerState, TrainProgress, seed_rank_rngs
@@ -211,6 +212,14 @@ class Trainer:
         if self.step >= cfg.train.max_steps:
             logger.info("nothing to do: step %d >= train.max_steps %d", self.step, cfg.train.max_steps)
             return EXIT_OK
+        collector = StepGarbageCollector(cfg.train.gc_interval)
+        try:
+            return self._loop(collector)
+        finally:
+            collector.close()
+
+    def _loop(self, collector: StepGarbageCollector) -> int:
+        cfg = self.cfg
         progress = Progress(self.step, cfg.train.max_steps, cfg.log.interval)
         tokens_per_step = cfg.train.batch_size * cfg.model.seq_len * self.env.world_size
         batches = iter(self.dataloader)
@@ -255,6 +264,7 @@ class Trainer:
                 return EXIT_PREEMPTED if self.step < cfg.train.max_steps else EXIT_OK
             if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.max_steps:
                 self.save()
+            collector.step(self.step)
         self.finish_saving()
         return EXIT_OK
 

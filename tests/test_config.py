@@ -57,6 +57,7 @@ def test_wrong_type():
         ("checkpoint.signals=[SIGNOPE]", "checkpoint.signals"),
         ("run.name=a/b", "run.name"),
         ("checkpoint.write_threads=-1", "checkpoint.write_threads"),
+        ("train.gc_interval=-5", "train.gc_interval"),
     ],
 )
 def test_impossible_values(override, key):
