@@ -211,6 +211,7 @@ class Trainer:
         cfg = self.cfg
         if self.step >= cfg.train.max_steps:
             logger.info("nothing to do: step %d >= train.max_steps %d", self.step, cfg.train.max_steps)
+            self.finish_saving()  # the writer process may be starting (async_process): let it finish, tidy up
             return EXIT_OK
         collector = StepGarbageCollector(cfg.train.gc_interval)
         try:

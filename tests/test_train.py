@@ -88,3 +88,12 @@ def test_writer_process_runs_at_lower_priority_than_training(tmp_path):
         assert not (tmp_path / "checkpoints" / WRITER_START_DIR).exists(), "the writer's start-up save was left behind"
     finally:
         kill_job(proc)
+
+
+def test_async_process_run_with_nothing_left_to_do_leaves_no_writer_start(tmp_path):
+    options = ("checkpoint.mode=async_process", "train.max_steps=5")
+    check_ok(run_train(tmp_path, *options))
+    again = run_train(tmp_path, *options)  # resumes at the last step: no save, but the writer process was started
+    check_ok(again)
+    assert "nothing to do" in again.stderr
+    assert not (tmp_path / "checkpoints" / WRITER_START_DIR).exists()

@@ -6,12 +6,14 @@
 * Early writeback: after each large write the kernel is told to start writing those pages to disk, so the
   disk works while the writer checksums and copies the next tensors instead of all at the final fsync.
 * Priority: in the writer process (``async_process``) the whole process runs at a lower CPU priority, so that
-  on a machine whose cores training keeps busy the save takes the cycles training leaves idle.
+  on a machine whose cores training keeps busy the save takes the cycles training leaves idle (and logs only
+  warnings).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
 from collections.abc import Generator
@@ -97,6 +99,8 @@ class CheckpointWriter(FileSystemWriter):
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if self.in_writer_process:
             _lower_process_priority(WRITER_PROCESS_NICE)
+            # DCP's writer process logs two INFO lines per save on the console: keep its warnings only.
+            logging.getLogger().setLevel(logging.WARNING)
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
