@@ -1,0 +1,33 @@
+"""TensorBoard tag names: the one home of every scalar ftrain logs.
+
+The trainer, ``ftrain.Checkpointer``, the overhead report, the benchmark and the chaos tool all import these
+names; none of them spells a tag as a string of its own.
+"""
+
+from __future__ import annotations
+
+# train/*: one value per optimizer step
+LOSS = "train/loss"
+LR = "train/lr"
+STEP_TIME_S = "train/step_time_s"  # every ftrain run logs it at every step: it marks a run's events
+TOKENS_PER_S = "train/tokens_per_s"
+
+# checkpoint/*: one value per checkpoint (maximum over ranks), logged at the step it saved
+CKPT_BLOCKING_S = "checkpoint/blocking_s"  # the training loop stopped for this checkpoint
+CKPT_STAGING_S = "checkpoint/staging_s"  # from dispatch until the state was copied off the live tensors
+CKPT_SAVE_S = "checkpoint/save_s"  # from the save call until the commit marker was written
+CKPT_WRITE_S = "checkpoint/write_s"  # from staging done until every rank's files were durable
+CKPT_SIZE_BYTES = "checkpoint/size_bytes"
+CKPT_WRITE_GBPS = "checkpoint/write_GBps"
+CKPT_FAILURES = "checkpoint/failures"  # failed saves so far in this process
+CKPT_LOAD_S = "checkpoint/load_s"  # logged once, at the step a run resumed from
+
+CHECKPOINT_TAGS = (
+    CKPT_BLOCKING_S,
+    CKPT_STAGING_S,
+    CKPT_SAVE_S,
+    CKPT_WRITE_S,
+    CKPT_SIZE_BYTES,
+    CKPT_WRITE_GBPS,
+    CKPT_FAILURES,
+)
