@@ -1,6 +1,8 @@
 """Typed run configuration: one dataclass per section, loaded from YAML plus ``key=value`` overrides.
 
-Every mistake a user can make here (unknown key, wrong type, impossible value) becomes one ``ConfigError``
+The dataclasses below are the one source of every default and of the one-line comment that explains each key
+(``--help``, ``defaults_yaml()`` and ``recipes/configs/default.yaml`` are all made from them). Every mistake a
+user can make here (unknown key, wrong type, impossible value, unreadable file) becomes one ``ConfigError``
 whose message is a single line naming the key.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,73 +20,99 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "recipes" / "configs" / "default.yaml"
-
 CHECKPOINT_MODES = ("async", "async_process", "sync", "off")
 ON_SAVE_FAILURE = ("continue", "abort")
 ON_WORLD_SIZE_CHANGE = ("reshard", "refuse")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+MAX_INT = 2**31 - 1  # every integer key fits a 32-bit signed int (steps, sizes, counts)
+MAX_SEED = 2**32 - 1  # (seed * 1_000_003 + step) * 1009 + rank + 1 must stay below torch.manual_seed's 2**63
+MAX_SEQ_LEN = 1_000_000
+MAX_TIMEOUT_S = 30 * 86400.0  # 30 days; threading and timedelta overflow long before inf
+UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
+
+DEFAULTS_HEADER = """\
+# ftrain default run: a tiny byte-level GPT on the Python standard library's own source, 2 ranks on CPU.
+#
+#   torchrun --standalone --nproc_per_node=2 recipes/train.py
+#   torchrun --standalone --nproc_per_node=2 recipes/train.py run.name=try2 train.max_steps=60 checkpoint.interval=5
+#
+# These are the built-in defaults (ftrain/config.py holds them; `ftrain-train --help` lists them). Copy this file to
+# start a config of your own: only the keys you change need to be in it. An unknown key is an error.
+"""
 
 
 class ConfigError(ValueError):
     """A problem with the user's configuration; its message is one line."""
 
 
+def _key(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:  # noqa: A002 - "help" as in argparse
+    """A config field: its default, the one-line comment users see, and (for choice keys) the allowed words."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class RunConfig:
-    name: str = "default"
-    dir: str = "runs/${run.name}"
+    name: str = _key("default", "run directory name under runs/")
+    dir: str = _key("runs/${run.name}", "output: config.yaml, tb/ (TensorBoard), checkpoints/")
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256
-    seq_len: int = 128
-    n_layer: int = 2
-    n_head: int = 4
-    d_model: int = 128
-    dropout: float = 0.1
+    vocab_size: int = _key(256, "token ids are 0..vocab_size-1; byte-level text needs 256")
+    seq_len: int = _key(128, "context length in tokens (bytes for text)")
+    n_layer: int = _key(2, "transformer blocks")
+    n_head: int = _key(4, "attention heads")
+    d_model: int = _key(128, "width")
+    dropout: float = _key(0.1, "draws on the RNG, so resuming must restore it")
 
 
 @dataclass
 class DataConfig:
-    path: str = ""
-    num_workers: int = 0
-    record_samples: bool = False
+    path: str = _key("", "a text file or a directory of text files; '' = built-in stdlib corpus")
+    num_workers: int = _key(0, "StatefulDataLoader worker processes per rank (0 = in the main process)")
+    record_samples: bool = _key(False, "append each step's sample indices to {run.dir}/samples/rank_R.jsonl")
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
-    seed: int = 1234
-    batch_size: int = 8
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    device: str = "auto"
-    timeout_s: float = 300.0
-    gc_interval: int = 50
+    max_steps: int = _key(300, "optimizer steps in the whole run")
+    seed: int = _key(1234, "model init, data order and per-rank dropout all derive from it")
+    batch_size: int = _key(8, "sequences per rank per step")
+    lr: float = _key(3e-3, "peak learning rate (AdamW)")
+    min_lr_ratio: float = _key(0.1, "cosine decays to lr * min_lr_ratio at max_steps")
+    warmup_steps: int = _key(20, "linear warmup steps")
+    weight_decay: float = _key(0.1, "AdamW decoupled weight decay")
+    grad_clip: float = _key(1.0, "clip the global grad norm at this value; 0 disables")
+    device: str = _key("auto", "auto (CUDA if present), cpu or cuda", ("auto", "cpu", "cuda"))
+    timeout_s: float = _key(300.0, "a collective waiting longer (a stalled or lost rank) is an error, not a hang")
+    gc_interval: int = _key(50, "Python GC at every N-th step boundary instead of mid-step (0 = automatic)")
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 50
-    mode: str = "async"
-    keep_last: int = 3
-    keep_every: int = 0
-    resume: str = "auto"
-    on_failure: str = "continue"
-    on_world_size_change: str = "reshard"
-    verify: str = "checksums"
-    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
-    timeout_s: float = 600.0
-    write_threads: int = 0
+    interval: int = _key(50, "save every N steps; the last step is always saved")
+    mode: str = _key("async", "async | async_process | sync | off", CHECKPOINT_MODES)
+    keep_last: int = _key(3, "complete checkpoints kept; older ones go only after a newer one commits")
+    keep_every: int = _key(0, "also keep every K-th step forever (0 = none)")
+    resume: str = _key("auto", "auto (latest complete) | never | a step number | a checkpoint path")
+    on_failure: str = _key("continue", "a failed background save: continue (warn, count) or abort the run", ON_SAVE_FAILURE)
+    on_world_size_change: str = _key(
+        "reshard", "resume on another rank count: reshard (data read exactly once) or refuse", ON_WORLD_SIZE_CHANGE
+    )
+    verify: str = _key("checksums", "before resuming, check the checkpoint's files: sizes, or sizes and CRC-32", ("sizes", "checksums"))
+    signals: list[str] = _key(["SIGTERM", "SIGUSR1"], "these save a checkpoint at the next step and exit with code 75")
+    timeout_s: float = _key(600.0, "a save (or its staging) that takes longer is an error, not a hang")
+    write_threads: int = _key(0, "files each rank writes in parallel; 0 = auto (cores per local rank, at most 4)")
 
 
 @dataclass
 class LogConfig:
-    interval: int = 10
+    interval: int = _key(10, "console progress line every N steps (TensorBoard gets every step)")
+    level: str = _key("info", "console log level: debug | info | warning | error (ranks > 0: warning at least)", LOG_LEVELS)
 
 
 @dataclass
@@ -96,6 +125,46 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+@dataclass(frozen=True)
+class KeyInfo:
+    """One config key as ``--help`` and the defaults file show it."""
+
+    key: str
+    type: str
+    default: Any
+    help: str
+    choices: tuple[str, ...]
+
+
+def keys() -> list[KeyInfo]:
+    """Every key of the schema, section by section, in declaration order."""
+    found = []
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(_resolve_type(section.type)):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            type_name = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            found.append(KeyInfo(f"{section.name}.{f.name}", type_name, default, f.metadata.get("help", ""), f.metadata.get("choices", ())))
+    return found
+
+
+def format_value(value: Any) -> str:
+    """A default as it is written in YAML (``[SIGTERM, SIGUSR1]``, ``''``, ``0.003``)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def defaults_yaml() -> str:
+    """The built-in defaults as a commented YAML file (``recipes/configs/default.yaml`` is exactly this)."""
+    lines = [DEFAULTS_HEADER.rstrip("\n")]
+    section = None
+    for info in keys():
+        head, name = info.key.split(".", 1)
+        if head != section:
+            lines += ["", f"{head}:"]
+            section = head
+        lines.append(f"  {name}: {format_value(info.default)}".ljust(32) + f"# {info.help}")
+    return "\n".join(lines) + "\n"
+
+
 # YAML 1.1 reads these words as booleans; for choice keys we map them back to what the user meant.
 _BOOL_WORDS = {"off": False, "no": False, "false": False, "on": True, "yes": True, "true": True}
 _BOOL_ALIASES = {
@@ -104,10 +173,10 @@ _BOOL_ALIASES = {
 }
 
 
-def load_config(argv: list[str] | None = None) -> Config:
-    """Build the config from ``[--config FILE] [key=value ...]`` on top of the defaults."""
-    argv = list(argv or [])
-    config_files = [DEFAULT_CONFIG]
+def parse_argv(argv: list[str]) -> tuple[list[Path], list[str]]:
+    """Split ``[--config FILE] [key=value ...]`` into config files and overrides."""
+    argv = list(argv)
+    config_files: list[Path] = []
     overrides: list[str] = []
     while argv:
         arg = argv.pop(0)
@@ -121,9 +190,13 @@ def load_config(argv: list[str] | None = None) -> Config:
             overrides.append(arg)
         else:
             raise ConfigError(f"unexpected argument {arg!r}: expected --config FILE or key=value")
+    return config_files, overrides
 
-    schema = OmegaConf.structured(Config)
-    merged: DictConfig = schema
+
+def load_config(argv: list[str] | None = None) -> Config:
+    """Build the config from ``[--config FILE] [key=value ...]`` on top of the built-in defaults."""
+    config_files, overrides = parse_argv(list(argv or []))
+    merged: DictConfig = OmegaConf.structured(Config)
     for path in dict.fromkeys(config_files):
         merged = _merge(merged, _read_yaml(path), source=str(path))
     for item in overrides:
@@ -139,10 +212,20 @@ def load_config(argv: list[str] | None = None) -> Config:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a YAML text file (byte {exc.start} is not UTF-8)") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({_one_line(exc)})") from None
     if not isinstance(data, dict):
@@ -177,15 +260,13 @@ def _override(key: str, raw: str) -> dict[str, Any]:
 def _field_type(key: str) -> Any:
     """The annotated type of ``key`` in the schema, or None for an unknown key (reported at merge)."""
     cls: Any = Config
-    hints = None
     for part in key.split("."):
         if not dataclasses.is_dataclass(cls):
             return None
         fields = {f.name: f for f in dataclasses.fields(cls)}
         if part not in fields:
             return None
-        hints = fields[part].type
-        cls = _resolve_type(hints)
+        cls = _resolve_type(fields[part].type)
     return cls
 
 
@@ -220,12 +301,7 @@ def _merge(base: DictConfig, update: dict[str, Any], source: str) -> DictConfig:
 
 
 def _suggest(key: str) -> str:
-    known = [
-        f"{section.name}.{f.name}"
-        for section in dataclasses.fields(Config)
-        for f in dataclasses.fields(_resolve_type(section.type))
-    ]
-    close = difflib.get_close_matches(key, known, n=1)
+    close = difflib.get_close_matches(key, [info.key for info in keys()], n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -250,47 +326,56 @@ def validate(cfg: Config) -> None:
 
     def require(ok: bool, key: str, why: str) -> None:
         if not ok:
-            value = _get(cfg, key)
-            raise ConfigError(f"bad value for '{key}' ({value!r}): {why}")
+            raise ConfigError(f"bad value for '{key}' ({_get(cfg, key)!r}): {why}")
 
+    _validate_generic(cfg, require)
     require(bool(cfg.run.name.strip()), "run.name", "must not be empty")
     require("/" not in cfg.run.name, "run.name", "must not contain '/' (use run.dir for a path)")
     require(bool(cfg.run.dir.strip()), "run.dir", "must not be empty")
+    require("\0" not in cfg.run.dir + cfg.data.path, "run.dir" if "\0" in cfg.run.dir else "data.path", "must not contain a NUL byte")
     require(cfg.train.max_steps >= 1, "train.max_steps", "must be at least 1")
+    require(0 <= cfg.train.seed <= MAX_SEED, "train.seed", f"must be in 0..{MAX_SEED} (2**32 - 1)")
     require(cfg.train.batch_size >= 1, "train.batch_size", "must be at least 1")
     require(cfg.train.lr > 0, "train.lr", "must be positive")
     require(0 <= cfg.train.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
     require(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     require(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     require(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    require(cfg.train.timeout_s > 0, "train.timeout_s", "must be positive")
-    require(cfg.train.device in ("auto", "cpu", "cuda"), "train.device", "must be one of auto, cpu, cuda")
-    require(1 <= cfg.model.vocab_size <= 256, "model.vocab_size", "byte-level tokens need 1..256")
-    require(cfg.model.seq_len >= 2, "model.seq_len", "must be at least 2")
+    for key in ("train.timeout_s", "checkpoint.timeout_s"):
+        require(0 < _get(cfg, key) <= MAX_TIMEOUT_S, key, f"must be positive and at most {MAX_TIMEOUT_S:.0f} s (30 days)")
+    require(1 <= cfg.model.vocab_size, "model.vocab_size", "must be at least 1")
+    if getattr(cfg.data, "format", "text") == "text":
+        require(cfg.model.vocab_size >= 256, "model.vocab_size", "byte-level text has token ids 0..255: needs at least 256")
+    require(2 <= cfg.model.seq_len <= MAX_SEQ_LEN, "model.seq_len", f"must be in 2..{MAX_SEQ_LEN:,}")
     require(cfg.model.n_layer >= 1, "model.n_layer", "must be at least 1")
     require(cfg.model.n_head >= 1, "model.n_head", "must be at least 1")
+    require(cfg.model.d_model >= 1, "model.d_model", "must be at least 1")
     require(cfg.model.d_model % max(cfg.model.n_head, 1) == 0, "model.d_model", "must be divisible by model.n_head")
     require(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     require(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be at least 1 step")
-    require(cfg.checkpoint.mode in CHECKPOINT_MODES, "checkpoint.mode", f"must be one of {', '.join(CHECKPOINT_MODES)}")
     require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1 (the latest is never deleted)")
     require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0 keeps none permanently)")
-    require(cfg.checkpoint.on_failure in ON_SAVE_FAILURE, "checkpoint.on_failure", "must be continue or abort")
-    require(
-        cfg.checkpoint.on_world_size_change in ON_WORLD_SIZE_CHANGE,
-        "checkpoint.on_world_size_change",
-        "must be reshard or refuse",
-    )
-    require(cfg.checkpoint.verify in ("sizes", "checksums"), "checkpoint.verify", "must be sizes or checksums")
-    require(cfg.checkpoint.timeout_s > 0, "checkpoint.timeout_s", "must be positive")
     require(cfg.train.gc_interval >= 0, "train.gc_interval", "must be >= 0 (0 = Python's automatic collection)")
     require(cfg.checkpoint.write_threads >= 0, "checkpoint.write_threads", "must be >= 0 (0 = one per free core, up to 4)")
     require(cfg.log.interval >= 1, "log.interval", "must be at least 1")
-    resume = cfg.checkpoint.resume
-    require(bool(resume.strip()), "checkpoint.resume", "must be auto, never, a step number or a path")
+    require(bool(cfg.checkpoint.resume.strip()), "checkpoint.resume", "must be auto, never, a step number or a path")
     for name in cfg.checkpoint.signals:
-        require(isinstance(getattr(signal, str(name), None), signal.Signals), "checkpoint.signals", f"unknown signal {name!r}")
+        require(name not in UNCATCHABLE_SIGNALS, "checkpoint.signals", f"{name} cannot be caught, so it cannot trigger a save")
+        known = isinstance(getattr(signal, str(name), None), signal.Signals)
+        require(known, "checkpoint.signals", f"unknown signal {name!r} (use names like SIGTERM, SIGUSR1)")
+
+
+def _validate_generic(cfg: Config, require: Any) -> None:
+    """Rules every key of a kind obeys: choices, finite floats, integers that fit 32 bits."""
+    for info in keys():
+        value = _get(cfg, info.key)
+        if info.choices:
+            require(value in info.choices, info.key, f"must be one of {', '.join(info.choices)}")
+        if isinstance(value, float):
+            require(math.isfinite(value), info.key, "must be a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and info.key != "train.seed":
+            require(abs(value) <= MAX_INT, info.key, f"must be at most {MAX_INT} (2**31 - 1)")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

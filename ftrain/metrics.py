@@ -15,17 +15,32 @@ from torch.utils.tensorboard import SummaryWriter
 logger = logging.getLogger("ftrain")
 
 
-def setup_logging(rank: int) -> None:
-    """Console logging from rank 0; other ranks only say something when it is a warning or worse."""
-    level = logging.INFO if rank == 0 else logging.WARNING
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s [rank{rank}] %(message)s",
-        datefmt="%H:%M:%S",
-        force=True,
-    )
+def setup_logging(rank: int, level: str | int | None = None) -> None:
+    """Console logging for the commands: a handler on the ``ftrain`` logger (never the root logger).
+
+    Rank 0 logs at ``level`` (``log.level``: debug, info, warning, error; default info); other ranks at warning
+    or above. Called again (say, by the Trainer, without a level), it replaces its own handler and keeps the
+    level chosen before. A program's own handlers on other loggers are left alone; ftrain's records do not
+    propagate to the root logger once this handler is installed, so they are not printed twice.
+    """
+    global _chosen_level
+    if level is not None:
+        _chosen_level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    chosen = _chosen_level if _chosen_level is not None else logging.INFO
+    ftrain_logger = logging.getLogger("ftrain")
+    for handler in [h for h in ftrain_logger.handlers if getattr(h, "_ftrain_console", False)]:
+        ftrain_logger.removeHandler(handler)
+    handler = logging.StreamHandler()
+    handler._ftrain_console = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter(f"%(asctime)s [rank{rank}] %(message)s", datefmt="%H:%M:%S"))
+    ftrain_logger.addHandler(handler)
+    ftrain_logger.setLevel(chosen if rank == 0 else max(chosen, logging.WARNING))
+    ftrain_logger.propagate = False
     # DCP's background writer process and planner are chatty at INFO.
     logging.getLogger("torch.distributed.checkpoint").setLevel(logging.WARNING)
+
+
+_chosen_level: int | None = None
 
 
 class Metrics:
@@ -91,17 +106,29 @@ class Metrics:
 
 
 class Progress:
-    """The console line every ``interval`` steps: step, loss, speed and time left."""
+    """The console line every ``interval`` steps: step, loss, speed and time left.
+
+    Speed is the average over the steps since the last line (tokens over time, i.e. the harmonic mean of the
+    per-step rates it is given every step), so one slow or fast step does not swing it.
+    """
 
     def __init__(self, start_step: int, max_steps: int, interval: int) -> None:
         self.start_step = start_step
         self.max_steps = max_steps
         self.interval = interval
         self.started = time.perf_counter()
+        self._steps = 0  # steps seen since the last line
+        self._seconds_per_token = 0.0  # their sum of 1 / tokens_per_s
 
     def maybe_print(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
+        """Call at every step; prints at every ``interval``-th step and at the last."""
+        if tokens_per_s > 0:
+            self._steps += 1
+            self._seconds_per_token += 1.0 / tokens_per_s
         if step % self.interval and step != self.max_steps:
             return
+        average = self._steps / self._seconds_per_token if self._seconds_per_token > 0 else tokens_per_s
+        self._steps, self._seconds_per_token = 0, 0.0
         elapsed = time.perf_counter() - self.started
         done = step - self.start_step
         eta = elapsed / done * (self.max_steps - step) if done else 0.0
@@ -111,7 +138,7 @@ class Progress:
             self.max_steps,
             loss,
             lr,
-            tokens_per_s,
+            average,
             _duration(eta),
         )
 

@@ -1,6 +1,5 @@
-"""tools/overhead_report.py and ftrain.events: the report agrees with the TensorBoard scalars it reads."""
+"""ftrain-report (ftrain.report, tools/overhead_report.py) and ftrain.events: the report agrees with the scalars."""
 
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -10,21 +9,12 @@ import time
 import pytest
 
 from conftest import REPO, scalars
+from ftrain import report as report_tool
 from ftrain.events import NotARunError, events_dir, read_run_scalars, read_scalars
 from ftrain.metrics import Metrics
 
 TOOL = REPO / "tools" / "overhead_report.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("overhead_report", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-report_tool = load_tool()
 
 
 def run_tool(*args: str) -> subprocess.CompletedProcess:
@@ -92,7 +82,7 @@ def test_bad_path_is_exit_2_with_one_line(case, tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("overhead_report.py: error: ") and str(path) in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("ftrain-report: error: ") and str(path) in lines[0]
 
 
 def test_help_explains_itself():
@@ -177,7 +167,7 @@ def test_background_save_laid_over_the_next_steps():
 
 
 def test_plot_of_a_run_with_a_failure_a_resume_and_one_without_checkpoints(tmp_path):
-    pytest.importorskip("PIL")
+    pytest.importorskip("matplotlib")
     run = synthetic_run()
     no_checkpoints = {"train/step_time_s": {1: 0.3, 2: 0.2}}
     for name, data in (("mixed.png", run), ("none.png", no_checkpoints)):
@@ -185,10 +175,23 @@ def test_plot_of_a_run_with_a_failure_a_resume_and_one_without_checkpoints(tmp_p
         assert (tmp_path / name).read_bytes().startswith(PNG_SIGNATURE)
 
 
-def test_missing_pillow_is_one_line_exit_1_unless_no_plot(reference_run, monkeypatch, capsys):
-    monkeypatch.setattr(report_tool, "pillow_missing", lambda: True)
-    assert report_tool.main([str(reference_run)]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Pillow" in err and "--no-plot" in err
+def test_without_matplotlib_the_text_is_printed_and_the_plot_explained(reference_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report_tool, "matplotlib_missing", lambda: True)
+    plot = tmp_path / "p.png"
+    assert report_tool.main([str(reference_run), "--plot", str(plot)]) == 0
+    out, err = capsys.readouterr()
+    assert "4 (4 committed, 0 failed)" in out and "plot" not in out
+    assert len(err.strip().splitlines()) == 1 and "pip install 'ftrain[report]'" in err
+    assert not plot.exists()
     assert report_tool.main([str(reference_run), "--no-plot"]) == 0
-    assert "4 (4 committed, 0 failed)" in capsys.readouterr().out
+    assert capsys.readouterr().err == ""
+
+
+def test_tags_come_from_ftrain_tags():
+    """The report spells no tag of its own: a renamed tag in ftrain.tags cannot leave it reading nothing."""
+    source = (REPO / "ftrain" / "report.py").read_text()
+    assert '"train/' not in source and '"checkpoint/' not in source
+
+
+def test_the_launcher_in_tools_is_the_installed_command():
+    assert run_tool("--help").stdout.startswith("usage: ftrain-report")

@@ -1,0 +1,161 @@
+"""``ftrain-train``: the training recipe as a command.
+
+    ftrain-train [--config FILE.yaml] [key=value ...]                 # one rank
+    torchrun --standalone --nproc_per_node=2 -m ftrain train [...]    # N ranks (or: torchrun ... --no-python ftrain-train)
+    ftrain-train --help | --print-config [...]
+
+Exit codes: 0 finished, 75 preempted after saving (run again to resume), 1 error, 2 bad configuration (nothing
+written). A run that stopped for a preemption signal also leaves ``RUN_DIR/PREEMPTED`` (torchrun itself exits 1
+when it is signalled, so a scheduler can look for this file instead); the next start of the run removes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from ftrain.config import Config, ConfigError, keys, load_config, format_value, to_yaml
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: every rank saved the current step and exited for a signal
+PREEMPTED_FILE = "PREEMPTED"
+
+logger = logging.getLogger("ftrain")
+
+USAGE = """\
+usage: ftrain-train [--config FILE.yaml ...] [key=value ...]
+       ftrain-train --print-config [--config FILE.yaml ...] [key=value ...]
+       torchrun --standalone --nproc_per_node=N -m ftrain train [--config FILE.yaml ...] [key=value ...]
+
+Train a byte-level GPT with fault-tolerant checkpoints. Settings are the built-in defaults below, then each
+--config file, then each key=value (YAML values: key=[a,b], key=1e-4, key="").
+
+options:
+  -h, --help        show this help (every config key with its type, default and meaning) and exit
+  --print-config    print the resolved config as YAML and exit (nothing is run or written)
+  --config FILE     a YAML file of sections and keys (only those that differ from the defaults)
+
+exit codes: 0 finished; 75 preempted by a signal after saving (run the same command again to resume; the run
+directory holds a PREEMPTED file); 1 error; 2 bad configuration, data or run directory (one line on stderr,
+nothing written)."""
+
+
+def help_text() -> str:
+    """The usage, then one row per config key: name, type, default, comment (a blank line between sections)."""
+    infos = keys()
+    rows = [(info.key, info.type, format_value(info.default), info.help) for info in infos]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [USAGE, "", "config keys:"]
+    section = None
+    for info, row in zip(infos, rows):
+        head = info.key.split(".", 1)[0]
+        if section is not None and head != section:
+            lines.append("")
+        section = head
+        lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+    return "\n".join(lines)
+
+
+def _print(text: str) -> None:
+    """Print to stdout; a reader that went away (``| head``) is not an error."""
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the recipe; returns (or exits with) one of the exit codes above."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        _print(help_text())
+        return EXIT_OK
+    print_only = "--print-config" in argv
+    argv = [arg for arg in argv if arg != "--print-config"]
+    try:
+        cfg = load_config(argv)
+        if print_only:
+            _print(to_yaml(cfg).rstrip("\n"))
+            return EXIT_OK
+        from ftrain.preflight import preflight  # noqa: PLC0415 - after --help, which must not pay for it
+
+        preflight(cfg)
+    except ConfigError as exc:
+        if _local_rank() == 0:  # under torchrun every rank finds the same problem: say it once per node
+            print(f"ftrain: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return _train(cfg)
+
+
+def _train(cfg: Config) -> int:
+    from ftrain.checkpoint import CheckpointError
+    from ftrain.metrics import setup_logging
+    from ftrain.trainer import Trainer, is_peer_failure
+
+    setup_logging(_rank(), cfg.log.level)
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        _clear_preempted(cfg)
+        code = trainer.fit()
+        if code == EXIT_PREEMPTED:
+            _mark_preempted(cfg, trainer)
+        trainer.close()
+        return code
+    except (CheckpointError, ValueError) as exc:
+        print(f"ftrain: error: {exc}", file=sys.stderr)
+        code = EXIT_ERROR
+    except RuntimeError as exc:
+        if not is_peer_failure(exc):
+            logger.exception("training failed")
+        else:
+            print(f"ftrain: error: lost contact with another rank: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
+        code = EXIT_ERROR
+    except BaseException:
+        logger.exception("training failed")
+        code = EXIT_ERROR
+    # On the error path background saves or data workers may be stuck on a dead peer: leave now, so that
+    # torchrun sees the failure and can restart the group.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def _clear_preempted(cfg: Config) -> None:
+    """This start holds the lock now: an earlier preemption is no longer the run's last word."""
+    if _rank() == 0:
+        Path(cfg.run.dir, PREEMPTED_FILE).unlink(missing_ok=True)
+
+
+def _mark_preempted(cfg: Config, trainer: object) -> None:
+    """Rank 0 writes ``PREEMPTED`` (atomically) once every rank has saved: what a scheduler checks to requeue."""
+    if _rank() != 0:
+        return
+    flag = getattr(trainer, "preemption", None)
+    record = {"step": getattr(trainer, "step", None), "signal": getattr(flag, "requested", None), "time": time.time()}
+    path = Path(cfg.run.dir, PREEMPTED_FILE)
+    tmp = path.with_name(f".{PREEMPTED_FILE}.tmp")
+    try:
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # the checkpoint is committed; the marker is a courtesy to the scheduler
+        logger.warning("could not write %s: %s", path, exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
