@@ -146,8 +146,7 @@ def _mark_preempted(cfg: Config, trainer: object) -> None:
     """Rank 0 writes ``PREEMPTED`` (atomically) once every rank has saved: what a scheduler checks to requeue."""
     if _rank() != 0:
         return
-    flag = getattr(trainer, "preemption", None)
-    record = {"step": getattr(trainer, "step", None), "signal": getattr(flag, "requested", None), "time": time.time()}
+    record = {"step": getattr(trainer, "step", None), "signal": _stop_signal(trainer), "time": time.time()}
     path = Path(cfg.run.dir, PREEMPTED_FILE)
     tmp = path.with_name(f".{PREEMPTED_FILE}.tmp")
     try:
@@ -155,6 +154,15 @@ def _mark_preempted(cfg: Config, trainer: object) -> None:
         os.replace(tmp, path)
     except OSError as exc:  # the checkpoint is committed; the marker is a courtesy to the scheduler
         logger.warning("could not write %s: %s", path, exc)
+
+
+def _stop_signal(trainer: object) -> str | None:
+    """The signal that stopped the run, if the trainer tells (its Checkpointer, or its own preemption flag)."""
+    checkpointer = getattr(trainer, "checkpointer", None)
+    if getattr(checkpointer, "preempted", None):
+        return str(checkpointer.preempted)
+    flag = getattr(trainer, "preemption", None) or getattr(checkpointer, "preemption", None)
+    return getattr(flag, "requested", None)
 
 
 if __name__ == "__main__":
