@@ -1,13 +1,14 @@
 """``ftrain-ckpt`` (also ``tools/ckpt.py``): list, show, verify, convert and prune checkpoints.
 
     ftrain-ckpt list RUN_DIR [--json] [--verify]
-    ftrain-ckpt show CHECKPOINT [--json]
-    ftrain-ckpt verify CHECKPOINT [--sizes-only]
-    ftrain-ckpt convert CHECKPOINT OUT [--model-only] [--format torch|safetensors]
-    ftrain-ckpt prune RUN_DIR --keep-last N [--keep-every K] [--dry-run]
+    ftrain-ckpt show CHECKPOINT|RUN_DIR [--json]
+    ftrain-ckpt verify CHECKPOINT|RUN_DIR [--sizes-only]
+    ftrain-ckpt convert CHECKPOINT|RUN_DIR OUT [--model-only] [--format torch|safetensors] [--overwrite]
+    ftrain-ckpt prune RUN_DIR --keep-last N [--keep-every K] [--dry-run] [--force]
 
-Exit codes: 0 ok; 1 the checkpoint is damaged (verify) or an operation failed; 2 bad usage or a path that is
-not what the command needs. Errors are one line on stderr.
+A run directory (or its ``checkpoints/`` folder) given where a checkpoint is expected means its latest complete
+checkpoint; the one picked is named on stderr. Exit codes: 0 ok; 1 the checkpoint is damaged or an operation
+failed or was refused; 2 bad usage or a path that is not what the command needs. Errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -15,21 +16,31 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import socket
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ftrain.checkpoint import integrity, layout
+from ftrain.checkpoint import integrity, keys, layout
+from ftrain.checkpoint.errors import describe_error
 from ftrain.checkpoint.lock import LOCK_NAME
-from ftrain.checkpoint.reader import read_state
+from ftrain.checkpoint.reader import flatten, read_state, select
 from ftrain.checkpoint.safe_load import read_metadata_safely
+
+LOCK_FRESH_S = 60.0  # a LOCK touched this recently may belong to a live job (its heartbeat touches it every 5 s)
 
 
 class UsageError(Exception):
     """Bad path or argument: exit code 2."""
+
+
+class DamagedError(Exception):
+    """The checkpoint is damaged, or an operation on it failed or was refused: exit code 1."""
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -45,13 +56,37 @@ def checkpoints_root(run_dir: Path) -> Path:
     raise UsageError(f"{run_dir}: not an ftrain run directory (no checkpoints/ inside)")
 
 
+def is_checkpoint(path: Path) -> bool:
+    return (path / layout.DCP_METADATA).is_file() or (path / layout.MARKER).is_file()
+
+
 def checkpoint_dir(path: Path) -> Path:
+    """A checkpoint directory; a run directory (or its ``checkpoints/``) means its latest complete checkpoint."""
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"{path}: no such directory")
-    if not (path / ".metadata").is_file() and not (path / layout.MARKER).is_file():
-        raise UsageError(f"{path}: not a checkpoint directory (neither {layout.MARKER} nor DCP .metadata inside)")
-    return path
+    if is_checkpoint(path):
+        return path
+    if not ((path / "checkpoints").is_dir() or layout.scan(path) or path.name == "checkpoints"):
+        raise UsageError(
+            f"{path}: neither a checkpoint (no {layout.MARKER} or DCP {layout.DCP_METADATA} inside) nor a run directory"
+        )
+    root = checkpoints_root(path)
+    latest = layout.latest_complete(root)
+    if latest is None:
+        raise UsageError(f"{path}: no complete checkpoint under {root}")
+    print(f"ftrain-ckpt: {path}: using its latest complete checkpoint, {latest.path}", file=sys.stderr)
+    return latest.path
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The checkpoint's marker; a missing, malformed or too new marker is ``DamagedError`` (exit 1)."""
+    try:
+        return layout.read_marker(path)
+    except layout.NewerFormatError as exc:
+        raise DamagedError(str(exc)) from None
+    except ValueError as exc:
+        raise DamagedError(f"{path} is damaged: {exc}") from None
 
 
 def human_bytes(size: float) -> str:
@@ -62,15 +97,30 @@ def human_bytes(size: float) -> str:
     return f"{size:.1f} TB"
 
 
+def when(timestamp: Any) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return "-"
+
+
 def status_of(step_dir: layout.StepDir, checksums: bool) -> tuple[str, dict[str, Any] | None, list[str]]:
+    """``complete``, ``damaged`` (a malformed marker included), ``unsupported`` (a newer ftrain's marker) or
+    ``incomplete``; the marker if it is valid; the problems found."""
     if not step_dir.complete:
         return "incomplete", None, []
-    problems = integrity.verify(step_dir.path, checksums=checksums)
     try:
         marker = layout.read_marker(step_dir.path)
-    except ValueError:
-        marker = None
+    except layout.NewerFormatError as exc:
+        return "unsupported", None, [str(exc)]
+    except ValueError as exc:
+        return "damaged", None, [str(exc)]
+    problems = integrity.verify(step_dir.path, checksums=checksums)
     return ("damaged" if problems else "complete"), marker, problems
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and not p.is_symlink())
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -79,15 +129,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for step_dir in layout.scan(root):
         status, marker, problems = status_of(step_dir, checksums=args.verify)
-        size = marker["total_bytes"] if marker else sum(p.stat().st_size for p in step_dir.path.iterdir() if p.is_file())
         rows.append(
             {
                 "step": step_dir.step,
                 "path": str(step_dir.path),
                 "status": status,
-                "bytes": size,
-                "committed_at": marker.get("committed_at") if marker else None,
-                "world_size": marker.get("world_size") if marker else None,
+                "bytes": marker["total_bytes"] if marker else disk_bytes(step_dir.path),
+                "committed_at": marker["committed_at"] if marker else None,
+                "world_size": marker["world_size"] if marker else None,
                 "problems": problems,
             }
         )
@@ -97,41 +146,64 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no checkpoints under {root}")
         return 0
-    print(f"{'step':>8}  {'status':<10}  {'size':>9}  {'committed':<19}  {'ranks':>5}  path")
+    print(f"{'step':>8}  {'status':<11}  {'size':>9}  {'committed':<19}  {'ranks':>5}  path")
     for row in rows:
-        when = (
-            datetime.datetime.fromtimestamp(row["committed_at"]).strftime("%Y-%m-%d %H:%M:%S")
-            if row["committed_at"]
-            else "-"
-        )
         ranks = row["world_size"] if row["world_size"] is not None else "-"
-        print(f"{row['step']:>8}  {row['status']:<10}  {human_bytes(row['bytes']):>9}  {when:<19}  {ranks:>5}  {row['path']}")
+        print(
+            f"{row['step']:>8}  {row['status']:<11}  {human_bytes(row['bytes']):>9}  {when(row['committed_at']):<19}  "
+            f"{ranks:>5}  {row['path']}"
+        )
         for problem in row["problems"]:
             print(f"{'':>10}! {problem}")
     return 0
 
 
-GROUPS = (("app.model.", "model"), ("app.optim.", "optimizer"), ("train.data.", "data"), ("train.rng.", "rng"), ("train.", "progress"))
+def groups_for(marker: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """(key prefix, group) pairs, longest prefix first, from the marker's state keys (without a marker:
+    today's names and the legacy ones)."""
+    naming = [keys.state_keys(marker)] if marker else [keys.DEFAULT_STATE_KEYS, keys.LEGACY_STATE_KEYS]
+    pairs = set()
+    for names in naming:
+        progress = names[keys.PROGRESS]
+        pairs |= {
+            (names[keys.MODEL] + ".", "model"),
+            (names[keys.OPTIMIZER] + ".", "optimizer"),
+            (progress + ".data.", "data"),
+            (progress + ".rng.", "rng"),
+            (progress + ".", "progress"),
+        }
+    return sorted(pairs, key=lambda pair: (-len(pair[0]), pair[0]))
 
 
-def group_of(key: str) -> str:
-    return next((name for prefix, name in GROUPS if key.startswith(prefix)), "other")
+def group_of(key: str, groups: list[tuple[str, str]]) -> str:
+    """The group of a key: by the marker's roles, else the key's first component (a user's extra state)."""
+    return next((name for prefix, name in groups if key.startswith(prefix)), key.split(".", 1)[0])
 
 
-def describe_metadata(path: Path) -> dict[str, Any]:
-    """Keys by group with shapes, dtypes and bytes, read from DCP's metadata without loading any tensor."""
-    with open(path / ".metadata", "rb") as stream:
+def describe_metadata(path: Path, marker: dict[str, Any] | None) -> dict[str, Any]:
+    """Keys by group with shapes, dtypes and bytes, read from DCP's metadata without loading any tensor.
+    The metadata is checked first (``integrity.check_metadata``): damage is ``DamagedError``."""
+    with open(path / layout.DCP_METADATA, "rb") as stream:
         metadata = read_metadata_safely(stream)
-    stored = defaultdict(int)
-    for index, info in (metadata.storage_data or {}).items():
-        stored[index.fqn] += getattr(info, "length", 0)
+    sizes = (
+        {entry["name"]: entry["size"] for entry in marker["files"]}
+        if marker
+        else {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and not p.is_symlink()}
+    )
+    problems = integrity.check_metadata(metadata, sizes)
+    if problems:
+        raise DamagedError(f"{path} is damaged: {'; '.join(problems)}")
+    stored: dict[str, int] = defaultdict(int)
+    for index, info in metadata.storage_data.items():
+        stored[index.fqn] += info.length
+    prefixes = groups_for(marker)
     groups: dict[str, dict[str, Any]] = {}
     for key, entry in sorted(metadata.state_dict_metadata.items()):
-        group = groups.setdefault(group_of(key), {"entries": [], "bytes": 0})
+        group = groups.setdefault(group_of(key, prefixes), {"entries": [], "bytes": 0})
         if hasattr(entry, "size") and hasattr(entry, "properties"):
             shape = list(entry.size)
             dtype = str(entry.properties.dtype).replace("torch.", "")
-            nbytes = int(torch.Size(entry.size).numel()) * torch.empty((), dtype=entry.properties.dtype).element_size()
+            nbytes = torch.Size(entry.size).numel() * entry.properties.dtype.itemsize
         else:
             shape, dtype, nbytes = None, "object", stored[key]
         group["entries"].append({"key": key, "shape": shape, "dtype": dtype, "bytes": nbytes})
@@ -141,18 +213,20 @@ def describe_metadata(path: Path) -> dict[str, Any]:
 
 def cmd_show(args: argparse.Namespace) -> int:
     path = checkpoint_dir(args.checkpoint)
-    groups = describe_metadata(path)
-    marker = None
-    if (path / layout.MARKER).is_file():
-        marker = layout.read_marker(path)
+    marker = read_marker(path) if (path / layout.MARKER).is_file() else None
+    if not (path / layout.DCP_METADATA).is_file():
+        raise DamagedError(f"{path} is damaged: no DCP {layout.DCP_METADATA}")
+    groups = describe_metadata(path, marker)
     if args.json:
-        print(json.dumps({"path": str(path), "marker": marker, "groups": groups}, indent=1))
+        state_keys = keys.state_keys(marker) if marker else None
+        print(json.dumps({"path": str(path), "marker": marker, "state_keys": state_keys, "groups": groups}, indent=1))
         return 0
     if marker:
         print(
             f"{path}: step {marker['step']}, {marker['world_size']} rank(s), {human_bytes(marker['total_bytes'])} "
             f"in {len(marker['files'])} files, model {marker.get('model')}"
         )
+        print("state keys: " + ", ".join(f"{role} = {prefix}" for role, prefix in keys.state_keys(marker).items()))
     else:
         print(f"{path}: no commit marker (incomplete)")
     for name, group in groups.items():
@@ -167,6 +241,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     path = checkpoint_dir(args.checkpoint)
+    try:
+        layout.read_marker(path)
+    except layout.NewerFormatError as exc:
+        print(f"UNSUPPORTED {path}: {exc}")
+        return 1
+    except ValueError:
+        pass  # integrity.verify reports it
     problems = integrity.verify(path, checksums=not args.sizes_only)
     if problems:
         for problem in problems:
@@ -178,36 +259,126 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that is a directory, lies under a file, or exists (unless ``overwrite``)."""
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; give the output file's name")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{out} already exists (--overwrite to replace it)")
+    parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UsageError(f"{out}: {parent} is not a directory")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    check_output(out, args.overwrite)
     path = checkpoint_dir(args.checkpoint)
+    marker = read_marker(path)
     problems = integrity.verify(path, checksums=True)
     if problems:
-        raise UsageError(f"{path} is damaged, not converting: {problems[0]}")
+        raise DamagedError(f"{path} is damaged, not converting: {problems[0]}")
     state = read_state(path)
     if args.model_only or args.format == "safetensors":
-        state = state.get("app", {}).get("model")
-        if state is None:
-            raise UsageError(f"{path}: holds no app.model entries (not an ftrain training checkpoint)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        prefix = keys.state_keys(marker)[keys.MODEL]
+        state = select(flatten(state), prefix)
+        if not state:
+            raise UsageError(f"{path}: holds no model entries under {prefix!r} (the key its marker names)")
     if args.format == "safetensors":
         try:
             from safetensors.torch import save_file
         except ImportError:
             raise UsageError("--format safetensors needs the safetensors package: pip install safetensors") from None
-        save_file({k: v.contiguous() for k, v in state.items()}, str(out))
+        tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        write_atomically(out, lambda tmp: save_file(tensors, str(tmp)))
     else:
-        torch.save(state, out)
+        write_atomically(out, lambda tmp: torch.save(state, tmp))
     print(f"wrote {out} ({human_bytes(out.stat().st_size)})")
     return 0
 
 
+def write_atomically(out: Path, write: Any) -> None:
+    """``write(tmp)`` next to ``out``, then rename: a failed convert leaves no partial file behind."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def live_lock_holder(run_dir: Path) -> str | None:
+    """Who holds ``{run_dir}/LOCK`` if that may be a live job, else None. Read-only and defensive: a holder on
+    this host is live while its process runs; any other (or an unreadable lock) while the lock was touched in
+    the last ``LOCK_FRESH_S`` seconds."""
+    lock = Path(run_dir) / LOCK_NAME
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError, RecursionError):
+        holder = None  # vanished or half-written: judged by its age alone
+    fresh = age < LOCK_FRESH_S
+    if not isinstance(holder, dict):
+        return f"an unreadable {lock} touched {age:.0f} s ago" if fresh else None
+    pid, host = holder.get("pid"), holder.get("host")
+    who = f"pid {pid} on {host} (per {lock}, touched {age:.0f} s ago)"
+    if host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+        return who if _process_alive(pid, holder.get("process_start")) else None
+    return who if fresh else None
+
+
+def _process_alive(pid: int, start: Any) -> bool:
+    """The process runs, and (if the lock recorded it) it is the one that started at ``start``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, another user's
+    except OverflowError:
+        return False
+    if start is None:
+        return True
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19] == str(start)
+    except (OSError, IndexError):
+        return True  # no /proc: the pid is alive, assume it is the holder
+
+
+def newest_verified(root: Path, checksums: bool) -> tuple[layout.StepDir | None, list[str]]:
+    """The newest complete checkpoint that verifies, and why each newer one does not."""
+    skipped = []
+    for step_dir in reversed(layout.complete_steps(root)):
+        status, _, problems = status_of(step_dir, checksums)
+        if status == "complete":
+            return step_dir, skipped
+        skipped.append(f"{step_dir.path.name} is {status}: {problems[0]}")
+    return None, skipped
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     root = checkpoints_root(args.run_dir)
-    lock = root.parent / LOCK_NAME
-    if lock.is_file():
-        print(f"note: {lock} exists; a job may be writing here (prune spares the newest and in-flight ones)", file=sys.stderr)
+    run_dir = root.parent if root.name == "checkpoints" else root
+    holder = live_lock_holder(run_dir)
+    if holder and not args.force:
+        raise DamagedError(f"{run_dir} is in use by {holder}; not pruning while a job may be writing (--force to prune anyway)")
+    if holder:
+        print(f"note: {run_dir} is in use by {holder}; pruning anyway (--force)", file=sys.stderr)
+    elif (run_dir / LOCK_NAME).exists():
+        print(f"note: {run_dir / LOCK_NAME} was left by a job that is gone", file=sys.stderr)
     doomed = layout.plan_purge(root, args.keep_last, args.keep_every)
+    keep, skipped = newest_verified(root, checksums=not args.sizes_only)
+    if keep is None and skipped:
+        if not args.force:
+            raise DamagedError(f"no checkpoint under {root} verifies ({skipped[0]}); not pruning (--force to prune anyway)")
+        print(f"note: no checkpoint under {root} verifies; pruning anyway (--force)", file=sys.stderr)
+    if keep is not None and (skipped or keep.path in doomed):
+        doomed = [path for path in doomed if path != keep.path]
+        print(f"keeping {keep.path}: the newest checkpoint that verifies" + (f" ({'; '.join(skipped)})" if skipped else ""))
     for path in doomed:
         print(f"{'would remove' if args.dry_run else 'removing'} {path}")
         if not args.dry_run:
@@ -221,34 +392,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftrain-ckpt",
         description="Inspect and manage ftrain checkpoints (step_*/ directories with a COMPLETE marker).",
-        epilog="Exit codes: 0 ok, 1 damaged or failed, 2 bad usage or path.",
+        epilog="Exit codes: 0 ok, 1 damaged, failed or refused, 2 bad usage or path.",
     )
+    checkpoint_help = "a step directory, or a run directory (or its checkpoints/): its latest complete checkpoint"
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="every step directory: complete / incomplete / damaged, size, time, ranks")
     p.add_argument("run_dir", type=Path, help="a run directory (or its checkpoints/ folder)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--verify", action="store_true", help="check checksums too (default: sizes only)")
+    p.add_argument("--verify", action="store_true", help="check checksums too (default: sizes and metadata only)")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("show", help="what a checkpoint holds, from DCP's metadata, without loading tensors")
-    p.add_argument("checkpoint", type=Path, help="a step directory")
+    p.add_argument("checkpoint", type=Path, help=checkpoint_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=12, help="entries shown per group (default 12)")
     p.set_defaults(func=cmd_show)
-    p = sub.add_parser("verify", help="check every file against the sizes and checksums in the marker")
-    p.add_argument("checkpoint", type=Path, help="a step directory")
+    p = sub.add_parser("verify", help="check every file against the marker, and DCP's metadata against the files")
+    p.add_argument("checkpoint", type=Path, help=checkpoint_help)
     p.add_argument("--sizes-only", action="store_true", help="skip checksums")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("convert", help="to one torch.save file, or the model's weights to safetensors")
-    p.add_argument("checkpoint", type=Path, help="a step directory")
-    p.add_argument("out", type=Path, help="output file")
+    p.add_argument("checkpoint", type=Path, help=checkpoint_help)
+    p.add_argument("out", type=Path, help="output file (must not exist unless --overwrite)")
     p.add_argument("--model-only", action="store_true", help="only the model's weights")
     p.add_argument("--format", choices=("torch", "safetensors"), default="torch", help="output format (default torch)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("prune", help="delete old checkpoints by the trainer's retention rules")
     p.add_argument("run_dir", type=Path, help="a run directory (or its checkpoints/ folder)")
     p.add_argument("--keep-last", type=int, required=True, help="complete checkpoints to keep (>= 1)")
     p.add_argument("--keep-every", type=int, default=0, help="also keep every K-th step (0 = none)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.add_argument("--sizes-only", action="store_true", help="find the newest good checkpoint without checksums")
+    p.add_argument("--force", action="store_true", help="prune even while a live job holds the LOCK or nothing verifies")
     p.set_defaults(func=cmd_prune)
     return parser
 
@@ -258,13 +433,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "keep_last", 1) < 1:
         parser.error("--keep-last must be at least 1 (the newest checkpoint is never removed)")
+    if getattr(args, "keep_every", 0) < 0:
+        parser.error("--keep-every must be 0 (none) or a positive step interval")
     try:
         return args.func(args)
     except UsageError as exc:
         print(f"ftrain-ckpt: error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as exc:
-        print(f"ftrain-ckpt: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("ftrain-ckpt: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
+        if isinstance(exc, SystemExit):
+            raise
+        message = str(exc) if isinstance(exc, (DamagedError, ValueError, OSError)) else describe_error(exc)
+        print(f"ftrain-ckpt: error: {' '.join(message.split())}", file=sys.stderr)
         return 1
 
 

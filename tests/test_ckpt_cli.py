@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from ftrain.checkpoint import layout
+from ftrain.checkpoint import keys, layout
 from ftrain.checkpoint.reader import read_tensors
 from ftrain.ckpt_cli import main
 
@@ -60,12 +60,18 @@ def test_list_shows_complete_incomplete_and_damaged(run_copy):
     assert "damaged" in text and "fails its checksum" in text
 
 
+def model_prefix(path):
+    """Where the model's weights live in this checkpoint, as its marker says."""
+    return keys.state_keys(layout.read_marker(path))[keys.MODEL] + "."
+
+
 def test_show_groups_keys_without_loading(reference_run):
-    proc = ckpt("show", reference_run / "checkpoints" / "step_00000020", "--json")
+    path = reference_run / "checkpoints" / "step_00000020"
+    proc = ckpt("show", path, "--json")
     assert proc.returncode == 0, proc.stderr
     groups = json.loads(proc.stdout)["groups"]
-    assert set(groups) == {"model", "optimizer", "data", "rng", "progress"}
-    qkv = next(e for e in groups["model"]["entries"] if e["key"] == "app.model.blocks.0.qkv.weight")
+    assert {"model", "optimizer", "data", "rng", "progress"} <= set(groups)
+    qkv = next(e for e in groups["model"]["entries"] if e["key"] == model_prefix(path) + "blocks.0.qkv.weight")
     assert qkv["shape"] == [3 * 128, 128] and qkv["dtype"] == "float32" and qkv["bytes"] == 3 * 128 * 128 * 4
     assert groups["model"]["bytes"] == sum(e["bytes"] for e in groups["model"]["entries"])
     assert "model:" in ckpt("show", reference_run / "checkpoints" / "step_00000020").stdout
@@ -90,11 +96,15 @@ def test_bad_paths_are_one_line_exit_2(args):
 
 def test_convert_to_torch_and_safetensors(reference_run, tmp_path):
     source = reference_run / "checkpoints" / "step_00000020"
-    expected = {k[len("app.model."):]: v for k, v in read_tensors(source).items() if k.startswith("app.model.")}
+    prefix = model_prefix(source)
+    expected = {k[len(prefix):]: v for k, v in read_tensors(source).items() if k.startswith(prefix)}
 
     assert ckpt("convert", source, tmp_path / "full.pt").returncode == 0
     full = torch.load(tmp_path / "full.pt", weights_only=True)
-    assert set(full) == {"app", "train"} and torch.equal(full["app"]["model"]["head.weight"], expected["head.weight"])
+    node = full
+    for part in prefix.rstrip(".").split("."):
+        node = node[part]
+    assert torch.equal(node["head.weight"], expected["head.weight"])
 
     assert ckpt("convert", source, tmp_path / "model.pt", "--model-only").returncode == 0
     model = torch.load(tmp_path / "model.pt", weights_only=True)
@@ -109,7 +119,7 @@ def test_convert_to_torch_and_safetensors(reference_run, tmp_path):
 
 def test_convert_refuses_a_damaged_checkpoint(run_copy, tmp_path):
     proc = ckpt("convert", run_copy / "checkpoints" / "step_00000015", tmp_path / "x.pt")
-    assert proc.returncode == 2 and "damaged" in proc.stderr and not (tmp_path / "x.pt").exists()
+    assert proc.returncode == 1 and "damaged" in proc.stderr and not (tmp_path / "x.pt").exists()
 
 
 def test_prune_follows_retention_rules(run_copy):

@@ -78,8 +78,8 @@ def test_crafted_metadata_is_refused_and_never_runs(reference_run, tmp_path):
     pwned = tmp_path / "PWNED"
     latest = step_path(run_dir, 20)
     (latest / ".metadata").write_bytes(pickle.dumps(RunsACommand(pwned)))
-    recommit(latest)
-    assert integrity.verify(latest) == []  # it passes every size and checksum check
+    recommit(latest)  # every size and checksum matches: verification reads .metadata safely and refuses it
+    assert any("posix.system" in problem for problem in integrity.verify(latest))
 
     proc = run_train(run_dir, "checkpoint.resume=20")
     assert proc.returncode == 1
@@ -100,7 +100,8 @@ def test_crafted_entry_is_refused_and_never_runs(reference_run, tmp_path):
     state["train"]["scheduler"] = RunsACommand(pwned)
     crafted = step_path(run_dir, 25)
     dcp.save(state, checkpoint_id=str(crafted), no_dist=True)
-    info = {k: v for k, v in layout.read_marker(source).items() if k in ("world_size", "mode", "model", "run_name")}
+    kept = ("world_size", "mode", "model", "run_name", "state_keys")
+    info = {k: v for k, v in layout.read_marker(source).items() if k in kept}
     layout.write_marker(crafted, {"step": 25, **info}, integrity.file_entries(crafted))
 
     proc = run_train(run_dir, "checkpoint.resume=25")

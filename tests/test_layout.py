@@ -1,17 +1,30 @@
 """Commit marker, discovery and retention on real directories."""
 
 import json
+import pickle
 
 import pytest
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
 
 from ftrain.checkpoint import integrity, layout
+
+
+def fake_metadata(size):
+    """DCP metadata of one bytes entry that fills ``__0_0.distcp`` (real classes, no tensors)."""
+    return pickle.dumps(
+        Metadata(
+            state_dict_metadata={"blob": BytesStorageMetadata()},
+            storage_data={MetadataIndex("blob"): _StorageInfo("__0_0.distcp", 0, size)},
+        )
+    )
 
 
 def make_step(root, step, complete=True, size=10):
     path = layout.step_dir(root, step)
     path.mkdir(parents=True)
     (path / "__0_0.distcp").write_bytes(b"x" * size)
-    (path / ".metadata").write_bytes(b"m")
+    (path / ".metadata").write_bytes(fake_metadata(size))
     if complete:
         layout.write_marker(path, {"step": step, "world_size": 1}, integrity.file_entries(path))
     return path
@@ -21,8 +34,9 @@ def test_marker_content_and_atomic_write(tmp_path):
     path = make_step(tmp_path, 7, size=123)
     marker = json.loads((path / "COMPLETE").read_text())
     assert marker["step"] == 7 and marker["world_size"] == 1
-    assert marker["total_bytes"] == 124
-    assert {f["name"]: f["size"] for f in marker["files"]} == {"__0_0.distcp": 123, ".metadata": 1}
+    metadata_size = (path / ".metadata").stat().st_size
+    assert marker["total_bytes"] == 123 + metadata_size
+    assert {f["name"]: f["size"] for f in marker["files"]} == {"__0_0.distcp": 123, ".metadata": metadata_size}
     assert not (path / "COMPLETE.tmp").exists()
     assert integrity.verify(path) == []
 

@@ -3,6 +3,11 @@
 The sums of the data files are taken while they are written (``writer.CheckpointWriter``) and land in
 ``CHECKSUMS.json``; the commit marker then records, for every file, its size and CRC-32 (zlib's: about
 4 GB/s here, no extra dependency).
+
+The marker is the source of truth, and verification covers every byte DCP will read: each file the marker
+lists (plain names, regular files inside the checkpoint), and DCP's ``.metadata``, whose every storage
+location must lie inside a listed file, and whose declared tensor sizes must fit the bytes stored for them
+(so nothing absurd is allocated when the checkpoint is read).
 """
 
 from __future__ import annotations
@@ -13,11 +18,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+
 from ftrain.checkpoint import layout
+from ftrain.checkpoint.safe_load import read_metadata_safely
 
 CHECKSUMS = "CHECKSUMS.json"
 _CHUNK = 8 << 20
 VERIFY_THREADS = 4
+MAX_PROBLEMS = 3  # metadata problems reported per checkpoint (the first ones; the rest are counted)
 
 
 def crc32_file(path: Path) -> str:
@@ -47,9 +64,11 @@ def file_entries(path: Path) -> list[dict[str, Any]]:
 def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -> list[str]:
     """Problems found in the checkpoint at ``path`` (empty list: it is intact).
 
-    Checks the marker, then every file it lists (or only ``files``): present, the recorded size and, with
-    ``checksums``, the recorded CRC-32. Files are checked ``VERIFY_THREADS`` at a time (reading and zlib's
-    CRC-32 release the GIL), so a rank with several files reads them in parallel.
+    Checks the marker (``layout.read_marker``), then every file it lists (or only ``files``): a regular file
+    inside the checkpoint, the recorded size and, with ``checksums``, the recorded CRC-32 (a file the marker
+    gives no checksum is then damaged). Whoever checks ``.metadata`` also checks that it points only into
+    files the marker lists (``metadata_problems``). Files are checked ``VERIFY_THREADS`` at a time (reading
+    and zlib's CRC-32 release the GIL), so a rank with several files reads them in parallel.
     """
     try:
         marker = layout.read_marker(path)
@@ -58,20 +77,139 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
     entries = [entry for entry in marker["files"] if files is None or entry["name"] in files]
     if not entries:
         return []
+    root = Path(path)
     with ThreadPoolExecutor(max_workers=min(VERIFY_THREADS, len(entries)), thread_name_prefix="ftrain-verify") as pool:
-        found = list(pool.map(lambda entry: _check_file(Path(path), entry, checksums), entries))
-    return [problem for problem in found if problem]
+        found = list(pool.map(lambda entry: _check_file(root, entry, checksums), entries))
+    problems = [problem for problem in found if problem]
+    metadata_ok = [not problem for entry, problem in zip(entries, found) if entry["name"] == layout.DCP_METADATA]
+    if metadata_ok == [True]:  # this caller checks .metadata, and its bytes are the committed ones
+        problems += metadata_problems(root, marker)
+    return problems
 
 
 def _check_file(root: Path, entry: dict[str, Any], checksums: bool) -> str:
-    file = root / entry["name"]
+    name = entry["name"]  # a plain name: layout.validate_marker checked it
+    file = root / name
+    if file.is_symlink() and file.resolve().parent != root.resolve():
+        return f"{name} is a symbolic link out of the checkpoint ({file.resolve()})"
     if not file.is_file():
-        return f"missing file {entry['name']}"
+        return f"missing file {name}"
     size = file.stat().st_size
     if size != entry["size"]:
-        return f"{entry['name']} is {size} bytes, the marker says {entry['size']}"
-    if checksums and "crc32" in entry:
+        return f"{name} is {size} bytes, the marker says {entry['size']}"
+    if checksums:
+        if "crc32" not in entry:
+            return f"{name} has no checksum in the marker (cannot verify its content)"
         actual = crc32_file(file)
         if actual != entry["crc32"]:
-            return f"{entry['name']} fails its checksum (crc32 {actual}, marker {entry['crc32']})"
+            return f"{name} fails its checksum (crc32 {actual}, marker {entry['crc32']})"
     return ""
+
+
+def metadata_problems(path: Path, marker: dict[str, Any]) -> list[str]:
+    """Problems of DCP's ``.metadata`` against the marker: read safely, every location in a listed file."""
+    try:
+        with open(Path(path) / layout.DCP_METADATA, "rb") as stream:
+            metadata = read_metadata_safely(stream)
+    except (OSError, ValueError) as exc:
+        return [f"{layout.DCP_METADATA}: {' '.join(str(exc).split())[:300]}"]
+    return check_metadata(metadata, {entry["name"]: entry["size"] for entry in marker["files"]})
+
+
+def check_metadata(metadata: Metadata, sizes: dict[str, int]) -> list[str]:
+    """Problems of DCP metadata, given the files that may hold data (name -> size): every storage location
+    names one of them and lies inside it; every entry has its storage; every tensor's declared shape is
+    covered by its chunks, and each chunk's bytes fit in the bytes stored for it. Nothing is allocated."""
+    storage = getattr(metadata, "storage_data", None)
+    entries = getattr(metadata, "state_dict_metadata", None)
+    if not isinstance(storage, dict) or not isinstance(entries, dict):
+        return [f"{layout.DCP_METADATA} has no storage table or no entry table"]
+    problems: list[str] = []
+    stored: dict[tuple[str, tuple[int, ...] | None], int] = {}
+    for index, info in storage.items():
+        problem = _storage_problem(index, info, sizes)
+        if problem:
+            problems.append(f"{layout.DCP_METADATA}: {problem}")
+        else:
+            stored[(index.fqn, None if index.offset is None else tuple(index.offset))] = info.length
+    for fqn, entry in entries.items():
+        problem = _entry_problem(fqn, entry, stored)
+        if problem:
+            problems.append(f"{layout.DCP_METADATA}: {problem}")
+    if len(problems) > MAX_PROBLEMS:
+        problems = problems[:MAX_PROBLEMS] + [f"{layout.DCP_METADATA}: {len(problems) - MAX_PROBLEMS} more problems"]
+    return problems
+
+
+def _storage_problem(index: Any, info: Any, sizes: dict[str, int]) -> str:
+    if not isinstance(index, MetadataIndex) or not isinstance(index.fqn, str) or not _is_shape(index.offset, none_ok=True):
+        return f"a storage key is {type(index).__name__} {_short(index)}, not an index of an entry"
+    where = f"{index.fqn!r}"
+    if not isinstance(info, _StorageInfo):
+        return f"storage of {where} is a {type(info).__name__}, not a file location"
+    name = info.relative_path
+    if not isinstance(name, str) or not layout.is_plain_name(name):
+        return f"{where} is stored in {_short(name)}, not a plain file name inside the checkpoint"
+    if name not in sizes:
+        return f"{where} is stored in {name}, which the marker does not list"
+    if not (_is_int(info.offset) and _is_int(info.length) and info.offset >= 0 and info.length >= 0):
+        return f"{where} has offset {_short(info.offset)} and length {_short(info.length)}, not byte counts"
+    if info.offset + info.length > sizes[name]:
+        return f"{where} is at bytes {info.offset}-{info.offset + info.length} of {name}, which has {sizes[name]}"
+    if getattr(info, "transform_descriptors", None):
+        return f"{where} is stored through stream transforms {_short(info.transform_descriptors)}, which ftrain does not read"
+    return ""
+
+
+def _entry_problem(fqn: Any, entry: Any, stored: dict[tuple[str, tuple[int, ...] | None], int]) -> str:
+    if not isinstance(fqn, str):
+        return f"an entry is named {_short(fqn)}, not a string"
+    if isinstance(entry, BytesStorageMetadata):
+        return "" if (fqn, None) in stored else f"{fqn!r} has no stored bytes"
+    if not isinstance(entry, TensorStorageMetadata):
+        return f"{fqn!r} is a {type(entry).__name__}, not a tensor or bytes entry"
+    dtype = getattr(getattr(entry, "properties", None), "dtype", None)
+    if not isinstance(dtype, torch.dtype) or not _is_shape(entry.size) or not isinstance(entry.chunks, list):
+        return f"{fqn!r} has a malformed tensor description"
+    shape = tuple(entry.size)
+    covered = 0
+    for chunk in entry.chunks:
+        if not isinstance(chunk, ChunkStorageMetadata) or not _is_shape(chunk.offsets) or not _is_shape(chunk.sizes):
+            return f"{fqn!r} has a malformed chunk"
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+            o + n > dim for o, n, dim in zip(offsets, sizes, shape)
+        ):
+            return f"{fqn!r} has a chunk at {list(offsets)} of {list(sizes)} outside its shape {list(shape)}"
+        length = stored.get((fqn, offsets))
+        if length is None:
+            return f"{fqn!r} has no stored bytes for its chunk at {list(offsets)}"
+        chunk_bytes = _numel(sizes) * dtype.itemsize
+        if chunk_bytes > length:
+            return f"{fqn!r} declares {chunk_bytes} bytes ({list(sizes)} {dtype}) in {length} stored bytes"
+        covered += _numel(sizes)
+    if covered != _numel(shape):
+        return f"{fqn!r} declares shape {list(shape)} ({_numel(shape)} elements), its chunks hold {covered}"
+    return ""
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_shape(value: Any, none_ok: bool = False) -> bool:
+    if value is None:
+        return none_ok
+    return isinstance(value, tuple) and len(value) <= 64 and all(_is_int(d) and d >= 0 for d in value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

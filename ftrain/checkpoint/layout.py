@@ -11,6 +11,7 @@ never leaves something that looks complete.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -21,7 +22,10 @@ from typing import Any
 
 MARKER = "COMPLETE"
 MARKER_TMP = "COMPLETE.tmp"
-FORMAT_VERSION = 1
+DCP_METADATA = ".metadata"  # DCP's index of every stored item; the marker must list it
+FORMAT_VERSION = 2  # 2: the marker records ``state_keys`` (see ``keys.py``)
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+MAX_MARKER_BYTES = 16 << 20  # a marker lists a few files per rank: anything larger is not one of ours
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _TRASH_SUFFIX = ".deleting"
 
@@ -77,7 +81,7 @@ def list_files(path: Path) -> list[dict[str, Any]]:
     return [
         {"name": p.name, "size": p.stat().st_size}
         for p in sorted(Path(path).iterdir())
-        if p.is_file() and p.name not in (MARKER, MARKER_TMP)
+        if p.is_file() and not p.is_symlink() and p.name not in (MARKER, MARKER_TMP)
     ]
 
 
@@ -96,6 +100,7 @@ def write_marker(path: Path, info: dict[str, Any], files: list[dict[str, Any]]) 
         "total_bytes": sum(f["size"] for f in files),
         "files": files,
     }
+    validate_marker(marker, f"the marker for {path}")  # never commit what a reader would call damaged
     tmp = path / MARKER_TMP
     with open(tmp, "w") as handle:
         json.dump(marker, handle, indent=1)
@@ -106,18 +111,126 @@ def write_marker(path: Path, info: dict[str, Any], files: list[dict[str, Any]]) 
     return marker
 
 
+class MarkerError(ValueError):
+    """A commit marker that is missing, unreadable or malformed: the checkpoint counts as damaged."""
+
+
+class NewerFormatError(MarkerError):
+    """A commit marker written by a newer ftrain: this one cannot say whether the checkpoint is intact."""
+
+
 def read_marker(path: Path) -> dict[str, Any]:
-    """The commit marker of a checkpoint; ``ValueError`` if it is missing or unreadable."""
+    """The commit marker of a checkpoint, checked by ``validate_marker``; ``MarkerError`` (a ``ValueError``)
+    with a one-line reason if it is missing, unreadable or malformed."""
     marker_path = Path(path) / MARKER
     try:
-        marker = json.loads(marker_path.read_text())
+        with open(marker_path, "rb") as handle:
+            raw = handle.read(MAX_MARKER_BYTES + 1)
+        if len(raw) > MAX_MARKER_BYTES:
+            raise ValueError(f"larger than {MAX_MARKER_BYTES >> 20} MB")
+        marker = json.loads(raw)
     except FileNotFoundError:
-        raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{marker_path} is unreadable: {exc}") from None
-    if not isinstance(marker, dict) or "step" not in marker or "files" not in marker:
-        raise ValueError(f"{marker_path} is not an ftrain commit marker")
+        raise MarkerError(f"{path} is not a complete checkpoint (no {MARKER} marker)") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise MarkerError(f"{marker_path} is unreadable: {' '.join(str(exc).split())[:200]}") from None
+    validate_marker(marker, str(marker_path))
     return marker
+
+
+def validate_marker(marker: Any, where: str = MARKER) -> None:
+    """Check the structure and types of every field a reader uses; ``MarkerError`` names the first problem.
+
+    Required: ``format_version`` (one this ftrain reads), ``step``, ``world_size``, ``committed_at``,
+    ``total_bytes`` (the sum of the sizes) and ``files``: a non-empty list of ``{"name", "size"[, "crc32"]}``
+    with plain, distinct file names that include DCP's ``.metadata``. Optional fields, if present, have the
+    types the writers give them (``state_keys``: role -> key prefix).
+    """
+    if not isinstance(marker, dict):
+        raise MarkerError(f"{where} is malformed: a JSON {type(marker).__name__}, not an object")
+    version = marker.get("format_version")
+    if not _is_int(version):
+        raise MarkerError(f"{where} is malformed: format_version is {_shown(version)}, not an integer")
+    if version > max(SUPPORTED_FORMAT_VERSIONS):
+        raise NewerFormatError(
+            f"{where} was written by a newer ftrain (format_version {version}); this one reads "
+            f"{min(SUPPORTED_FORMAT_VERSIONS)}-{max(SUPPORTED_FORMAT_VERSIONS)}"
+        )
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        raise MarkerError(f"{where} is malformed: unknown format_version {version}")
+    problem = _field_problem(marker)
+    if problem:
+        raise MarkerError(f"{where} is malformed: {problem}")
+
+
+def _field_problem(marker: dict[str, Any]) -> str:
+    """The first problem in the marker's fields ('' if none)."""
+    for name, minimum in (("step", 0), ("world_size", 1), ("total_bytes", 0)):
+        value = marker.get(name)
+        if name not in marker:
+            return f"no {name} field"
+        if not _is_int(value) or value < minimum:
+            return f"{name} is {_shown(value)}, not an integer >= {minimum}"
+    committed = marker.get("committed_at")
+    if isinstance(committed, bool) or not isinstance(committed, (int, float)) or not math.isfinite(committed):
+        return f"committed_at is {_shown(committed)}, not a time"
+    files = marker.get("files")
+    if not isinstance(files, list) or not files:
+        return f"files is {_shown(files)}, not a non-empty list"
+    seen: set[str] = set()
+    for i, entry in enumerate(files):
+        problem = _file_entry_problem(entry)
+        if problem:
+            return f"files[{i}] {problem}"
+        if entry["name"] in seen:
+            return f"files lists {entry['name']} twice"
+        seen.add(entry["name"])
+    if DCP_METADATA not in seen:
+        return f"files does not list DCP's {DCP_METADATA}"
+    if marker["total_bytes"] != sum(entry["size"] for entry in files):
+        return f"total_bytes {marker['total_bytes']} is not the sum of the file sizes"
+    for name in ("mode", "run_name", "ftrain_version"):
+        if marker.get(name) is not None and not isinstance(marker[name], str):
+            return f"{name} is {_shown(marker[name])}, not a string"
+    if "model" in marker and not isinstance(marker["model"], (dict, type(None))):
+        return f"model is {_shown(marker['model'])}, not an object"
+    recorded = marker.get("state_keys")
+    if "state_keys" in marker and not (
+        isinstance(recorded, dict) and all(isinstance(k, str) and isinstance(v, str) and v for k, v in recorded.items())
+    ):
+        return f"state_keys is {_shown(recorded)}, not a map of role names to key prefixes"
+    return ""
+
+
+def _file_entry_problem(entry: Any) -> str:
+    if not isinstance(entry, dict):
+        return f"is {_shown(entry)}, not an object"
+    name = entry.get("name")
+    if not isinstance(name, str):
+        return f"name is {_shown(name)}, not a string"
+    if not is_plain_name(name):
+        return f"name {name!r} is not a plain file name inside the checkpoint"
+    if not _is_int(entry.get("size")) or entry["size"] < 0:
+        return f"({name}) size is {_shown(entry.get('size'))}, not an integer >= 0"
+    if "crc32" in entry and not (isinstance(entry["crc32"], str) and re.fullmatch(r"[0-9a-f]{8}", entry["crc32"])):
+        return f"({name}) crc32 is {_shown(entry['crc32'])}, not 8 hex digits"
+    return ""
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name with no directory part: not empty, no separator, not ``.``/``..``, no NUL."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A short rendering of a JSON value for an error message."""
+    if value is None:
+        return "missing (or null)"
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def remove_dir(path: Path) -> None:

@@ -115,11 +115,14 @@ def load_best(
 def check(path: Path, expect: Expectations, rank: int, world_size: int, verify_checksums: bool) -> str:
     """Checks before loading: the marker, that it was made for this run's model, file sizes and checksums.
 
-    A checkpoint of another model or (if refused) world size is a configuration error, raised at once;
-    damage is returned as a problem so the caller can fall back.
+    A checkpoint of another model, of a newer ftrain's format or (if refused) of another world size is a
+    configuration error, raised at once; damage (a malformed marker included) is returned as a problem so the
+    caller can fall back.
     """
     try:
         marker = layout.read_marker(path)
+    except layout.NewerFormatError as exc:
+        raise CheckpointError(f"{exc}: resume it with that ftrain, or use another run.dir") from None
     except ValueError as exc:
         return str(exc)
     if expect.model is not None and marker.get("model") != expect.model:

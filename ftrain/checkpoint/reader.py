@@ -8,11 +8,30 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeWholeLoadPlanner
+from ftrain.checkpoint import integrity, layout
+from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeWholeLoadPlanner, read_metadata_safely
+
+
+def check_before_reading(path: Path) -> None:
+    """``ValueError`` unless DCP's metadata is sane: every location inside a file of the checkpoint (those its
+    marker lists, or without a usable marker the regular files in it), every declared tensor backed by as
+    many stored bytes. Reading a whole checkpoint allocates every tensor it declares: this runs first."""
+    path = Path(path)
+    try:
+        sizes = {entry["name"]: entry["size"] for entry in layout.read_marker(path)["files"]}
+    except ValueError:
+        sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and not p.is_symlink()}
+    with open(path / layout.DCP_METADATA, "rb") as stream:
+        metadata = read_metadata_safely(stream)
+    problems = integrity.check_metadata(metadata, sizes)
+    if problems:
+        raise ValueError(f"{path} cannot be read: {'; '.join(problems)}")
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    """Everything the checkpoint holds, unsharded, as nested dicts (tensors and plain data only)."""
+    """Everything the checkpoint holds, unsharded, as nested dicts (tensors and plain data only).
+    The metadata is checked first (``check_before_reading``)."""
+    check_before_reading(path)
     state: dict[str, Any] = {}
     # dcp.load would copy into a fresh dict and drop what the empty-dict planner builds: go one level down.
     _load_state_dict(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeWholeLoadPlanner(), no_dist=True)
@@ -28,6 +47,12 @@ def flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def select(flat: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """The entries under a DCP key prefix (``"app.model"``), with the prefix taken off."""
+    start = prefix + "."
+    return {key[len(start):]: value for key, value in flat.items() if key.startswith(start)}
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
