@@ -104,21 +104,6 @@ def when(timestamp: Any) -> str:
         return "-"
 
 
-def status_of(step_dir: layout.StepDir, checksums: bool) -> tuple[str, dict[str, Any] | None, list[str]]:
-    """``complete``, ``damaged`` (a malformed marker included), ``unsupported`` (a newer ftrain's marker) or
-    ``incomplete``; the marker if it is valid; the problems found."""
-    if not step_dir.complete:
-        return "incomplete", None, []
-    try:
-        marker = layout.read_marker(step_dir.path)
-    except layout.NewerFormatError as exc:
-        return "unsupported", None, [str(exc)]
-    except ValueError as exc:
-        return "damaged", None, [str(exc)]
-    problems = integrity.verify(step_dir.path, checksums=checksums)
-    return ("damaged" if problems else "complete"), marker, problems
-
-
 def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and not p.is_symlink())
 
@@ -128,7 +113,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     root = checkpoints_root(args.run_dir)
     rows = []
     for step_dir in layout.scan(root):
-        status, marker, problems = status_of(step_dir, checksums=args.verify)
+        status, marker, problems = integrity.status(step_dir, checksums=args.verify)
         rows.append(
             {
                 "step": step_dir.step,
@@ -349,17 +334,6 @@ def _process_alive(pid: int, start: Any) -> bool:
         return True  # no /proc: the pid is alive, assume it is the holder
 
 
-def newest_verified(root: Path, checksums: bool) -> tuple[layout.StepDir | None, list[str]]:
-    """The newest complete checkpoint that verifies, and why each newer one does not."""
-    skipped = []
-    for step_dir in reversed(layout.complete_steps(root)):
-        status, _, problems = status_of(step_dir, checksums)
-        if status == "complete":
-            return step_dir, skipped
-        skipped.append(f"{step_dir.path.name} is {status}: {problems[0]}")
-    return None, skipped
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
     root = checkpoints_root(args.run_dir)
     run_dir = root.parent if root.name == "checkpoints" else root
@@ -371,7 +345,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     elif (run_dir / LOCK_NAME).exists():
         print(f"note: {run_dir / LOCK_NAME} was left by a job that is gone", file=sys.stderr)
     doomed = layout.plan_purge(root, args.keep_last, args.keep_every)
-    keep, skipped = newest_verified(root, checksums=not args.sizes_only)
+    keep, skipped = integrity.newest_verified(root, checksums=not args.sizes_only)
     if keep is None and skipped:
         if not args.force:
             raise DamagedError(f"no checkpoint under {root} verifies ({skipped[0]}); not pruning (--force to prune anyway)")

@@ -306,6 +306,17 @@ def test_a_symlink_out_of_the_checkpoint_is_damaged(file, good, tmp_path):
     assert_damaged_everywhere(good, "is a symbolic link out of the checkpoint")
 
 
+@pytest.mark.parametrize("kind", ["dangling", "loop"])
+def test_a_symlink_to_nothing_is_damaged(kind, good):
+    (good / DATA).unlink()
+    if kind == "dangling":
+        (good / DATA).symlink_to(good / "gone.bin")
+    else:
+        (good / DATA).symlink_to(good / "loop.bin")
+        (good / "loop.bin").symlink_to(good / DATA)
+    assert_damaged_everywhere(good, "is a symbolic link to nothing readable")
+
+
 def test_a_symlink_inside_the_checkpoint_is_fine(good):
     shutil.move(good / DATA, good / "real.bin")
     (good / DATA).symlink_to("real.bin")

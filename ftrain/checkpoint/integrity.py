@@ -87,11 +87,43 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
     return problems
 
 
+def status(step_dir: layout.StepDir, checksums: bool) -> tuple[str, dict[str, Any] | None, list[str]]:
+    """``complete``, ``damaged`` (a malformed marker included), ``unsupported`` (a newer ftrain's marker) or
+    ``incomplete``; the marker if it is valid; the problems found."""
+    if not step_dir.complete:
+        return "incomplete", None, []
+    try:
+        marker = layout.read_marker(step_dir.path)
+    except layout.NewerFormatError as exc:
+        return "unsupported", None, [str(exc)]
+    except ValueError as exc:
+        return "damaged", None, [str(exc)]
+    problems = verify(step_dir.path, checksums=checksums)
+    return ("damaged" if problems else "complete"), marker, problems
+
+
+def newest_verified(root: Path, checksums: bool) -> tuple[layout.StepDir | None, list[str]]:
+    """The newest complete checkpoint under ``root`` that verifies (None: none does), and why each newer one
+    does not. Retention must never delete it."""
+    skipped = []
+    for step_dir in reversed(layout.complete_steps(root)):
+        state, _, problems = status(step_dir, checksums)
+        if state == "complete":
+            return step_dir, skipped
+        skipped.append(f"{step_dir.path.name} is {state}: {problems[0]}")
+    return None, skipped
+
+
 def _check_file(root: Path, entry: dict[str, Any], checksums: bool) -> str:
     name = entry["name"]  # a plain name: layout.validate_marker checked it
     file = root / name
-    if file.is_symlink() and file.resolve().parent != root.resolve():
-        return f"{name} is a symbolic link out of the checkpoint ({file.resolve()})"
+    if file.is_symlink():
+        try:
+            target = file.resolve(strict=True)
+        except (OSError, RuntimeError):  # dangling, or a loop
+            return f"{name} is a symbolic link to nothing readable"
+        if target.parent != root.resolve():
+            return f"{name} is a symbolic link out of the checkpoint ({target})"
     if not file.is_file():
         return f"missing file {name}"
     size = file.stat().st_size
