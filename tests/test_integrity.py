@@ -5,6 +5,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -49,6 +50,30 @@ def test_damaged_latest_falls_back_to_the_previous(damage, reference_run, tmp_pa
     why = "fails its checksum" if damage == "flip" else "is "
     assert f"step_00000020 is unusable (__1_0.distcp {why}" in proc.stderr, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "step_00000015 (step 15)" in proc.stderr
+    same_weights, same_losses, diffs = compare_runs(run_dir, reference_run)
+    assert same_weights and same_losses, diffs
+
+
+def test_malformed_newest_marker_falls_back_to_the_previous(reference_run, tmp_path):
+    """The issue's case: "size" renamed in the newest marker crashed resume with KeyError and hid every
+    checkpoint from ftrain-ckpt list. Now it is damage: the run resumes from the previous one, bit for bit."""
+    run_dir = copy_run(reference_run, tmp_path)
+    marker_path = step_path(run_dir, 20) / layout.MARKER
+    marker = json.loads(marker_path.read_text())
+    marker["files"][0]["sz"] = marker["files"][0].pop("size")
+    marker_path.write_text(json.dumps(marker))
+
+    listed = subprocess.run(
+        [sys.executable, "-m", "ftrain.ckpt_cli", "list", str(run_dir)], capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[1:] if not line.lstrip().startswith("!")]
+    statuses = {int(row[0]): row[1] for row in rows}
+    assert statuses[20] == "damaged" and statuses[15] == "complete" and "size is missing" in listed.stdout
+    proc = run_train(run_dir)
+    check_ok(proc)
+    assert "step_00000020 is unusable" in proc.stderr and "size is missing" in proc.stderr, proc.stderr[-3000:]
+    assert "step_00000015 (step 15)" in proc.stderr
     same_weights, same_losses, diffs = compare_runs(run_dir, reference_run)
     assert same_weights and same_losses, diffs
 
@@ -173,7 +198,7 @@ def test_full_disk_mid_run(on_failure, small_disk, reference_run, tmp_path, monk
     # Hold step 5's commit thread for 3 s, so step 10's save waits and the disk is full before it writes.
     monkeypatch.setenv("FTRAIN_FAULT", "after_commit@5")
     monkeypatch.setenv("FTRAIN_FAULT_SECONDS", "3")
-    job = Job(train_cmd(run_dir, f"checkpoint.on_failure={on_failure}", "log.interval=1", nproc=2), log)
+    job = Job(train_cmd(run_dir, f"checkpoint.on_failure={on_failure}", "log.interval=1", nproc=2), log, run_dir)
     wait_for(lambda: (step_path(run_dir, 5) / "COMPLETE").is_file(), what="step 5", proc=job.proc)
     fill(small_disk, leave_bytes=1 << 20)  # 1 MB left: the next checkpoint (6 MB) cannot fit
     wait_for(lambda: "checkpoint step 10 FAILED" in log.read_text(), what="the failed save", proc=job.proc)
