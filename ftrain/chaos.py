@@ -12,144 +12,53 @@ Used by ``tools/chaos.py`` and by the tests.
 
 from __future__ import annotations
 
-import os
 import random
-import re
 import signal
 import subprocess
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ftrain import tags
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.reader import differing_tensors, read_tensors
 from ftrain.events import read_run_scalars
+from ftrain.processes import kill_tree, send, worker_pids
+from ftrain.run_status import RunStatus, read_status
 
 KINDS = ("job", "rank", "sigterm")
-_RESUMED = re.compile(r"resumed from \S+ \(step (\d+)\)")
-_FRESH = re.compile(r"starting fresh")
-_STEP = re.compile(r"\] step (\d+)/(\d+)")
-
-
-# ------------------------------------------------------------------------------------------- processes
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, grandchildren, ...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def kill_tree(pid: int, timeout: float = 30.0) -> None:
-    """SIGKILL ``pid`` and all its descendants: stop them all first so nothing forks or reacts in between."""
-    pids = [pid, *descendants(pid)]
-    for target in pids:
-        _signal(target, signal.SIGSTOP)
-    pids = [pid, *descendants(pid)]
-    for target in pids:
-        _signal(target, signal.SIGKILL)
-    deadline = time.time() + timeout
-    while time.time() < deadline and any(alive(p) for p in pids if p != pid):
-        time.sleep(0.05)
-    survivors = [p for p in pids if p != pid and alive(p)]
-    if survivors:
-        raise RuntimeError(f"processes survived SIGKILL: {survivors}")
-
-
-def worker_pids(launcher_pid: int) -> dict[int, int]:
-    """Rank -> pid of the training processes a launcher (torchrun) started: its direct children with a RANK."""
-    found: dict[int, int] = {}
-    for child in descendants(launcher_pid):
-        if _ppid(child) != launcher_pid:
-            continue
-        try:
-            environ = (Path("/proc") / str(child) / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
-        if b"RANK" in env:
-            found[int(env[b"RANK"])] = child
-    return found
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------- the job
 class Job:
-    """One launch of the training command, its output followed line by line."""
+    """One launch of the training command. Its output goes to a log file; its progress is read from the run's
+    ``STATUS`` record (``ftrain.run_status``), never from log lines."""
 
-    def __init__(self, cmd: list[str], log_path: Path) -> None:
+    def __init__(self, cmd: list[str], log_path: Path, run_dir: Path) -> None:
         self.log = open(log_path, "a")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lock = threading.Lock()
-        self.last_step = 0
-        self.resumes: list[tuple[float, int]] = []  # (time, step resumed from; 0 = fresh)
-        self.steps: list[tuple[float, int]] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+        self.run_dir = Path(run_dir)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.log.write(line)
-            self.log.flush()
-            now = time.time()
-            with self.lock:
-                if match := _RESUMED.search(line):
-                    self.resumes.append((now, int(match.group(1))))
-                elif _FRESH.search(line):
-                    self.resumes.append((now, 0))
-                elif match := _STEP.search(line):
-                    self.last_step = int(match.group(1))
-                    self.steps.append((now, self.last_step))
-        self.log.flush()
+    @property
+    def last_step(self) -> int:
+        status = read_status(self.run_dir)
+        return status.step if status else 0
+
+    def _attempt_since(self, since: float) -> RunStatus | None:
+        status = read_status(self.run_dir)
+        return status if status is not None and status.attempt_started >= since else None
 
     def training_since(self, since: float) -> float | None:
-        """Time of the first step logged after a (re)start that happened after ``since``, if any yet."""
-        with self.lock:
-            starts = [t for t, _ in self.resumes if t >= since]
-            if not starts:
-                return None
-            return next((t for t, _ in self.steps if t >= starts[0]), None)
+        """Wall time of the first step of an attempt that started after ``since``, if any yet."""
+        status = self._attempt_since(since)
+        return status.first_step_at or None if status else None
 
     def resumed_step_after(self, since: float) -> int | None:
-        with self.lock:
-            return next((step for t, step in self.resumes if t >= since), None)
+        status = self._attempt_since(since)
+        return status.resumed_from if status else None
 
     def wait(self, timeout: float | None = None) -> int:
         code = self.proc.wait(timeout=timeout)
-        self.reader.join(timeout=10)
         self.log.flush()
         return code
 
@@ -194,7 +103,7 @@ def _inject(job: Job, kind: str, rng: random.Random) -> bool:
     if not workers:
         return False
     rank = rng.choice(sorted(workers))
-    _signal(workers[rank], signal.SIGKILL if kind == "rank" else signal.SIGTERM)
+    send(workers[rank], signal.SIGKILL if kind == "rank" else signal.SIGTERM)
     return True
 
 
@@ -215,7 +124,7 @@ def run_chaos(
     report = ChaosReport()
     started = time.time()
     log_path = Path(run_dir).parent / f"{Path(run_dir).name}.chaos.log"
-    job = Job(cmd, log_path)
+    job = Job(cmd, log_path, run_dir)
     since = started
     while report.kills < kills and time.time() - started < timeout:
         while job.training_since(since) is None:  # wait until it trains again
@@ -225,7 +134,7 @@ def run_chaos(
         if job.proc.poll() is not None:
             if job.wait() == 0:
                 break
-            job = Job(cmd, log_path)  # exited after a failure (e.g. 75): start it again
+            job = Job(cmd, log_path, run_dir)  # exited after a failure (e.g. 75): start it again
             continue
         kind = rng.choice(kinds)
         time.sleep(rng.uniform(min_delay, max_delay))
@@ -235,14 +144,14 @@ def run_chaos(
             continue
         report.kills += 1
         if job.proc.poll() is not None:  # the whole job is gone: start it again
-            job = Job(cmd, log_path)
+            job = Job(cmd, log_path, run_dir)
         finished_at = None
         while job.training_since(killed_at) is None and time.time() - started < timeout:
             if job.proc.poll() is not None:
                 if job.wait() == 0:  # resumed from the final checkpoint: nothing left to train
                     finished_at = time.time()
                     break
-                job = Job(cmd, log_path)
+                job = Job(cmd, log_path, run_dir)
             time.sleep(0.05)
         trained = job.training_since(killed_at) or finished_at
         resumed = job.resumed_step_after(killed_at)
@@ -267,7 +176,7 @@ def run_chaos(
             break
         if time.time() - started > timeout:
             raise RuntimeError(f"job did not finish within {timeout} s (last exit code {code})")
-        job = Job(cmd, log_path)
+        job = Job(cmd, log_path, run_dir)
     latest = layout.latest_complete(Path(run_dir) / "checkpoints")
     report.final_step = latest.step if latest else 0
     report.wall_s = time.time() - started
@@ -284,7 +193,7 @@ def compare_runs(run_dir: Path, reference_dir: Path) -> tuple[bool, bool, list[s
         want = expected.step if expected else None
         return False, False, [f"final checkpoint step {got}, reference {want}"]
     differences = differing_tensors(read_tensors(latest.path), read_tensors(expected.path))
-    losses = read_run_scalars(run_dir, ["train/loss"]).get("train/loss", {})
-    reference_losses = read_run_scalars(reference_dir, ["train/loss"]).get("train/loss", {})
+    losses = read_run_scalars(run_dir, [tags.LOSS]).get(tags.LOSS, {})
+    reference_losses = read_run_scalars(reference_dir, [tags.LOSS]).get(tags.LOSS, {})
     loss_diffs = [f"loss at step {s}" for s in sorted(set(losses) | set(reference_losses)) if losses.get(s) != reference_losses.get(s)]
     return not differences, not loss_diffs, [*differences[:10], *loss_diffs[:10]]

@@ -1,7 +1,9 @@
 """What a checkpoint holds, as ``Stateful`` objects that DCP can save and load.
 
-* ``ModelOptimizerState``: model and optimizer through ``get_state_dict``/``set_state_dict`` (sharded DTensors).
+* ``ModelState`` and ``OptimizerState``: through ``get_model_state_dict``/``get_optimizer_state_dict`` and their
+  ``set_`` counterparts (sharded DTensors under FSDP2, plain names under DDP).
 * ``TrainProgress``: step, LR scheduler, and per rank the RNG states and the data loader position.
+* ``ModelOptimizerState``: model and optimizer under one name, as checkpoints of ``format_version`` 1 hold them.
 
 Per-rank entries are keyed by rank (``rank_3``): DCP writes one copy of a non-tensor value per key, so a key
 shared by all ranks would keep only one rank's value. Non-tensor values are stored as ``torch.save`` bytes and
@@ -16,8 +18,38 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
+
+
+class ModelState(Stateful):
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict)
+
+
+class OptimizerState(Stateful):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
 
 
 class ModelOptimizerState(Stateful):
@@ -77,15 +109,22 @@ def seed_rank_rngs(seed: int, rank: int, step: int) -> None:
 class TrainProgress(Stateful):
     """The loop's own state: step, scheduler, the global data position, and this rank's RNG and loader state.
 
-    A checkpoint from another world size has no per-rank entries for this rank: the loader then continues from
+    ``scheduler`` and ``dataloader`` are optional. A loader whose sampler keeps a global position (``advance``
+    and ``load_state_dict`` of ``{"epoch", "cursor"}``, as the recipe's does) can resume on another world size:
+    a checkpoint from another world size has no per-rank entries for this rank, so the loader continues from
     the global data position (every sample of the epoch still read exactly once) and the RNGs are re-seeded.
     """
 
-    def __init__(self, scheduler: Any, dataloader: Any, rank: int, world_size: int, device: torch.device, seed: int) -> None:
+    OPTIONAL_PREFIXES = ("train.rng.", "train.data.")
+
+    def __init__(
+        self, scheduler: Any, dataloader: Any, rank: int, world_size: int, device: torch.device, seed: int
+    ) -> None:
         self.step = 0
         self.scheduler = scheduler
         self.dataloader = dataloader
-        self.sampler = dataloader.sampler
+        sampler = getattr(dataloader, "sampler", None)
+        self.sampler = sampler if hasattr(sampler, "advance") and hasattr(sampler, "load_state_dict") else None
         self.data_position = {"epoch": 0, "cursor": 0}
         self.rank = rank
         self.world_size = world_size
@@ -93,12 +132,11 @@ class TrainProgress(Stateful):
         self.seed = seed
         self.resharded_from: int | None = None
 
-    OPTIONAL_PREFIXES = ("train.rng.", "train.data.")
-
     def advance(self) -> None:
         """Count one finished optimizer step."""
         self.step += 1
-        self.data_position = self.sampler.advance(self.data_position)
+        if self.sampler is not None:
+            self.data_position = self.sampler.advance(self.data_position)
 
     def state_dict(self) -> dict[str, Any]:
         key = f"rank_{self.rank}"
@@ -106,25 +144,30 @@ class TrainProgress(Stateful):
             "step": self.step,
             "world_size": self.world_size,
             "data_position": dict(self.data_position),
-            "scheduler": to_blob(self.scheduler.state_dict()),
+            "scheduler": to_blob(self.scheduler.state_dict() if self.scheduler is not None else None),
             "rng": {key: to_blob(capture_rng(self.device))},
-            "data": {key: to_blob(self.dataloader.state_dict())},
+            "data": {key: to_blob(self.dataloader.state_dict() if self.dataloader is not None else None)},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         key = f"rank_{self.rank}"
         self.step = int(state_dict["step"])
         self.data_position = {k: int(v) for k, v in state_dict["data_position"].items()}
-        self.scheduler.load_state_dict(from_blob(state_dict["scheduler"]))
+        scheduler_state = from_blob(state_dict["scheduler"])
+        if self.scheduler is not None and scheduler_state is not None:
+            self.scheduler.load_state_dict(scheduler_state)
         saved_world_size = int(state_dict["world_size"])
         rng_blob, data_blob = state_dict["rng"].get(key), state_dict["data"].get(key)
         if saved_world_size == self.world_size and rng_blob and data_blob:
-            self.dataloader.load_state_dict(from_blob(data_blob))
+            data_state = from_blob(data_blob)
+            if self.dataloader is not None and data_state is not None:
+                self.dataloader.load_state_dict(data_state)
             restore_rng(from_blob(rng_blob), self.device)
             return
         # Another world size: per-rank states do not map onto these ranks; continue from the global position.
         self.resharded_from = saved_world_size
-        self.sampler.load_state_dict(self.data_position)
+        if self.sampler is not None:
+            self.sampler.load_state_dict(self.data_position)
         seed_rank_rngs(self.seed, self.rank, self.step)
 
     def for_loading(self) -> Stateful:

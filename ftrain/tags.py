@@ -31,3 +31,9 @@ CHECKPOINT_TAGS = (
     CKPT_WRITE_GBPS,
     CKPT_FAILURES,
 )
+
+# recovery/*: logged once per resume, at the first step the resumed attempt finished
+RECOVERY_TIME_LOST_S = "recovery/time_lost_s"  # from the last step before the failure to the first step after it
+RECOVERY_STEPS_REDONE = "recovery/steps_redone"  # steps finished before the failure that are trained again
+RECOVERY_STARTUP_S = "recovery/startup_s"  # from process start until ready to train (state loaded)
+RECOVERY_LOAD_S = "recovery/load_s"  # choosing, verifying and loading the checkpoint

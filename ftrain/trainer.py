@@ -10,32 +10,28 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import signal
 import time
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
-from ftrain import __version__
-from ftrain.checkpoint import CheckpointError, CheckpointManager, SaveStats
+from ftrain import tags
 from ftrain.checkpoint import layout
-from ftrain.checkpoint.lock import LockedError, RunLock
+from ftrain.checkpointer import Checkpointer
 from ftrain.config import Config, to_yaml
 from ftrain.data import build_dataloader
-from ftrain.distributed import all_reduce_max, all_reduce_sum, close_distributed, init_distributed
+from ftrain.distributed import close_distributed, init_distributed, max_over_ranks, sum_over_ranks
 from ftrain.gc_policy import StepGarbageCollector
-from ftrain.metrics import Metrics, Progress, setup_logging
+from ftrain.metrics import Progress, setup_logging
 from ftrain.model import build_model, num_parameters
-from ftrain.state import ModelOptimizerState, TrainProgress, seed_rank_rngs
+from ftrain.preemption import EXIT_PREEMPTED
+from ftrain.state import seed_rank_rngs
 
 logger = logging.getLogger("ftrain")
 
 EXIT_OK = 0
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -54,23 +50,6 @@ def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float) ->
     # 2) cosine decay from 1 to min_ratio over the remaining steps
     progress = min((step - warmup_steps) / max(max_steps - warmup_steps, 1), 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class PreemptionFlag:
-    """Signal handlers that only note the request; the loop acts on it at the next step boundary."""
-
-    def __init__(self, signal_names: list[str]) -> None:
-        self.requested: str | None = None
-        self._owner = os.getpid()
-        for name in signal_names:
-            signal.signal(getattr(signal, name), self._handle)
-
-    def _handle(self, signum: int, _frame: object) -> None:
-        if os.getpid() != self._owner:  # a forked data worker: behave as if we were never installed
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        self.requested = signal.Signals(signum).name
 
 
 class SampleRecorder:
@@ -94,17 +73,20 @@ class SampleRecorder:
 
 
 class Trainer:
+    """The recipe: builds model, optimizer, schedule and data from the config and trains them under
+    ``ftrain.Checkpointer``, the same public class a user puts under a loop of their own."""
+
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.env = init_distributed(cfg.train.device, cfg.train.timeout_s)
         setup_logging(self.env.rank)
         self.run_dir = Path(cfg.run.dir)
         self.device = self.env.device
-        self.lock = self._take_lock()
-        self._write_config()
+        self.started = time.perf_counter()
+        self.last_loss: float | None = None
 
         # Build order: the model before the optimizer (its state refers to the parameters), the data loader
-        # before the progress state that records its position.
+        # before the checkpointer that records its position. Nothing is written before the lock is taken.
         self.model = build_model(cfg.model, self.device, cfg.train.seed)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay
@@ -121,33 +103,27 @@ class Trainer:
         self.dataloader = build_dataloader(
             cfg.data, cfg.model.seq_len, cfg.train.batch_size, self.env.rank, self.env.world_size, cfg.train.seed
         )
-        self.progress = TrainProgress(
-            self.scheduler, self.dataloader, self.env.rank, self.env.world_size, self.device, cfg.train.seed
-        )
-        self.states = {"app": ModelOptimizerState(self.model, self.optimizer), "train": self.progress}
         seed_rank_rngs(cfg.train.seed, self.env.rank, step=0)
-
-        self.checkpointer = CheckpointManager(
-            self.run_dir / "checkpoints",
-            mode=cfg.checkpoint.mode,
-            keep_last=cfg.checkpoint.keep_last,
-            keep_every=cfg.checkpoint.keep_every,
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            device=self.device,
-            process_group=self.env.checkpoint_group,
-            marker_info={"model": vars(cfg.model), "ftrain_version": __version__, "run_name": cfg.run.name},
-            timeout_s=cfg.checkpoint.timeout_s,
-            allow_world_size_change=cfg.checkpoint.on_world_size_change == "reshard",
-            verify_checksums=cfg.checkpoint.verify == "checksums",
-            write_threads=cfg.checkpoint.write_threads,
+        self.checkpointer = Checkpointer.from_config(
+            cfg.checkpoint,
+            self.run_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            dataloader=self.dataloader,
+            seed=cfg.train.seed,
+            model_signature=vars(cfg.model),
+            run_name=cfg.run.name,
+            dist_context=self.env.context(),
         )
-        self.checkpointer.start_writer()  # async_process: the writer process starts while we resume
-        self.preemption = PreemptionFlag(cfg.checkpoint.signals)
-        load_s = self._resume()
-        self.metrics = Metrics(self.run_dir / "tb", self.env.is_main, self.step)
-        if load_s is not None:
-            self.metrics.log({"checkpoint/load_s": load_s}, self.step)
+        try:
+            self._write_config()
+            self.checkpointer.load()
+        except BaseException:
+            self.checkpointer.abort()
+            raise
+        self.metrics = self.checkpointer.metrics
+        self._warn_if_schedule_changed()
         logger.info(
             "model %.2fM parameters, %d rank(s) on %s, checkpoint.mode=%s",
             num_parameters(self.model) / 1e6,
@@ -158,60 +134,35 @@ class Trainer:
 
     @property
     def step(self) -> int:
-        return self.progress.step
-
-    def _take_lock(self) -> RunLock | None:
-        """Rank 0 takes the run directory's lock; every rank learns whether it succeeded."""
-        lock, problem = None, ""
-        if self.env.is_main:
-            lock = RunLock(self.run_dir)
-            try:
-                lock.acquire()
-            except LockedError as exc:
-                problem = str(exc)
-        if all_reduce_max([1.0 if problem else 0.0], self.device)[0]:
-            raise LockedError(problem or "the run directory is in use by another job (see rank 0)")
-        return lock
+        return self.checkpointer.step
 
     def _write_config(self) -> None:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
-    def _resume(self) -> float | None:
-        """Load the latest usable checkpoint (per ``checkpoint.resume``); tidy the directory before any save."""
-        root = self.checkpointer.root
-        result = None
-        if self.checkpointer.enabled or self.cfg.checkpoint.resume != "auto":
-            result = self.checkpointer.load(
-                {**self.states, "train": self.progress.for_loading()},
-                self.cfg.checkpoint.resume,
-                optional_prefixes=TrainProgress.OPTIONAL_PREFIXES,
+    def _warn_if_schedule_changed(self) -> None:
+        """A resume whose schedule keys (train.max_steps, lr, warmup...) differ from the checkpoint's moves the
+        LR at once; say so with the numbers rather than let the curve jump silently."""
+        if not self.step or not self.env.is_main:
+            return
+        saved = self.scheduler.get_last_lr()[0]
+        now = [factor(self.step) * base for factor, base in zip(self.scheduler.lr_lambdas, self.scheduler.base_lrs)][0]
+        if not math.isclose(saved, now, rel_tol=1e-6, abs_tol=0.0):
+            logger.warning(
+                "the LR schedule differs from the checkpoint's (train.max_steps, lr, warmup_steps or "
+                "min_lr_ratio changed): LR at step %d goes from %.3e to %.3e",
+                self.step,
+                saved,
+                now,
             )
-            if self.progress.resharded_from is not None and self.env.is_main:
-                logger.warning(
-                    "resharded from %d to %d ranks: data continues at epoch %d, sequence %d of its order; "
-                    "RNGs re-seeded, so this run is not bit-identical to one on %d ranks",
-                    self.progress.resharded_from,
-                    self.env.world_size,
-                    self.progress.data_position["epoch"],
-                    self.progress.data_position["cursor"],
-                    self.progress.resharded_from,
-                )
-        if self.env.is_main and self.checkpointer.enabled:
-            for path in layout.remove_incomplete(root):
-                logger.info("removed incomplete checkpoint %s (left by an interrupted save)", path)
-            for path in layout.set_aside_newer(root, self.step):
-                logger.warning("checkpoint newer than step %d moved aside to %s", self.step, path)
-        dist.barrier()
-        return result.load_s if result else None
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self) -> int:
         cfg = self.cfg
         if self.step >= cfg.train.max_steps:
             logger.info("nothing to do: step %d >= train.max_steps %d", self.step, cfg.train.max_steps)
-            self.finish_saving()  # the writer process may be starting (async_process): let it finish, tidy up
+            self.checkpointer.close()  # the writer process may be starting (async_process): let it finish, tidy up
             return EXIT_OK
         collector = StepGarbageCollector(cfg.train.gc_interval)
         try:
@@ -221,52 +172,40 @@ class Trainer:
 
     def _loop(self, collector: StepGarbageCollector) -> int:
         cfg = self.cfg
+        ckpt = self.checkpointer
         progress = Progress(self.step, cfg.train.max_steps, cfg.log.interval)
         tokens_per_step = cfg.train.batch_size * cfg.model.seq_len * self.env.world_size
         batches = iter(self.dataloader)
         record = None
         if cfg.data.record_samples:  # one attempt id for all ranks of this launch
-            record = SampleRecorder(self.run_dir, self.env.rank, all_reduce_max([time.time()], self.device)[0])
-        while self.step < cfg.train.max_steps:
+            record = SampleRecorder(self.run_dir, self.env.rank, max_over_ranks([time.time()], self.device)[0])
+        step = self.step
+        while step < cfg.train.max_steps:
             started = time.perf_counter()
             indices, inputs, targets = next(batches)
             lr = self.scheduler.get_last_lr()[0]
             loss = self.train_step(inputs.to(self.device), targets.to(self.device))
-            self.progress.advance()
+            step += 1
             if record:
-                record.write(self.step, indices)
-
-            # One collective per step: the mean loss, and whether any rank was asked to stop or saw a save fail.
-            loss_sum, stop, failed = all_reduce_sum(
-                [loss.item(), float(self.preemption.requested is not None), float(self.checkpointer.failed_pending())],
-                self.device,
-            )
+                record.write(step, indices)
+            mean_loss = sum_over_ranks([loss.item()], self.device)[0] / self.env.world_size
             step_time = time.perf_counter() - started
-            mean_loss = loss_sum / self.env.world_size
+            self.last_loss = mean_loss
             self.metrics.log(
                 {
-                    "train/loss": mean_loss,
-                    "train/lr": lr,
-                    "train/step_time_s": step_time,
-                    "train/tokens_per_s": tokens_per_step / step_time,
+                    tags.LOSS: mean_loss,
+                    tags.LR: lr,
+                    tags.STEP_TIME_S: step_time,
+                    tags.TOKENS_PER_S: tokens_per_step / step_time,
                 },
-                self.step,
+                step,
             )
-            progress.maybe_print(self.step, mean_loss, lr, tokens_per_step / step_time)
-            if failed and cfg.checkpoint.on_failure == "abort":
-                raise CheckpointError(
-                    f"stopping because checkpoint.on_failure=abort and a background save failed: "
-                    f"{self.checkpointer.last_error or 'on another rank'}"
-                )
-            if stop:
-                logger.warning("stop requested (%s): saving step %d and exiting", self.preemption.requested, self.step)
-                self.save()
-                self.finish_saving()
-                return EXIT_PREEMPTED if self.step < cfg.train.max_steps else EXIT_OK
-            if self.step % cfg.checkpoint.interval == 0 or self.step == cfg.train.max_steps:
-                self.save()
-            collector.step(self.step)
-        self.finish_saving()
+            progress.maybe_print(step, mean_loss, lr, tokens_per_step / step_time)
+            if ckpt.maybe_save(step, last=step == cfg.train.max_steps):
+                ckpt.close()
+                return EXIT_PREEMPTED if step < cfg.train.max_steps else EXIT_OK
+            collector.step(step)
+        ckpt.close()
         return EXIT_OK
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -275,50 +214,31 @@ class Trainer:
         loss.backward()
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        # The optimizer is the first thing to change the state a background save may still be copying.
-        self.checkpointer.wait_for_staging()
+        # No staging wait here: the checkpointer's optimizer hook makes it before the parameters change.
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss.detach()
 
-    # ------------------------------------------------------------------------------------ checkpointing
-    def save(self) -> None:
-        if not self.checkpointer.enabled:
-            return
-        self.metrics.flush()  # the curve up to this step must be on disk before its checkpoint can commit
-        self._log_save(self.checkpointer.save(self.step, self.states))
-
-    def finish_saving(self) -> None:
-        """Wait until the last checkpoint is committed; a failed final save is an error."""
-        stats = self.checkpointer.close()
-        self._log_save(stats)
-        self.metrics.flush()
-        if stats is not None and not stats.ok:
-            raise CheckpointError(f"final checkpoint of step {stats.step} failed: {stats.error or 'on another rank'}")
-
-    def _log_save(self, stats: SaveStats | None) -> None:
-        if stats is None:
-            return
-        scalars = {
-            "checkpoint/blocking_s": stats.blocking_s,
-            "checkpoint/staging_s": stats.staging_s,
-            "checkpoint/failures": float(self.checkpointer.failures),
-        }
-        if stats.ok:
-            scalars.update(
-                {
-                    "checkpoint/save_s": stats.save_s,
-                    "checkpoint/write_s": stats.write_s,
-                    "checkpoint/size_bytes": float(stats.size_bytes),
-                    "checkpoint/write_GBps": stats.write_gbps,
-                }
-            )
-        self.metrics.log(scalars, stats.step)
+    def summary(self) -> str:
+        """What a finished or preempted run prints last."""
+        latest = layout.latest_complete(self.checkpointer.manager.root)
+        loss = self.last_loss
+        return (
+            f"done: step {self.step}/{self.cfg.train.max_steps} in {time.perf_counter() - self.started:.1f} s"
+            + (f", final loss {loss:.4f}" if loss is not None else "")
+            + f"; last checkpoint {latest.path if latest else 'none'}"
+            + f"; curves: tensorboard --logdir {self.run_dir / 'tb'}"
+        )
 
     def close(self) -> None:
         """Release everything after ``fit`` returned (its last save is already committed)."""
-        self.metrics.close()
-        if self.lock is not None:
-            self.lock.release()
+        self.checkpointer.close()
+        if self.env.is_main:
+            logger.info(self.summary())
         close_distributed()
+
+    def abort(self) -> None:
+        """On an error path: release the lock and handlers without waiting for a save in flight."""
+        if hasattr(self, "checkpointer"):
+            self.checkpointer.abort()

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftrain import chaos
-from ftrain.chaos import kill_tree
+from ftrain import processes
+from ftrain.processes import kill_tree
+from ftrain.checkpoint.keys import DEFAULT_STATE_KEYS, MODEL, OPTIMIZER
 from ftrain.checkpoint.reader import differing_tensors, read_tensors
 from ftrain.events import read_scalars
 
@@ -45,7 +46,8 @@ def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
 
 def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
     tensors = read_tensors(path)
-    assert any(k.startswith("app.model.") for k in tensors) and any(k.startswith("app.optim.") for k in tensors)
+    model, optimizer = DEFAULT_STATE_KEYS[MODEL], DEFAULT_STATE_KEYS[OPTIMIZER]
+    assert any(k.startswith(f"{model}.") for k in tensors) and any(k.startswith(f"{optimizer}.") for k in tensors)
     return tensors
 
 
@@ -61,7 +63,7 @@ def kill_job(proc: subprocess.Popen) -> None:
 
 
 def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
-    return chaos.worker_pids(proc.pid)
+    return processes.worker_pids(proc.pid)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from conftest import FAST, REPO, TORCHRUN
 
-from ftrain.chaos import compare_runs, kill_tree
+from ftrain.chaos import compare_runs
+from ftrain.processes import kill_tree
 from ftrain.checkpoint import layout
 
 # torch 2.13's agent-shared store cannot take a replacement node (see MULTINODE_NOTES.md): every node's torchrun

@@ -12,7 +12,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ftrain.checkpoint import integrity, writer
+from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.manager import CheckpointManager
+from ftrain.config import CheckpointConfig
+from ftrain.distributed import DistContext
 from ftrain.checkpoint.staging import BufferStager
 
 
@@ -103,9 +106,9 @@ def test_each_manager_has_its_own_plan_cache(tmp_path):
     """With plans cached, two managers saving different states in one process each load back what they saved."""
 
     def manager(name):
+        ctx = DistContext(0, 1, torch.device("cpu"), None)
         return CheckpointManager(
-            tmp_path / name, mode="sync", keep_last=5, keep_every=0, rank=0, world_size=1,
-            device=torch.device("cpu"), process_group=None, marker_info={},
+            tmp_path / name, CheckpointConfig(mode="sync", keep_last=5, resume="3"), ctx, RunSignature(model=None)
         )
 
     small, large = manager("small"), manager("large")
@@ -115,8 +118,8 @@ def test_each_manager_has_its_own_plan_cache(tmp_path):
             large.save(step, {"s": {"x": torch.full((5,), -float(step)), "y": torch.zeros(2)}})
             assert small.wait().ok and large.wait().ok
         target_small, target_large = {"s": {"x": torch.zeros(3)}}, {"s": {"x": torch.zeros(5), "y": torch.ones(2)}}
-        small.load(target_small, "3")
-        large.load(target_large, "3")
+        small.load(target_small)
+        large.load(target_large)
     finally:
         small.close()
         large.close()

@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Union
 
 import torch
 import torch.distributed as dist
@@ -20,8 +20,13 @@ from torch.distributed.checkpoint.stateful import Stateful
 from ftrain.checkpoint import integrity, layout
 from ftrain.checkpoint.errors import CheckpointError, describe_diff, describe_error
 from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
+from ftrain.distributed import max_over_ranks
 
 logger = logging.getLogger("ftrain.checkpoint")
+
+
+# What to load into: the states, or a function that chooses them from the candidate's commit marker.
+StatesFor = Union[dict[str, Stateful], Callable[[dict[str, Any]], dict[str, Stateful]]]
 
 
 @dataclass
@@ -63,7 +68,7 @@ def find_candidates(root: Path, resume: str) -> list[layout.StepDir]:
 
 
 def load_best(
-    states: dict[str, Stateful],
+    states: StatesFor,
     candidates: list[layout.StepDir],
     *,
     resume: str,
@@ -92,7 +97,7 @@ def load_best(
         if not problem:
             try:
                 dcp.load(
-                    states,
+                    states(layout.read_marker(candidate.path)) if callable(states) else states,
                     storage_reader=SafeFileSystemReader(str(candidate.path)),
                     planner=SafeLoadPlanner(optional_prefixes),
                     process_group=process_group,
@@ -103,7 +108,7 @@ def load_best(
                 problem = f"load failed: {describe_error(exc)}"
             problem = _agree(problem, world_size)
         if not problem:
-            load_s = _max_over_ranks(time.perf_counter() - started, world_size, device)
+            load_s = max_over_ranks([time.perf_counter() - started], device)[0]
             marker = layout.read_marker(candidate.path)
             logger.info("resumed from %s (step %d) in %.2f s", candidate.path, marker["step"], load_s)
             return LoadResult(int(marker["step"]), candidate.path, load_s, marker)
@@ -148,11 +153,3 @@ def _agree(problem: str, world_size: int) -> str:
     problems: list[str] = [""] * world_size
     dist.all_gather_object(problems, problem)
     return "; ".join(dict.fromkeys(p for p in problems if p))
-
-
-def _max_over_ranks(value: float, world_size: int, device: torch.device) -> float:
-    if world_size == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return float(tensor.item())

@@ -18,26 +18,31 @@ import queue
 import shutil
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
-from torch.distributed.checkpoint.stateful import Stateful
 
 from ftrain import faults
 from ftrain.checkpoint import integrity, layout, loading
+from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
-from ftrain.checkpoint.loading import LoadResult
+from ftrain.checkpoint.loading import LoadResult, StatesFor
+from ftrain.config import CheckpointConfig
+from ftrain.distributed import DistContext, max_over_ranks
 from ftrain.checkpoint.staging import BufferStager
 from ftrain.checkpoint.writer import CheckpointWriter, auto_write_threads
 
 logger = logging.getLogger("ftrain.checkpoint")
+
+# One process without a process group is a supported setup (ftrain.Checkpointer under plain python), not a mistake.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 WRITER_START_DIR = ".writer-start"  # under the checkpoint root: what start_writer() saves, removed once written
 
@@ -92,41 +97,24 @@ class CachedPlanSavePlanner(DefaultSavePlanner):
 class CheckpointManager:
     """Owns ``{run.dir}/checkpoints``: saving, committing, retention and loading.
 
-    ``states`` maps names to ``Stateful`` objects (or plain state dicts); the manager knows nothing of models,
-    data or the trainer. ``marker_info`` is written into every commit marker and checked on load.
-    ``write_threads``: files each rank writes in parallel (0: ``writer.auto_write_threads()``).
+    ``options`` is the ``checkpoint`` config section; ``ctx`` says which rank this is, where the state lives and
+    which group carries checkpoint collectives; ``signature`` goes into every commit marker and is checked on
+    load. Saved states map names to ``Stateful`` objects (or plain state dicts): the manager knows nothing of
+    models, data or the trainer.
     """
 
-    def __init__(
-        self,
-        root: Path,
-        *,
-        mode: str,
-        keep_last: int,
-        keep_every: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        process_group: dist.ProcessGroup | None,
-        marker_info: dict[str, Any],
-        timeout_s: float = 600.0,
-        allow_world_size_change: bool = True,
-        verify_checksums: bool = True,
-        write_threads: int = 0,
-    ) -> None:
+    def __init__(self, root: Path, options: CheckpointConfig, ctx: DistContext, signature: RunSignature) -> None:
         self.root = Path(root)
-        self.mode = mode
-        self.keep_last = keep_last
-        self.keep_every = keep_every
-        self.rank = rank
-        self.world_size = world_size
-        self.device = device
-        self.process_group = process_group
-        self.marker_info = dict(marker_info)
-        self.timeout_s = timeout_s
-        self.allow_world_size_change = allow_world_size_change
-        self.verify_checksums = verify_checksums
-        self.write_threads = write_threads or auto_write_threads()
+        self.options = options
+        self.mode = options.mode
+        self.ctx = ctx
+        self.rank = ctx.rank
+        self.world_size = ctx.world_size
+        self.device = ctx.device
+        self.process_group = ctx.process_group
+        self.signature = signature
+        self.timeout_s = options.timeout_s
+        self.write_threads = options.write_threads or auto_write_threads()
         self.failures = 0
         self._pending: _PendingSave | None = None
         self._stager: BufferStager | None = None
@@ -136,7 +124,7 @@ class CheckpointManager:
         self._purge_queue: queue.Queue[Path | None] = queue.Queue()
         self._purger: threading.Thread | None = None
         self._writer_start: Future | None = None
-        if rank == 0 and mode != "off":
+        if self.rank == 0 and self.enabled:
             self.root.mkdir(parents=True, exist_ok=True)
             self._purger = threading.Thread(target=self._purge_loop, name="ftrain-purge", daemon=True)
             self._purger.start()
@@ -273,7 +261,7 @@ class CheckpointManager:
             "step": pending.step,
             "world_size": self.world_size,
             "mode": self.mode,
-            **self.marker_info,
+            **self.signature.marker_fields(),
         }
         pending.marker = layout.write_marker(pending.path, info, integrity.file_entries(pending.path))
         pending.committed_at = time.perf_counter()
@@ -357,10 +345,7 @@ class CheckpointManager:
             1.0 if pending.error else 0.0,
             float(pending.marker["total_bytes"]) if pending.marker else 0.0,
         ]
-        tensor = torch.tensor(local, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        blocking, staging, write, save, failed, size = tensor.tolist()
+        blocking, staging, write, save, failed, size = max_over_ranks(local, self.device)
         return SaveStats(
             step=pending.step,
             blocking_s=blocking,
@@ -380,27 +365,31 @@ class CheckpointManager:
                 return
             try:
                 in_flight = self._pending.step if self._pending else None
-                for path in layout.plan_purge(self.root, self.keep_last, self.keep_every, in_flight=in_flight):
+                keep_last, keep_every = self.options.keep_last, self.options.keep_every
+                for path in layout.plan_purge(self.root, keep_last, keep_every, in_flight=in_flight):
                     layout.remove_dir(path)
                     logger.debug("retention removed %s", path)
             except Exception as exc:  # must not kill this thread: the next commit retries
                 logger.warning("retention could not clean %s: %s", self.root, exc)
 
     # --------------------------------------------------------------------------------------------- loading
-    def load(
-        self, states: dict[str, Stateful], resume: str, optional_prefixes: tuple[str, ...] = ()
-    ) -> LoadResult | None:
-        """Load the best usable checkpoint into ``states`` (see ``loading.load_best``); None: fresh start."""
+    def load(self, states: StatesFor, optional_prefixes: tuple[str, ...] = ()) -> LoadResult | None:
+        """Load the best usable checkpoint for ``checkpoint.resume`` into ``states`` (see ``loading.load_best``);
+        ``states`` may be a function of the candidate's marker (old checkpoints name their states differently).
+        None: start fresh."""
+        resume = self.options.resume
         return loading.load_best(
             states,
             loading.find_candidates(self.root, resume),
             resume=resume,
-            expect=loading.Expectations(self.marker_info.get("model"), self.world_size, self.allow_world_size_change),
+            expect=loading.Expectations(
+                self.signature.model, self.world_size, self.options.on_world_size_change != "refuse"
+            ),
             rank=self.rank,
             world_size=self.world_size,
             device=self.device,
             process_group=self.process_group,
-            verify_checksums=self.verify_checksums,
+            verify_checksums=self.options.verify == "checksums",
             optional_prefixes=optional_prefixes,
             root=self.root,
         )

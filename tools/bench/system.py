@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ftrain.chaos import descendants
+from ftrain.processes import descendants
 
 from .common import REPO
 

@@ -1,0 +1,459 @@
+"""``ftrain.Checkpointer``: fault tolerance under your own model, optimizer, data and training loop.
+
+    ckpt = ftrain.Checkpointer("runs/exp1", model=model, optimizer=optimizer, scheduler=scheduler,
+                               dataloader=loader, interval=100)
+    step = ckpt.load()                        # 0 = fresh start
+    while step < max_steps:
+        step += 1
+        ...                                   # forward, backward, optimizer.step()
+        if ckpt.maybe_save(step, last=step == max_steps):
+            break                             # a preemption signal arrived: step is saved, exit now
+    ckpt.close()                              # waits for the last commit
+
+The recipe's ``Trainer`` runs on this same class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.checkpoint.stateful import Stateful
+
+from ftrain import processes, tags
+from ftrain.checkpoint import keys, layout
+from ftrain.checkpoint.compat import RunSignature, model_fingerprint
+from ftrain.checkpoint.errors import CheckpointError
+from ftrain.checkpoint.lock import LockedError, RunLock
+from ftrain.checkpoint.manager import CheckpointManager, SaveStats
+from ftrain.config import CheckpointConfig, Config, ConfigError, validate
+from ftrain.distributed import DistContext, max_over_ranks, sum_over_ranks
+from ftrain.preemption import EXIT_PREEMPTED, PreemptionFlag
+from ftrain.run_status import RunStatus, StatusWriter, read_status
+from ftrain.state import ModelOptimizerState, ModelState, OptimizerState, TrainProgress
+
+logger = logging.getLogger("ftrain")
+
+CHECKPOINTS_DIR = "checkpoints"  # under the run directory
+TENSORBOARD_DIR = "tb"  # under the run directory, when the checkpointer opens its own writer
+_RESERVED_NAMES = ("app", *keys.DEFAULT_STATE_KEYS.values())
+
+__all__ = ["Checkpointer", "EXIT_PREEMPTED"]
+
+
+class Checkpointer:
+    """Checkpoints a training run into ``{run_dir}/checkpoints`` and resumes it bit for bit.
+
+    Args:
+        run_dir: the run directory; ``checkpoints/``, ``LOCK`` and (without ``writer``) ``tb/`` live under it.
+        model: the ``nn.Module`` being trained: plain, DDP, or FSDP2 ``fully_shard``'ed.
+        optimizer: its optimizer. The wait for a background save to finish copying the state happens by
+            itself before the optimizer next steps (an optimizer step pre-hook), and before the next forward
+            when the model has buffers, so there is no staging call to forget.
+        scheduler: optional LR scheduler (anything with ``state_dict``/``load_state_dict``).
+        dataloader: optional data loader whose position is saved per rank, e.g. torchdata's
+            ``StatefulDataLoader``. Load before creating its iterator. A loader without ``generator=`` gets one:
+            otherwise creating its iterator after a resume would draw on the restored global RNG.
+        extra: more ``Stateful`` objects, saved and restored under their names.
+        writer: a TensorBoard ``SummaryWriter`` for the ``checkpoint/*`` scalars; default: one of its own
+            under ``{run_dir}/tb`` (see ``metrics``).
+        seed: re-seeds the RNGs when resuming on another world size (default ``torch.initial_seed()``).
+        model_signature: what identifies the model in the commit marker; a checkpoint of another model is
+            refused. Default: a fingerprint of the names, shapes and dtypes of the model's state.
+        run_name: recorded in the commit marker.
+        dist_context: rank, device and checkpoint process group; default: found from ``torch.distributed``.
+        **options: every key of the ``checkpoint`` config section (``interval``, ``mode``, ``keep_last``,
+            ``keep_every``, ``resume``, ``on_failure``, ``on_world_size_change``, ``verify``, ``signals``,
+            ``timeout_s``, ``write_threads``), with the same meaning and defaults.
+
+    Saved under these names: ``model``, ``optimizer``, ``train`` (step, scheduler, every rank's RNGs and data
+    position) and the names of ``extra``. The commit marker records them (``state_keys``).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        dataloader: Any = None,
+        extra: Mapping[str, Stateful] | None = None,
+        writer: Any = None,
+        seed: int | None = None,
+        model_signature: dict[str, Any] | None = None,
+        run_name: str = "",
+        dist_context: DistContext | None = None,
+        **options: Any,
+    ) -> None:
+        self.options = _checkpoint_options(options)
+        self.run_dir = Path(run_dir)
+        self.model = model
+        self.optimizer = optimizer
+        self.dataloader = dataloader
+        self.extra = dict(extra or {})
+        for name in self.extra:
+            if name in _RESERVED_NAMES or not name or "." in name:
+                raise ValueError(f"extra state name {name!r} is reserved or not a plain name (no '.')")
+        self.ctx = dist_context or DistContext.current(_model_device(model), self.options.timeout_s)
+        self.step = 0
+        self.preempted: str | None = None  # the signal that stopped the run, once maybe_save returned True
+        self._loaded = False
+        self._closed = False
+        self._writer = writer
+        self._metrics: Any = None
+        self._status = StatusWriter(self.run_dir, False, _blank_status())
+        self._recovery: dict[str, float] | None = None
+        _give_loader_a_generator(dataloader)
+        self.progress = TrainProgress(
+            scheduler,
+            dataloader,
+            self.ctx.rank,
+            self.ctx.world_size,
+            self.ctx.device,
+            torch.initial_seed() if seed is None else seed,
+        )
+        self.lock = self._take_lock()  # before anything under run_dir is written
+        try:
+            signature = RunSignature(
+                model_signature if model_signature is not None else model_fingerprint(model), run_name=run_name
+            )
+            self.manager = CheckpointManager(self.run_dir / CHECKPOINTS_DIR, self.options, self.ctx, signature)
+            self.preemption = PreemptionFlag(self.options.signals)
+        except BaseException:
+            self._release_lock()
+            raise
+        self._hooks = [optimizer.register_step_pre_hook(self._before_update)]
+        if _has_persistent_buffers(model):  # forward changes them (e.g. batch-norm statistics)
+            self._hooks.append(model.register_forward_pre_hook(self._before_update))
+
+    @classmethod
+    def from_config(cls, cfg: CheckpointConfig, run_dir: str | Path, **kwargs: Any) -> "Checkpointer":
+        """Build from the ``checkpoint`` config section; ``kwargs`` as for the constructor."""
+        return cls(run_dir, **dataclasses.asdict(cfg), **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- public
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def metrics(self) -> Any:
+        """The TensorBoard writer the checkpointer logs to (rank 0; a no-op elsewhere), after ``load()``:
+        ``metrics.log({tag: value}, step)``. Log your own scalars through it to keep one events file per run;
+        it is flushed before each commit, so a killed run's curve is whole up to its last checkpoint."""
+        return self._metrics
+
+    def load(self) -> int:
+        """Restore the latest usable checkpoint (per ``resume``) and return its step; 0 is a fresh start.
+
+        Falls back past damaged checkpoints, refuses a checkpoint of another model in one line, restores every
+        rank's RNGs and data position, removes what interrupted saves left, and sets newer checkpoints aside
+        when resuming an older one. Collective: every rank calls it.
+        """
+        if self._loaded:
+            raise CheckpointError("Checkpointer.load() was already called")
+        self.manager.start_writer()  # async_process: the writer process starts while we load
+        result = None
+        if self.manager.enabled or self.options.resume != "auto":
+            result = self.manager.load(self._states_for_marker, optional_prefixes=TrainProgress.OPTIONAL_PREFIXES)
+            self._warn_if_resharded()
+        self.step = self.progress.step
+        if self.ctx.is_main and self.manager.enabled:
+            for path in layout.remove_incomplete(self.manager.root):
+                logger.info("removed incomplete checkpoint %s (left by an interrupted save)", path)
+            for path in layout.set_aside_newer(self.manager.root, self.step):
+                logger.warning("checkpoint newer than step %d moved aside to %s", self.step, path)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        self._metrics = self._open_metrics()
+        if result is not None:
+            self._metrics.log({tags.CKPT_LOAD_S: result.load_s}, self.step)
+        self._start_status(result.load_s if result else 0.0)
+        self._loaded = True
+        return self.step
+
+    def maybe_save(self, step: int, *, last: bool = False) -> bool:
+        """Call once after every optimizer step with the number of steps done. Saves every ``interval`` steps
+        and at ``last``; returns True when a preemption signal arrived on any rank: ``step`` is then saved
+        and committed, and the loop should stop (exit with ``ftrain.EXIT_PREEMPTED``). Collective."""
+        self._require_loaded("maybe_save")
+        self._advance_to(step)
+        self._status.step(step, finished=last)
+        if self._recovery is not None:
+            self._log_recovery()
+        stop, failed = sum_over_ranks(
+            [float(self.preemption.requested is not None), float(self.manager.failed_pending())], self.ctx.device
+        )
+        if failed and self.options.on_failure == "abort":
+            raise CheckpointError(
+                f"stopping because checkpoint.on_failure=abort and a background save failed: "
+                f"{self.manager.last_error or 'on another rank'}"
+            )
+        if stop:
+            self.preempted = self.preemption.requested or "a signal on another rank"
+            logger.warning("stop requested (%s): saving step %d and exiting", self.preempted, step)
+            self.save(step)
+            self.wait()
+            return True
+        if step % self.options.interval == 0 or last:
+            self.save(step)
+        return False
+
+    def save(self, step: int) -> None:
+        """Start a checkpoint of ``step`` now (asynchronous in the async modes). Collective."""
+        self._require_loaded("save")
+        self._advance_to(step)
+        if not self.manager.enabled:
+            return
+        self._metrics.flush()  # the curve up to this step must be on disk before its checkpoint can commit
+        self._log_save(self.manager.save(step, self._states()))
+
+    def wait(self) -> SaveStats | None:
+        """Wait until the checkpoint in flight is committed; a failed save raises ``CheckpointError``."""
+        stats = self.manager.wait()
+        self._log_save(stats)
+        if self._metrics is not None:
+            self._metrics.flush()
+        if stats is not None and not stats.ok:
+            raise CheckpointError(f"checkpoint of step {stats.step} failed: {stats.error or 'on another rank'}")
+        return stats
+
+    def close(self) -> None:
+        """Wait for the last commit, then release the lock, the signal handlers and the hooks. Idempotent."""
+        if self._closed:
+            return
+        try:
+            stats = self.manager.close()
+            self._log_save(stats)
+            if stats is not None and not stats.ok:
+                raise CheckpointError(
+                    f"final checkpoint of step {stats.step} failed: {stats.error or 'on another rank'}"
+                )
+        finally:
+            self._shut()
+
+    def abort(self) -> None:
+        """Release the lock, handlers and hooks without waiting for a save in flight (an error path)."""
+        if not self._closed:
+            self._shut()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # ---------------------------------------------------------------------------------------------- private
+    def _states(self) -> dict[str, Any]:
+        return {
+            keys.DEFAULT_STATE_KEYS[keys.MODEL]: ModelState(self.model),
+            keys.DEFAULT_STATE_KEYS[keys.OPTIMIZER]: OptimizerState(self.model, self.optimizer),
+            keys.DEFAULT_STATE_KEYS[keys.PROGRESS]: self.progress,
+            **self.extra,
+        }
+
+    def _states_for_marker(self, marker: dict[str, Any]) -> dict[str, Any]:
+        """What to load a checkpoint into: its marker says where the model and the optimizer are."""
+        if keys.state_keys(marker) == keys.LEGACY_STATE_KEYS:  # format_version 1: one "app" state
+            return {"app": ModelOptimizerState(self.model, self.optimizer), "train": self.progress.for_loading(), **self.extra}
+        return {**self._states(), keys.DEFAULT_STATE_KEYS[keys.PROGRESS]: self.progress.for_loading()}
+
+    def _start_status(self, load_s: float) -> None:
+        """Rank 0: read what the previous attempt left in STATUS (what the failure cost), then start ours."""
+        if not self.ctx.is_main:
+            return
+        previous = read_status(self.run_dir)
+        now = time.time()
+        started = processes.start_time()
+        if previous is not None and self.step and not previous.finished and previous.step >= self.step:
+            self._recovery = {
+                "previous_step_at": previous.step_at,
+                tags.RECOVERY_STEPS_REDONE: float(previous.step - self.step),
+                tags.RECOVERY_STARTUP_S: now - started,
+                tags.RECOVERY_LOAD_S: load_s,
+            }
+        tier = "durable" if self.step else "fresh"
+        self._status = StatusWriter(self.run_dir, True, RunStatus(started, self.step, tier, now, self.step, now))
+
+    def _log_recovery(self) -> None:
+        recovery, self._recovery = self._recovery, None
+        assert recovery is not None
+        lost = self._status.status.first_step_at - recovery.pop("previous_step_at")
+        self._metrics.log({tags.RECOVERY_TIME_LOST_S: lost, **recovery}, self.step)
+        logger.info(
+            "recovered: %.2f s lost (start-up %.2f s, of which loading %.2f s), %d step(s) redone, from the %s "
+            "checkpoint of step %d",
+            lost,
+            recovery[tags.RECOVERY_STARTUP_S],
+            recovery[tags.RECOVERY_LOAD_S],
+            recovery[tags.RECOVERY_STEPS_REDONE],
+            self._status.status.tier,
+            self._status.status.resumed_from,
+        )
+
+    def _before_update(self, *_: Any) -> None:
+        # A background save may still be copying the state this optimizer step or forward is about to change.
+        self.manager.wait_for_staging()
+
+    def _advance_to(self, step: int) -> None:
+        if step < self.progress.step:
+            raise ValueError(f"step {step} is behind the checkpointer's step {self.progress.step}; steps only grow")
+        while self.progress.step < step:
+            self.progress.advance()
+        self.step = step
+
+    def _require_loaded(self, what: str) -> None:
+        if not self._loaded:
+            raise CheckpointError(f"call Checkpointer.load() before {what}(): it restores the latest checkpoint")
+
+    def _take_lock(self) -> RunLock | None:
+        """Rank 0 takes the run directory's lock; every rank learns whether it succeeded."""
+        lock, problem = None, ""
+        if self.ctx.is_main:
+            lock = RunLock(self.run_dir)
+            try:
+                lock.acquire()
+            except (LockedError, OSError) as exc:
+                problem = str(exc)
+                lock = None
+        if max_over_ranks([1.0 if problem else 0.0], self.ctx.device)[0]:
+            raise LockedError(problem or "the run directory is in use by another job (see rank 0)")
+        return lock
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _shut(self) -> None:
+        self._closed = True
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self.preemption.close()
+        self._status.close()
+        if self._metrics is not None:
+            self._metrics.flush()
+            if self._writer is None:
+                self._metrics.close()
+        self._release_lock()
+
+    def _open_metrics(self) -> Any:
+        if self._writer is not None:
+            return _WriterAdapter(self._writer)
+        from ftrain.metrics import Metrics  # TensorBoard is imported only by the process that writes events
+
+        return Metrics(self.run_dir / TENSORBOARD_DIR, self.ctx.is_main, self.step)
+
+    def _log_save(self, stats: SaveStats | None) -> None:
+        if stats is None or self._metrics is None:
+            return
+        scalars = {
+            tags.CKPT_BLOCKING_S: stats.blocking_s,
+            tags.CKPT_STAGING_S: stats.staging_s,
+            tags.CKPT_FAILURES: float(self.manager.failures),
+        }
+        if stats.ok:
+            scalars.update(
+                {
+                    tags.CKPT_SAVE_S: stats.save_s,
+                    tags.CKPT_WRITE_S: stats.write_s,
+                    tags.CKPT_SIZE_BYTES: float(stats.size_bytes),
+                    tags.CKPT_WRITE_GBPS: stats.write_gbps,
+                }
+            )
+        self._metrics.log(scalars, stats.step)
+
+    def _warn_if_resharded(self) -> None:
+        source = self.progress.resharded_from
+        if source is None or not self.ctx.is_main:
+            return
+        if self.progress.sampler is None:
+            logger.warning(
+                "resumed a checkpoint of %d ranks on %d: the data loader has no global position, so its per-rank "
+                "positions are lost and it starts over; RNGs re-seeded",
+                source,
+                self.ctx.world_size,
+            )
+            return
+        logger.warning(
+            "resharded from %d to %d ranks: data continues at epoch %d, sequence %d of its order; "
+            "RNGs re-seeded, so this run is not bit-identical to one on %d ranks",
+            source,
+            self.ctx.world_size,
+            self.progress.data_position["epoch"],
+            self.progress.data_position["cursor"],
+            source,
+        )
+
+
+class _WriterAdapter:
+    """A user's ``SummaryWriter`` behind the interface of ``ftrain.metrics.Metrics``."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.flush()
+
+
+def _checkpoint_options(options: dict[str, Any]) -> CheckpointConfig:
+    known = {f.name for f in dataclasses.fields(CheckpointConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"Checkpointer got unknown option(s) {', '.join(unknown)}; options are {', '.join(sorted(known))}")
+    section = CheckpointConfig(**options)
+    if isinstance(section.signals, str):
+        section.signals = [section.signals]
+    section.signals = list(section.signals)
+    try:
+        validate(Config(checkpoint=section))
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return section
+
+
+def _blank_status() -> RunStatus:
+    return RunStatus(attempt_started=0.0, resumed_from=0, tier="fresh", ready_at=0.0, step=0, step_at=0.0)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        local = getattr(tensor, "_local_tensor", tensor)  # DTensor (FSDP2): the shard's device
+        return local.device
+    return torch.device("cpu")
+
+
+def _has_persistent_buffers(model: nn.Module) -> bool:
+    buffers = {name for name, _ in model.named_buffers()}
+    return bool(buffers & set(model.state_dict().keys()))
+
+
+def _give_loader_a_generator(dataloader: Any) -> None:
+    """Creating a ``DataLoader`` iterator draws its base seed from the loader's ``generator`` or, without one,
+    from the global torch RNG, which a resume has just restored: that draw would shift every later random
+    number (dropout masks) and the resumed run would differ from step one on. A generator of its own, seeded
+    from the global seed, keeps the global stream untouched."""
+    if dataloader is not None and hasattr(dataloader, "generator") and dataloader.generator is None:
+        dataloader.generator = torch.Generator().manual_seed(torch.initial_seed())

@@ -1,0 +1,169 @@
+"""ftrain.Checkpointer as a user puts it under a loop of their own: in one process, and recipes/custom_loop.py
+killed at random moments under python and torchrun, resumed bit for bit."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ftrain
+from ftrain import tags
+from ftrain.checkpoint import layout
+from ftrain.checkpoint.reader import read_tensors
+from ftrain.checkpoint.staging import BufferStager
+
+from conftest import REPO, TORCHRUN, assert_same_tensors, kill_job, scalars
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 8))
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    loss = model(torch.randn(16, 32)).square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    for index, per_param in optimizer.state_dict()["state"].items():
+        state.update({f"optim.{index}.{k}": v.clone() for k, v in per_param.items() if torch.is_tensor(v)})
+    return state
+
+
+def test_minimal_checkpointer_saves_and_loads_into_a_fresh_model(tmp_path):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer) as ckpt:
+        assert ckpt.load() == 0
+        for step in range(1, 4):
+            _train_step(model, optimizer)
+            ckpt.maybe_save(step, last=step == 3)
+    expected = _snapshot(model, optimizer)
+    assert layout.latest_complete(tmp_path / "checkpoints").step == 3
+    assert not (tmp_path / "LOCK").exists()
+
+    fresh = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 8))
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    with ftrain.Checkpointer(tmp_path, model=fresh, optimizer=fresh_optimizer) as ckpt:
+        assert ckpt.load() == 3
+    assert_same_tensors(expected, _snapshot(fresh, fresh_optimizer))
+
+
+def test_a_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer) as ckpt:
+        ckpt.load()
+        ckpt.save(1)
+    other = nn.Sequential(nn.Linear(32, 65), nn.ReLU(), nn.Linear(65, 8))
+    ckpt = ftrain.Checkpointer(tmp_path, model=other, optimizer=torch.optim.AdamW(other.parameters()))
+    with pytest.raises(ftrain.CheckpointError, match="different model") as info:
+        ckpt.load()
+    ckpt.abort()
+    assert "\n" not in str(info.value) and not (tmp_path / "LOCK").exists()
+
+
+def test_options_are_checked_like_the_config(tmp_path):
+    model = _model()
+    with pytest.raises(ValueError, match="checkpoint.mode"):
+        ftrain.Checkpointer(tmp_path, model=model, optimizer=torch.optim.AdamW(model.parameters()), mode="sometimes")
+    with pytest.raises(TypeError, match="intervall"):
+        ftrain.Checkpointer(tmp_path, model=model, optimizer=torch.optim.AdamW(model.parameters()), intervall=5)
+    assert not tmp_path.joinpath("LOCK").exists() and not tmp_path.joinpath("checkpoints").exists()
+
+
+@pytest.mark.parametrize("hooks", [True, False], ids=["as shipped", "without the staging wait (control)"])
+def test_no_staging_call_needed_the_next_step_never_tears_the_saved_state(tmp_path, monkeypatch, hooks):
+    """The loop never calls anything between save and the next optimizer step. Staging is slowed to 0.5 s so the
+    next step certainly runs while it copies; the saved state must still be the state at the save. The control
+    run removes the checkpointer's hooks and must see a torn state: it proves this test can fail."""
+    original = BufferStager._stage
+
+    def slow_stage(self, *args, **kwargs):
+        time.sleep(0.5)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BufferStager, "_stage", slow_stage)
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ckpt = ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer, mode="async")
+    try:
+        ckpt.load()
+        if not hooks:
+            for hook in ckpt._hooks:
+                hook.remove()
+        _train_step(model, optimizer)
+        ckpt.save(1)
+        at_save = _snapshot(model, optimizer)
+        for _ in range(3):  # the user's next steps, straight away
+            _train_step(model, optimizer)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    saved = read_tensors(layout.step_dir(tmp_path / "checkpoints", 1))
+    weights = {k: v for k, v in saved.items() if k.startswith("model.")}
+    expected = {k: v for k, v in at_save.items() if k in weights}
+    assert len(weights) == len(expected) > 0
+    torn = [k for k in weights if not torch.equal(weights[k], expected[k])]
+    if hooks:
+        assert not torn, f"saved state changed after the save call: {torn}"
+    else:
+        assert torn, "the control run saw no torn state: the test cannot tell the hooks' effect"
+
+
+# --------------------------------------------------------------------------------- recipes/custom_loop.py
+STEPS, INTERVAL = 400, 10  # ~5 ms a step: the run must still be training when the kills land
+
+
+def _loop_cmd(run_dir: Path, nproc: int) -> list[str]:
+    launcher = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc else [sys.executable]
+    return [*launcher, str(REPO / "recipes" / "custom_loop.py"), "--run-dir", str(run_dir),
+            "--steps", str(STEPS), "--interval", str(INTERVAL)]
+
+
+def _run(run_dir: Path, nproc: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run(_loop_cmd(run_dir, nproc), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _latest_step(run_dir: Path) -> int:
+    latest = layout.latest_complete(run_dir / "checkpoints")
+    return latest.step if latest else 0
+
+
+def _kill_at_random(run_dir: Path, nproc: int, kills: int, rng: random.Random) -> None:
+    """Start the loop, SIGKILL the whole job at a random moment after it has made progress, and again."""
+    for _ in range(kills):
+        before = _latest_step(run_dir)
+        proc = subprocess.Popen(_loop_cmd(run_dir, nproc), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        deadline = time.monotonic() + 120
+        while _latest_step(run_dir) <= before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.3))
+        kill_job(proc)
+        assert _latest_step(run_dir) < STEPS, "the run finished before it was killed: lengthen it"
+
+
+@pytest.mark.parametrize("nproc", [0, 2], ids=["python, 1 rank", "torchrun, 2 ranks"])
+def test_custom_loop_killed_at_random_resumes_bit_for_bit(tmp_path, nproc):
+    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
+    _run(reference, nproc)
+    _kill_at_random(run_dir, nproc, kills=2 if nproc == 0 else 1, rng=random.Random(nproc))
+    _run(run_dir, nproc)
+
+    final = layout.step_dir(Path("checkpoints"), STEPS)
+    assert_same_tensors(read_tensors(reference / final), read_tensors(run_dir / final))
+    expected, got = scalars(reference / "tb", tags.LOSS), scalars(run_dir / "tb", tags.LOSS)
+    assert sorted(got) == list(range(1, STEPS + 1)) and got == expected
