@@ -341,7 +341,8 @@ class RunLock:
             )
         return (
             f"run directory {run_dir} is in use by {self._who(seen)} "
-            f"(started {seen.holder.get('started_at')}, alive {seen.age_s:.0f} s ago); use another run.dir or stop that job"
+            f"(started {seen.holder.get('started_at')}, alive {seen.age_s:.0f} s ago); "
+            f"use another run.dir or stop that job"
         )
 
     @staticmethod
