@@ -236,3 +236,11 @@ def test_sigterm_to_the_launcher_ends_with_75_and_a_preempted_marker(tmp_path):
     )
     check_ok(again)
     assert not (run_dir / "PREEMPTED").exists()
+
+
+def test_preflight_reads_directories_as_the_data_module_does():
+    """preflight keeps its own copy of the suffixes (it runs before torch is imported); it must match."""
+    from ftrain import data, preflight
+
+    if hasattr(data, "TEXT_SUFFIXES"):
+        assert preflight.TEXT_SUFFIXES == data.TEXT_SUFFIXES
