@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 from ftrain.config import Config, ConfigError, keys, load_config, format_value, to_yaml
+from ftrain.preemption import EXIT_PREEMPTED
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: every rank saved the current step and exited for a signal
 PREEMPTED_FILE = "PREEMPTED"
 
 logger = logging.getLogger("ftrain")
@@ -121,6 +121,8 @@ def _train(cfg: Config) -> int:
     except BaseException:
         logger.exception("training failed")
         code = EXIT_ERROR
+    if trainer is not None:
+        trainer.abort()  # the lock and signal handlers go; a save in flight is not waited for
     # On the error path background saves or data workers may be stuck on a dead peer: leave now, so that
     # torchrun sees the failure and can restart the group.
     sys.stdout.flush()

@@ -72,7 +72,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _key("", "a text file or a directory of text files; '' = built-in stdlib corpus")
+    format: str = _key("text", "text: bytes of text files; tokens: a flat binary token file (nanoGPT's train.bin)", ("text", "tokens"))
+    path: str = _key("", "a text file or a directory of text files ('' = built-in stdlib corpus); or the token file")
+    dtype: str = _key("uint16", "format=tokens: the token file's integer type", ("uint16", "uint32"))
     num_workers: int = _key(0, "StatefulDataLoader worker processes per rank (0 = in the main process)")
     record_samples: bool = _key(False, "append each step's sample indices to {run.dir}/samples/rank_R.jsonl")
 

@@ -1,6 +1,7 @@
-"""Byte-level token stream over a text corpus, sharded across ranks, read through ``StatefulDataLoader``.
+"""The recipe's data: windows of tokens, sharded across ranks, read through ``StatefulDataLoader``.
 
-The built-in corpus is the top-level modules of the Python standard library (``Lib/*.py`` of the interpreter
+Two formats (``data.format``): ``text``, the bytes of text files as tokens, and ``tokens``, a flat binary file
+of ``uint16``/``uint32`` token ids (nanoGPT's ``train.bin``), memory-mapped. The built-in corpus is the top-level modules of the Python standard library (``Lib/*.py`` of the interpreter
 that runs ftrain): real text, present offline on every machine that can run us.
 
 Sharding uses one global order per epoch (a seeded permutation of fixed-length windows). Every optimizer step
@@ -10,11 +11,13 @@ position is therefore one global number (epoch, cursor) that is the same on ever
 
 from __future__ import annotations
 
+import os
 import sysconfig
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -47,6 +50,70 @@ def corpus_files(path: str) -> list[Path]:
             raise ValueError(f"data.path {root} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
         return files
     raise ValueError(f"data.path {root} does not exist")
+
+
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+_SCAN_LIMIT_BYTES = 256 << 20  # token files up to this size are scanned for ids >= vocab_size before training
+
+
+def open_token_file(path: str, dtype: str) -> np.memmap:
+    """A flat binary file of ``dtype`` token ids (nanoGPT's ``train.bin``), memory-mapped read-only; ``ValueError``
+    with one line if it is missing, empty, or not a whole number of tokens."""
+    file = Path(path).expanduser()
+    if not path or not file.is_file():
+        raise ValueError(f"data.path {path or '(empty)'}: no such token file (data.format=tokens)")
+    size = file.stat().st_size
+    itemsize = np.dtype(TOKEN_DTYPES[dtype]).itemsize
+    if size == 0:
+        raise ValueError(f"data.path {path} is empty")
+    if size % itemsize:
+        raise ValueError(f"data.path {path} has {size} bytes, not a whole number of {dtype} tokens ({itemsize} bytes each)")
+    return np.memmap(file, dtype=TOKEN_DTYPES[dtype], mode="r")
+
+
+def check_data(cfg: Any) -> None:
+    """The data module's checks before anything is written (called by ``ftrain.preflight``): for
+    ``data.format=tokens``, a readable token file holding at least one step's windows, with ids below
+    ``model.vocab_size`` (scanned when the file is at most 256 MB; larger files are checked window by window)."""
+    if cfg.data.format != "tokens":
+        return
+    tokens = open_token_file(cfg.data.path, cfg.data.dtype)
+    seq_len = cfg.model.seq_len
+    windows = (len(tokens) - 1) // seq_len
+    if windows < 1:
+        raise ValueError(f"data.path {cfg.data.path} has {len(tokens)} tokens, fewer than one window of model.seq_len + 1 = {seq_len + 1}")
+    global_batch = cfg.train.batch_size * int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if windows < global_batch:
+        raise ValueError(
+            f"data.path {cfg.data.path} has {windows} windows of model.seq_len={seq_len}, fewer than one step needs "
+            f"(train.batch_size x ranks = {global_batch})"
+        )
+    if tokens.nbytes <= _SCAN_LIMIT_BYTES:
+        largest = int(tokens.max())
+        if largest >= cfg.model.vocab_size:
+            raise ValueError(f"data.path {cfg.data.path} holds token id {largest}, not below model.vocab_size={cfg.model.vocab_size}")
+
+
+class TokenWindows(Dataset):
+    """Non-overlapping windows of ``seq_len + 1`` tokens of a memory-mapped token file: inputs and next-token targets."""
+
+    def __init__(self, tokens: np.memmap, seq_len: int, vocab_size: int) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.length = (len(tokens) - 1) // seq_len
+        if self.length < 1:
+            raise ValueError(f"token file of {len(tokens)} tokens is shorter than one window of {seq_len + 1}")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        start = index * self.seq_len
+        chunk = torch.from_numpy(self.tokens[start : start + self.seq_len + 1].astype(np.int64))
+        if int(chunk.max()) >= self.vocab_size:
+            raise ValueError(f"token id {int(chunk.max())} at window {index} is not below model.vocab_size={self.vocab_size}")
+        return index, chunk[:-1], chunk[1:]
 
 
 def load_tokens(path: str) -> torch.Tensor:
@@ -154,9 +221,12 @@ class _GlobalOrderIterator(Iterator[int]):
 
 
 def build_dataloader(
-    cfg: DataConfig, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int
+    cfg: DataConfig, seq_len: int, batch_size: int, rank: int, world_size: int, seed: int, vocab_size: int = 256
 ) -> StatefulDataLoader:
-    dataset = WindowDataset(load_tokens(cfg.path), seq_len)
+    if cfg.format == "tokens":
+        dataset: Dataset = TokenWindows(open_token_file(cfg.path, cfg.dtype), seq_len, vocab_size)
+    else:
+        dataset = WindowDataset(load_tokens(cfg.path), seq_len)
     sampler = GlobalOrderSampler(len(dataset), batch_size, rank, world_size, seed)
     return StatefulDataLoader(
         dataset,

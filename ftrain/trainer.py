@@ -24,7 +24,7 @@ from ftrain.config import Config, to_yaml
 from ftrain.data import build_dataloader
 from ftrain.distributed import close_distributed, init_distributed, max_over_ranks, sum_over_ranks
 from ftrain.gc_policy import StepGarbageCollector
-from ftrain.metrics import Progress, setup_logging
+from ftrain.metrics import Progress
 from ftrain.model import build_model, num_parameters
 from ftrain.preemption import EXIT_PREEMPTED
 from ftrain.state import seed_rank_rngs
@@ -79,7 +79,6 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.env = init_distributed(cfg.train.device, cfg.train.timeout_s)
-        setup_logging(self.env.rank)
         self.run_dir = Path(cfg.run.dir)
         self.device = self.env.device
         self.started = time.perf_counter()
@@ -101,7 +100,13 @@ class Trainer:
             ),
         )
         self.dataloader = build_dataloader(
-            cfg.data, cfg.model.seq_len, cfg.train.batch_size, self.env.rank, self.env.world_size, cfg.train.seed
+            cfg.data,
+            cfg.model.seq_len,
+            cfg.train.batch_size,
+            self.env.rank,
+            self.env.world_size,
+            cfg.train.seed,
+            vocab_size=cfg.model.vocab_size,
         )
         seed_rank_rngs(cfg.train.seed, self.env.rank, step=0)
         self.checkpointer = Checkpointer.from_config(

@@ -1,6 +1,9 @@
+import numpy as np
 import pytest
 import torch
 
+from conftest import assert_same_tensors, check_ok, checkpoint_tensors, run_train, scalars
+from ftrain import tags
 from ftrain.config import DataConfig
 from ftrain.data import GlobalOrderSampler, WindowDataset, build_dataloader, builtin_corpus_files, corpus_files
 
@@ -79,3 +82,47 @@ def test_dataloader_resumes_exactly(num_workers):
     resumed.load_state_dict(state)
     it = iter(resumed)
     assert [next(it)[0].tolist() for _ in range(4)] == expected[3:]
+
+
+# ------------------------------------------------------------------------------------- data.format=tokens
+def _token_file(path, count: int, dtype=np.uint16, vocab: int = 1000) -> str:
+    rng = np.random.default_rng(0)
+    rng.integers(0, vocab, size=count, dtype=np.int64).astype(dtype).tofile(path)
+    return str(path)
+
+
+def test_recipe_trains_on_a_token_file_and_resumes_bit_for_bit(tmp_path):
+    tokens = _token_file(tmp_path / "train.bin", 40_000, np.uint32)
+    options = ("data.format=tokens", f"data.path={tokens}", "data.dtype=uint32", "model.vocab_size=1000")
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    check_ok(run_train(reference, *options, "train.max_steps=12", nproc=0))
+    check_ok(run_train(resumed, *options, "train.max_steps=6", nproc=0))
+    # The schedule depends on train.max_steps: resume with the same length, from a checkpoint of step 6.
+    check_ok(run_train(resumed, *options, "train.max_steps=12", "checkpoint.resume=6", nproc=0))
+    assert scalars(resumed / "tb", tags.LOSS) == scalars(reference / "tb", tags.LOSS)
+    assert_same_tensors(
+        checkpoint_tensors(reference / "checkpoints" / "step_00000012"),
+        checkpoint_tensors(resumed / "checkpoints" / "step_00000012"),
+    )
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no such token file"),
+        (b"", "is empty"),
+        (b"\x01\x02\x03", "not a whole number of uint16 tokens"),
+        (np.arange(10, dtype=np.uint16).tobytes(), "fewer than one window"),
+        (np.full(100_000, 5000, dtype=np.uint16).tobytes(), "not below model.vocab_size=1000"),
+    ],
+    ids=["missing", "empty", "ragged", "short", "id too large"],
+)
+def test_a_bad_token_file_is_one_line_before_anything_is_written(tmp_path, content, message):
+    path = tmp_path / "train.bin"
+    if content is not None:
+        path.write_bytes(content)
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, "data.format=tokens", f"data.path={path}", "model.vocab_size=1000", nproc=0)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+    assert not run_dir.exists()
