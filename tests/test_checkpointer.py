@@ -167,3 +167,23 @@ def test_custom_loop_killed_at_random_resumes_bit_for_bit(tmp_path, nproc):
     assert_same_tensors(read_tensors(reference / final), read_tensors(run_dir / final))
     expected, got = scalars(reference / "tb", tags.LOSS), scalars(run_dir / "tb", tags.LOSS)
     assert sorted(got) == list(range(1, STEPS + 1)) and got == expected
+    if nproc == 0:
+        _tools_work_on_any_state_naming(run_dir, tmp_path / "model.safetensors")
+
+
+def _tools_work_on_any_state_naming(run_dir: Path, out: Path) -> None:
+    """custom_loop's states are model/optimizer/train/epoch (no "app"): the tools find them through the marker."""
+    from test_ckpt_cli import ckpt
+
+    listed = ckpt("list", run_dir)
+    assert listed.returncode == 0 and f"{STEPS}" in listed.stdout, listed.stderr
+    shown = ckpt("show", run_dir)
+    assert shown.returncode == 0 and "net.0.weight" in shown.stdout and "epoch" in shown.stdout, shown.stdout
+    assert ckpt("verify", run_dir).returncode == 0
+    converted = ckpt("convert", run_dir, out, "--model-only", "--format", "safetensors")
+    assert converted.returncode == 0, converted.stderr
+    from safetensors.torch import load_file
+
+    weights = load_file(out)
+    saved = read_tensors(layout.step_dir(run_dir / "checkpoints", STEPS))
+    assert weights and all(torch.equal(weights[k], saved[f"model.{k}"]) for k in weights)
