@@ -34,6 +34,7 @@ from ftrain.checkpoint.lock import LockedError, RunLock
 from ftrain.checkpoint.manager import CheckpointManager, SaveStats
 from ftrain.config import CheckpointConfig, Config, ConfigError, validate
 from ftrain.distributed import DistContext, max_over_ranks, sum_over_ranks
+from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
 from ftrain.preemption import EXIT_PREEMPTED, PreemptionFlag
 from ftrain.run_status import RunStatus, StatusWriter, read_status
 from ftrain.state import ModelOptimizerState, ModelState, OptimizerState, TrainProgress
@@ -68,6 +69,8 @@ class Checkpointer:
             refused. Default: a fingerprint of the names, shapes and dtypes of the model's state.
         run_name: recorded in the commit marker.
         dist_context: rank, device and checkpoint process group; default: found from ``torch.distributed``.
+        health: what an unhealthy step is and what to do about it (``ftrain.health.HealthPolicy``); steps are
+            judged from the ``loss``/``grad_norm`` given to ``maybe_save``.
         **options: every key of the ``checkpoint`` config section (``interval``, ``mode``, ``keep_last``,
             ``keep_every``, ``resume``, ``on_failure``, ``on_world_size_change``, ``verify``, ``signals``,
             ``timeout_s``, ``write_threads``), with the same meaning and defaults.
@@ -90,6 +93,7 @@ class Checkpointer:
         model_signature: dict[str, Any] | None = None,
         run_name: str = "",
         dist_context: DistContext | None = None,
+        health: HealthPolicy | None = None,
         **options: Any,
     ) -> None:
         self.options = _checkpoint_options(options)
@@ -104,6 +108,12 @@ class Checkpointer:
         self.ctx = dist_context or DistContext.current(_model_device(model), self.options.timeout_s)
         self.step = 0
         self.preempted: str | None = None  # the signal that stopped the run, once maybe_save returned True
+        self.health = health or HealthPolicy()
+        self._monitor = HealthMonitor(self.health)
+        self.healthy = True  # False after maybe_save judged a step unhealthy, until rollback()
+        self.unhealthy_reason = ""
+        self.rollbacks = 0
+        self._health_record: dict[str, Any] = {"judged": False}
         self._loaded = False
         self._closed = False
         self._writer = writer
@@ -183,23 +193,47 @@ class Checkpointer:
         self._loaded = True
         return self.step
 
-    def maybe_save(self, step: int, *, last: bool = False) -> bool:
+    def maybe_save(
+        self, step: int, *, last: bool = False, loss: float | None = None, grad_norm: float | None = None
+    ) -> bool:
         """Call once after every optimizer step with the number of steps done. Saves every ``interval`` steps
         and at ``last``; returns True when a preemption signal arrived on any rank: ``step`` is then saved
-        and committed, and the loop should stop (exit with ``ftrain.EXIT_PREEMPTED``). Collective."""
+        and committed, and the loop should stop (exit with ``ftrain.EXIT_PREEMPTED``). Collective.
+
+        ``loss``/``grad_norm`` (optional) judge the step's health on every rank at once: an unhealthy step is
+        never saved. Then ``healthy`` is False and, with ``on_unhealthy="rollback"``, the loop should call
+        ``rollback()``; with ``"stop"`` this raises ``ftrain.health.UnhealthyError``.
+        """
         self._require_loaded("maybe_save")
         self._advance_to(step)
         self._status.step(step, finished=last)
         if self._recovery is not None:
             self._log_recovery()
-        stop, failed = sum_over_ranks(
-            [float(self.preemption.requested is not None), float(self.manager.failed_pending())], self.ctx.device
+        problem = self._monitor.judge(loss, grad_norm)
+        poisoned = self.manager.nonfinite_pending()
+        if poisoned and not problem:
+            problem = f"a saved tensor held NaN or Inf ({self.manager.last_error})"
+        self._health_record = {"judged": loss is not None or grad_norm is not None, "loss": loss, "grad_norm": grad_norm}
+        stop, failed, unhealthy = sum_over_ranks(
+            [
+                float(self.preemption.requested is not None),
+                float(self.manager.failed_pending() and not poisoned),
+                float(bool(problem)),
+            ],
+            self.ctx.device,
         )
         if failed and self.options.on_failure == "abort":
             raise CheckpointError(
                 f"stopping because checkpoint.on_failure=abort and a background save failed: "
                 f"{self.manager.last_error or 'on another rank'}"
             )
+        self.healthy = not unhealthy
+        if unhealthy:
+            self._on_unhealthy(step, problem or "on another rank")
+            if self.health.on_unhealthy != "ignore":
+                return bool(stop)  # never save an unhealthy step
+        else:
+            self._monitor.record(loss)
         if stop:
             self.preempted = self.preemption.requested or "a signal on another rank"
             logger.warning("stop requested (%s): saving step %d and exiting", self.preempted, step)
@@ -210,6 +244,40 @@ class Checkpointer:
             self.save(step)
         return False
 
+    def rollback(self) -> int:
+        """Restore the newest healthy checkpoint in-process (every state, RNGs and data position included), skip
+        the batches that led to the unhealthy step, and return the restored step. Collective.
+
+        The loop must then continue from the returned step and create its data iterator anew.
+        """
+        self._require_loaded("rollback")
+        failed_step = self.step
+        self.rollbacks += 1
+        if self.rollbacks > self.health.max_rollbacks:
+            raise UnhealthyError(
+                f"step {failed_step} unhealthy ({self.unhealthy_reason}) after {self.health.max_rollbacks} "
+                f"rollback(s) (max_rollbacks): stopping"
+            )
+        self._log_save(self.manager.wait())  # a save in flight is of an earlier, healthy step: let it finish
+        candidates = [d for d in reversed(layout.complete_steps(self.manager.root)) if d.step <= failed_step]
+        if not self.manager.enabled or not candidates:
+            raise UnhealthyError(f"step {failed_step} unhealthy ({self.unhealthy_reason}) and no checkpoint to roll back to")
+        self.manager.load(self._states_for_marker, TrainProgress.OPTIONAL_PREFIXES, candidates=candidates)
+        self.step = self.progress.step
+        skipped = self._skip_batches(self.health.batches_to_skip(failed_step, self.step))
+        if hasattr(self._metrics, "restart_from"):
+            self._metrics.restart_from(self.step)  # the curve continues from the restored step
+        self._metrics.log({tags.HEALTH_ROLLBACKS: float(self.rollbacks)}, self.step)
+        (logger.warning if self.ctx.is_main else logger.debug)(
+            "rollback: step %d was unhealthy (%s); restored step %d, skipped %d batch(es)",
+            failed_step,
+            self.unhealthy_reason,
+            self.step,
+            skipped,
+        )
+        self.healthy, self.unhealthy_reason = True, ""
+        return self.step
+
     def save(self, step: int) -> None:
         """Start a checkpoint of ``step`` now (asynchronous in the async modes). Collective."""
         self._require_loaded("save")
@@ -217,7 +285,9 @@ class Checkpointer:
         if not self.manager.enabled:
             return
         self._metrics.flush()  # the curve up to this step must be on disk before its checkpoint can commit
-        self._log_save(self.manager.save(step, self._states()))
+        # The marker records the health this step was committed with (its tensors are finite: the writer checks).
+        health = {**self._health_record, "healthy": self.healthy, "finite_tensors": True}
+        self._log_save(self.manager.save(step, self._states(), marker_fields={"health": health}))
 
     def wait(self) -> SaveStats | None:
         """Wait until the checkpoint in flight is committed; a failed save raises ``CheckpointError``."""
@@ -304,6 +374,32 @@ class Checkpointer:
             self._status.status.tier,
             self._status.status.resumed_from,
         )
+
+    def _on_unhealthy(self, step: int, problem: str) -> None:
+        self.unhealthy_reason = problem
+        if self.health.on_unhealthy == "stop":
+            self._log_save(self.manager.wait())  # the newest healthy checkpoint finishes committing
+            raise UnhealthyError(f"step {step} unhealthy: {problem} (train.on_unhealthy=stop)")
+        if self.health.on_unhealthy == "ignore" and self.ctx.is_main:
+            logger.warning("step %d unhealthy (%s); going on (on_unhealthy=ignore)", step, problem)
+
+    def _skip_batches(self, count: int) -> int:
+        """Move the data loader (and the global data position) ``count`` batches on."""
+        loader = self.dataloader
+        if loader is None or count <= 0:
+            return 0
+        batches = iter(loader)
+        skipped = 0
+        for _ in range(count):
+            try:
+                next(batches)
+            except StopIteration:
+                break
+            skipped += 1
+        if hasattr(loader, "state_dict") and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(loader.state_dict())  # the loop's next iter() starts after the skipped batches
+        self.progress.skip_batches(skipped)
+        return skipped
 
     def _before_update(self, *_: Any) -> None:
         # A background save may still be copying the state this optimizer step or forward is about to change.

@@ -2,7 +2,7 @@
 
     ftrain-ckpt list RUN_DIR [--json] [--verify]
     ftrain-ckpt show CHECKPOINT|RUN_DIR [--json]
-    ftrain-ckpt verify CHECKPOINT|RUN_DIR [--sizes-only]
+    ftrain-ckpt verify CHECKPOINT|RUN_DIR [--sizes-only] [--values]
     ftrain-ckpt convert CHECKPOINT|RUN_DIR OUT [--model-only] [--format torch|safetensors] [--overwrite]
     ftrain-ckpt prune RUN_DIR --keep-last N [--keep-every K] [--dry-run] [--force]
 
@@ -29,7 +29,7 @@ import torch
 from ftrain.checkpoint import integrity, keys, layout
 from ftrain.checkpoint.errors import describe_error
 from ftrain.checkpoint.lock import LOCK_NAME
-from ftrain.checkpoint.reader import flatten, read_state, select
+from ftrain.checkpoint.reader import flatten, read_state, select, read_tensors
 from ftrain.checkpoint.safe_load import read_metadata_safely
 
 LOCK_FRESH_S = 60.0  # a LOCK touched this recently may belong to a live job (its heartbeat touches it every 5 s)
@@ -238,10 +238,25 @@ def cmd_verify(args: argparse.Namespace) -> int:
         for problem in problems:
             print(f"DAMAGED {path}: {problem}")
         return 1
+    if args.values:
+        nonfinite = nonfinite_tensors(path)
+        if nonfinite:
+            shown = ", ".join(nonfinite[:5]) + (f" and {len(nonfinite) - 5} more" if len(nonfinite) > 5 else "")
+            print(f"NONFINITE {path}: NaN or Inf in {len(nonfinite)} tensor(s): {shown}")
+            return 1
     marker = layout.read_marker(path)
-    what = "sizes" if args.sizes_only else "sizes and checksums"
+    what = ("sizes" if args.sizes_only else "sizes and checksums") + (", every value finite" if args.values else "")
     print(f"OK {path}: {len(marker['files'])} files, {human_bytes(marker['total_bytes'])}, {what} match")
     return 0
+
+
+def nonfinite_tensors(path: Path) -> list[str]:
+    """Keys of the floating-point tensors of a checkpoint that hold NaN or Inf (reads every tensor)."""
+    return [
+        key
+        for key, tensor in read_tensors(path).items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
 
 
 def check_output(out: Path, overwrite: bool) -> None:
@@ -257,6 +272,10 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    if args.format == "safetensors":
+        return convert_to_safetensors(args, out)
+    if args.dtype:
+        raise UsageError("--dtype applies to --format safetensors only")
     check_output(out, args.overwrite)
     path = checkpoint_dir(args.checkpoint)
     marker = read_marker(path)
@@ -264,20 +283,44 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if problems:
         raise DamagedError(f"{path} is damaged, not converting: {problems[0]}")
     state = read_state(path)
-    if args.model_only or args.format == "safetensors":
+    if args.model_only:
         prefix = keys.state_keys(marker)[keys.MODEL]
         state = select(flatten(state), prefix)
         if not state:
             raise UsageError(f"{path}: holds no model entries under {prefix!r} (the key its marker names)")
-    if args.format == "safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            raise UsageError("--format safetensors needs the safetensors package: pip install safetensors") from None
-        tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-        write_atomically(out, lambda tmp: save_file(tensors, str(tmp)))
-    else:
-        write_atomically(out, lambda tmp: torch.save(state, tmp))
+    write_atomically(out, lambda tmp: torch.save(state, tmp))
+    print(f"wrote {out} ({human_bytes(out.stat().st_size)})")
+    return 0
+
+
+def convert_to_safetensors(args: argparse.Namespace, out: Path) -> int:
+    """The model's weights through ``ftrain.checkpoint.export`` (the code the training-time export runs): OUT
+    named ``*.safetensors`` is one file; any other OUT is a directory in Hugging Face's layout (sharded above
+    5 GB, with ``model.safetensors.index.json``)."""
+    from ftrain.checkpoint import export
+    from ftrain.checkpoint.errors import CheckpointError
+
+    single = out.name.endswith(".safetensors")
+    if single:
+        check_output(out, args.overwrite)
+    elif (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise UsageError(f"{out} already exists (--overwrite to replace it)")
+    elif out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is not a directory (a *.safetensors name writes one file)")
+    path = checkpoint_dir(args.checkpoint)
+    read_marker(path)  # a missing, malformed or too new marker: exit 1 with its reason
+    try:
+        dtype = export.parse_dtype(args.dtype or "")
+        tensors = export.model_tensors(path)
+        if not single:
+            export.export_from_checkpoint(path, out, dtype)
+            print(f"wrote {out}/ ({human_bytes(disk_bytes(out))})")
+            return 0
+        save_file = export._save_file()
+        ready = export.prepare(tensors, dtype)
+        write_atomically(out, lambda tmp: save_file(ready, str(tmp), metadata={"format": "pt"}))
+    except CheckpointError as exc:
+        raise DamagedError(str(exc)) from None
     print(f"wrote {out} ({human_bytes(out.stat().st_size)})")
     return 0
 
@@ -383,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every file against the marker, and DCP's metadata against the files")
     p.add_argument("checkpoint", type=Path, help=checkpoint_help)
     p.add_argument("--sizes-only", action="store_true", help="skip checksums")
+    p.add_argument("--values", action="store_true", help="also read every tensor and check it holds no NaN or Inf (slower)")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("convert", help="to one torch.save file, or the model's weights to safetensors")
     p.add_argument("checkpoint", type=Path, help=checkpoint_help)
@@ -390,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-only", action="store_true", help="only the model's weights")
     p.add_argument("--format", choices=("torch", "safetensors"), default="torch", help="output format (default torch)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="safetensors: cast floating-point weights")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("prune", help="delete old checkpoints by the trainer's retention rules")
     p.add_argument("run_dir", type=Path, help="a run directory (or its checkpoints/ folder)")

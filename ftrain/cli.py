@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=2 -m ftrain train [...]    # N ranks (or: torchrun ... --no-python ftrain-train)
     ftrain-train --help | --print-config [...]
 
-Exit codes: 0 finished, 75 preempted after saving (run again to resume), 1 error, 2 bad configuration (nothing
+Exit codes: 0 finished, 75 preempted after saving (run again to resume), 65 stopped on an unhealthy step
+(train.on_unhealthy=stop, or max_rollbacks spent), 1 error, 2 bad configuration (nothing
 written). A run that stopped for a preemption signal also leaves ``RUN_DIR/PREEMPTED`` (torchrun itself exits 1
 when it is signalled, so a scheduler can look for this file instead); the next start of the run removes it.
 """
@@ -42,7 +43,8 @@ options:
   --config FILE     a YAML file of sections and keys (only those that differ from the defaults)
 
 exit codes: 0 finished; 75 preempted by a signal after saving (run the same command again to resume; the run
-directory holds a PREEMPTED file); 1 error; 2 bad configuration, data or run directory (one line on stderr,
+directory holds a PREEMPTED file); 65 stopped on an unhealthy step (NaN/Inf loss or grad norm, or a spike); 1 error;
+2 bad configuration, data or run directory (one line on stderr,
 nothing written)."""
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg: Config) -> int:
     from ftrain.checkpoint import CheckpointError
+    from ftrain.health import EXIT_UNHEALTHY, UnhealthyError
     from ftrain.metrics import setup_logging
     from ftrain.trainer import Trainer, is_peer_failure
 
@@ -109,6 +112,9 @@ def _train(cfg: Config) -> int:
             _mark_preempted(cfg, trainer)
         trainer.close()
         return code
+    except UnhealthyError as exc:
+        print(f"ftrain: stopped: {exc}", file=sys.stderr)
+        code = EXIT_UNHEALTHY
     except (CheckpointError, ValueError) as exc:
         print(f"ftrain: error: {exc}", file=sys.stderr)
         code = EXIT_ERROR

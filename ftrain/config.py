@@ -92,6 +92,10 @@ class TrainConfig:
     device: str = _key("auto", "auto (CUDA if present), cpu or cuda", ("auto", "cpu", "cuda"))
     timeout_s: float = _key(300.0, "a collective waiting longer (a stalled or lost rank) is an error, not a hang")
     gc_interval: int = _key(50, "Python GC at every N-th step boundary instead of mid-step (0 = automatic)")
+    on_unhealthy: str = _key("rollback", "a step with a non-finite loss or grad norm (or a spike): rollback | stop | ignore", ("rollback", "stop", "ignore"))
+    spike_factor: float = _key(0.0, "a loss above this many times the median of the last 50 healthy ones is unhealthy (0 = off)")
+    max_rollbacks: int = _key(3, "rollbacks allowed in one process; one more unhealthy step stops the run")
+    rollback_skip_batches: int = _key(-1, "batches skipped after a rollback; -1 = those since the restored checkpoint + 10%")
 
 
 @dataclass
@@ -118,6 +122,12 @@ class LogConfig:
 
 
 @dataclass
+class DebugConfig:
+    nan_at_steps: list[int] = _key([], "TEST HOOK: rank 0's loss is NaN at these steps (once per process)")
+    poison_param_at_steps: list[int] = _key([], "TEST HOOK: rank 0 writes a NaN into a parameter after these steps' update (once per process)")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -125,6 +135,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 @dataclass(frozen=True)
@@ -359,6 +370,9 @@ def validate(cfg: Config) -> None:
     require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1 (the latest is never deleted)")
     require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0 keeps none permanently)")
     require(cfg.train.gc_interval >= 0, "train.gc_interval", "must be >= 0 (0 = Python's automatic collection)")
+    require(cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1, "train.spike_factor", "must be 0 (off) or above 1")
+    require(cfg.train.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0")
+    require(cfg.train.rollback_skip_batches >= -1, "train.rollback_skip_batches", "must be >= 0, or -1 for automatic")
     require(cfg.checkpoint.write_threads >= 0, "checkpoint.write_threads", "must be >= 0 (0 = one per free core, up to 4)")
     require(cfg.log.interval >= 1, "log.interval", "must be at least 1")
     require(bool(cfg.checkpoint.resume.strip()), "checkpoint.resume", "must be auto, never, a step number or a path")

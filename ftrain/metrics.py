@@ -79,6 +79,17 @@ class Metrics:
         except OSError as exc:
             self._pause(exc)
 
+    def restart_from(self, step: int) -> None:
+        """Continue the curves from ``step`` (after a rollback): events logged after it are void, as on a resume."""
+        if not self.enabled:
+            return
+        self.close()
+        try:
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=step + 1)
+        except OSError as exc:
+            logger.warning("TensorBoard logging paused (%s: %s); training goes on", self.log_dir, exc)
+            self.broken = True
+
     def _pause(self, exc: OSError) -> None:
         logger.warning("TensorBoard logging paused (%s: %s); training goes on", self.log_dir, exc)
         self.broken = True

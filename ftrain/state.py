@@ -138,6 +138,12 @@ class TrainProgress(Stateful):
         if self.sampler is not None:
             self.data_position = self.sampler.advance(self.data_position)
 
+    def skip_batches(self, count: int) -> None:
+        """Batches read without a step (skipped after a rollback): the global data position moves on."""
+        if self.sampler is not None:
+            for _ in range(count):
+                self.data_position = self.sampler.advance(self.data_position)
+
     def state_dict(self) -> dict[str, Any]:
         key = f"rank_{self.rank}"
         return {

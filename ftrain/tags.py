@@ -37,3 +37,6 @@ RECOVERY_TIME_LOST_S = "recovery/time_lost_s"  # from the last step before the f
 RECOVERY_STEPS_REDONE = "recovery/steps_redone"  # steps finished before the failure that are trained again
 RECOVERY_STARTUP_S = "recovery/startup_s"  # from process start until ready to train (state loaded)
 RECOVERY_LOAD_S = "recovery/load_s"  # choosing, verifying and loading the checkpoint
+
+# health/*
+HEALTH_ROLLBACKS = "health/rollbacks"  # rollbacks so far, logged at the step each one restored

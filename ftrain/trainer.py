@@ -24,6 +24,7 @@ from ftrain.config import Config, to_yaml
 from ftrain.data import build_dataloader
 from ftrain.distributed import close_distributed, init_distributed, max_over_ranks, sum_over_ranks
 from ftrain.gc_policy import StepGarbageCollector
+from ftrain.health import HealthPolicy
 from ftrain.metrics import Progress
 from ftrain.model import build_model, num_parameters
 from ftrain.preemption import EXIT_PREEMPTED
@@ -70,6 +71,31 @@ class SampleRecorder:
         line = {"step": step, "rank": self.rank, "attempt": self.attempt, "indices": indices.tolist()}
         self.handle.write(json.dumps(line) + "\n")
         self.handle.flush()
+
+
+class DebugFaults:
+    """The ``debug.*`` test hooks: make rank 0's loss NaN, or write a NaN into a parameter, at given steps, once
+    per process. For seeing rollback and the commit rule at work; never on in a real run."""
+
+    def __init__(self, nan_at_steps: list[int], poison_at_steps: list[int], is_main: bool) -> None:
+        self.nan_at = set(nan_at_steps) if is_main else set()
+        self.poison_at = set(poison_at_steps) if is_main else set()
+
+    def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
+        if step in self.nan_at:
+            self.nan_at.discard(step)
+            logger.warning("debug.nan_at_steps: the loss of step %d is made NaN on rank 0", step)
+            return loss * float("nan")
+        return loss
+
+    def after_update(self, model: torch.nn.Module, step: int) -> None:
+        if step in self.poison_at:
+            self.poison_at.discard(step)
+            parameter = next(model.parameters())
+            local = parameter.to_local() if hasattr(parameter, "to_local") else parameter
+            with torch.no_grad():
+                local.view(-1)[0] = float("nan")
+            logger.warning("debug.poison_param_at_steps: a NaN was written into a parameter after step %d", step)
 
 
 class Trainer:
@@ -120,7 +146,14 @@ class Trainer:
             model_signature=vars(cfg.model),
             run_name=cfg.run.name,
             dist_context=self.env.context(),
+            health=HealthPolicy(
+                on_unhealthy=cfg.train.on_unhealthy,
+                spike_factor=cfg.train.spike_factor,
+                max_rollbacks=cfg.train.max_rollbacks,
+                rollback_skip_batches=cfg.train.rollback_skip_batches,
+            ),
         )
+        self._faults = DebugFaults(cfg.debug.nan_at_steps, cfg.debug.poison_param_at_steps, self.env.is_main)
         try:
             self._write_config()
             self.checkpointer.load()
@@ -189,7 +222,7 @@ class Trainer:
             started = time.perf_counter()
             indices, inputs, targets = next(batches)
             lr = self.scheduler.get_last_lr()[0]
-            loss = self.train_step(inputs.to(self.device), targets.to(self.device))
+            loss, grad_norm = self.train_step(inputs.to(self.device), targets.to(self.device), step + 1)
             step += 1
             if record:
                 record.write(step, indices)
@@ -206,24 +239,34 @@ class Trainer:
                 step,
             )
             progress.maybe_print(step, mean_loss, lr, tokens_per_step / step_time)
-            if ckpt.maybe_save(step, last=step == cfg.train.max_steps):
+            if ckpt.maybe_save(step, last=step == cfg.train.max_steps, loss=mean_loss, grad_norm=grad_norm):
                 ckpt.close()
                 return EXIT_PREEMPTED if step < cfg.train.max_steps else EXIT_OK
+            if not ckpt.healthy and cfg.train.on_unhealthy == "rollback":
+                step = ckpt.rollback()
+                batches = iter(self.dataloader)  # the loader continues after the skipped batches
+                progress = Progress(step, cfg.train.max_steps, cfg.log.interval)
+                continue
             collector.step(step)
         ckpt.close()
         return EXIT_OK
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, step: int) -> tuple[torch.Tensor, float | None]:
+        """One optimizer step (the ``step``-th); returns the loss and the global gradient norm (None without
+        clipping)."""
         self.model.train()
-        loss = self.model(inputs, targets)
+        loss = self._faults.loss(self.model(inputs, targets), step)
         loss.backward()
+        grad_norm = None
         if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         # No staging wait here: the checkpointer's optimizer hook makes it before the parameters change.
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss.detach()
+        self._faults.after_update(self.model, step)
+        return loss.detach(), grad_norm
 
     def summary(self) -> str:
         """What a finished or preempted run prints last."""

@@ -37,7 +37,7 @@ from ftrain.checkpoint.loading import LoadResult, StatesFor
 from ftrain.config import CheckpointConfig
 from ftrain.distributed import DistContext, max_over_ranks
 from ftrain.checkpoint.staging import BufferStager
-from ftrain.checkpoint.writer import CheckpointWriter, auto_write_threads
+from ftrain.checkpoint.writer import CheckpointWriter, NonFiniteStateError, auto_write_threads
 
 logger = logging.getLogger("ftrain.checkpoint")
 
@@ -77,7 +77,9 @@ class _PendingSave:
     uploaded_at: float | None = None
     committed_at: float | None = None
     marker: dict[str, Any] | None = None
+    marker_fields: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    nonfinite: bool = False  # refused because a saved tensor held NaN or Inf
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -163,15 +165,18 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(self.root / WRITER_START_DIR, ignore_errors=True)
 
-    def save(self, step: int, states: dict[str, Any]) -> SaveStats | None:
-        """Start checkpointing ``states`` as step ``step``; returns the previous save's stats, if any."""
+    def save(self, step: int, states: dict[str, Any], marker_fields: dict[str, Any] | None = None) -> SaveStats | None:
+        """Start checkpointing ``states`` as step ``step``; returns the previous save's stats, if any.
+        ``marker_fields`` go into this checkpoint's commit marker."""
         if not self.enabled:
             return None
         called = time.perf_counter()
         self._wait_for_writer_start()
         previous = self._finish_pending(charge_wait=False)  # this wait is charged to the new save instead
         started = time.perf_counter()
-        pending = _PendingSave(step=step, path=layout.step_dir(self.root, step), started=started)
+        pending = _PendingSave(
+            step=step, path=layout.step_dir(self.root, step), started=started, marker_fields=dict(marker_fields or {})
+        )
         self._pending = pending
         if self.mode == "sync":
             self._save_sync(pending, states)
@@ -262,6 +267,7 @@ class CheckpointManager:
             "world_size": self.world_size,
             "mode": self.mode,
             **self.signature.marker_fields(),
+            **pending.marker_fields,
         }
         pending.marker = layout.write_marker(pending.path, info, integrity.file_entries(pending.path))
         pending.committed_at = time.perf_counter()
@@ -276,7 +282,10 @@ class CheckpointManager:
         self._purge_queue.put(pending.path)
 
     def _record_failure(self, pending: _PendingSave, exc: BaseException) -> None:
-        pending.error = f"writing {pending.path}: {describe_error(exc)}{free_space_note(self.root)}"
+        cause = describe_error(exc)
+        # DCP wraps the writer's exception (in a CheckpointException, maybe from another process): match by name
+        pending.nonfinite = NonFiniteStateError.__name__ in cause
+        pending.error = f"writing {pending.path}: {cause}{'' if pending.nonfinite else free_space_note(self.root)}"
         self.failures += 1
         logger.error(
             "checkpoint step %d FAILED on rank %d, it will not be marked complete: %s",
@@ -293,6 +302,10 @@ class CheckpointManager:
     def failed_pending(self) -> bool:
         """True if the save in flight has already failed on this rank (cheap; for a per-step check)."""
         return self._pending is not None and bool(self._pending.error)
+
+    def nonfinite_pending(self) -> bool:
+        """True if the save in flight was refused because the state held NaN or Inf (a health problem)."""
+        return self._pending is not None and self._pending.nonfinite
 
     def wait_for_staging(self) -> None:
         """Block until the in-flight save has copied the state; call before mutating parameters."""
@@ -373,14 +386,19 @@ class CheckpointManager:
                 logger.warning("retention could not clean %s: %s", self.root, exc)
 
     # --------------------------------------------------------------------------------------------- loading
-    def load(self, states: StatesFor, optional_prefixes: tuple[str, ...] = ()) -> LoadResult | None:
-        """Load the best usable checkpoint for ``checkpoint.resume`` into ``states`` (see ``loading.load_best``);
-        ``states`` may be a function of the candidate's marker (old checkpoints name their states differently).
-        None: start fresh."""
+    def load(
+        self,
+        states: StatesFor,
+        optional_prefixes: tuple[str, ...] = (),
+        candidates: list[layout.StepDir] | None = None,
+    ) -> LoadResult | None:
+        """Load the best usable checkpoint into ``states`` (see ``loading.load_best``): of ``candidates`` (best
+        first), by default those of ``checkpoint.resume``. ``states`` may be a function of the candidate's
+        marker (old checkpoints name their states differently). None: start fresh."""
         resume = self.options.resume
         return loading.load_best(
             states,
-            loading.find_candidates(self.root, resume),
+            loading.find_candidates(self.root, resume) if candidates is None else candidates,
             resume=resume,
             expect=loading.Expectations(
                 self.signature.model, self.world_size, self.options.on_world_size_change != "refuse"

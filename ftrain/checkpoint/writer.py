@@ -5,6 +5,10 @@
   writes them to ``CHECKSUMS.json`` before DCP's ``.metadata``, and the commit marker records them.
 * Early writeback: after each large write the kernel is told to start writing those pages to disk, so the
   disk works while the writer checksums and copies the next tensors instead of all at the final fsync.
+* Finite values: every floating-point tensor is checked for NaN/Inf as the writer resolves it (off the training
+  thread: the writer works on the staged copy). Each rank sends the names it found to the coordinator with its
+  checksums; if there are any, the coordinator refuses to finish the checkpoint, so a poisoned state never
+  gets a ``.metadata`` and therefore never a commit marker.
 * Priority: in the writer process (``async_process``) the whole process runs at a lower CPU priority, so that
   on a machine whose cores training keeps busy the save takes the cycles training leaves idle (and logs only
   warnings).
@@ -21,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
@@ -31,6 +36,7 @@ from torch.futures import Future
 from ftrain.checkpoint.integrity import CHECKSUMS, crc32_file
 
 _SUMS_KEY = "__ftrain_checksums__"
+_NONFINITE_KEY = "__ftrain_nonfinite__"
 EARLY_WRITEBACK_BYTES = 4 << 20
 MAX_AUTO_WRITE_THREADS = 4
 WRITER_PROCESS_NICE = 10  # added to the writer process's nice value (0 is the default, 19 the lowest priority)
@@ -104,23 +110,57 @@ class CheckpointWriter(FileSystemWriter):
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        results = super().write_data(plan, planner).wait()
+        checked = _FiniteChecking(planner)
+        results = super().write_data(plan, checked).wait()
         files = sorted({result.storage_data.relative_path for result in results})
         sums = {name: self.fs.sums.get(name) or crc32_file(Path(self.path) / name) for name in files}
         done: Future[list[WriteResult]] = Future()
-        done.set_result([*results, WriteResult(index=MetadataIndex(_SUMS_KEY), size_in_bytes=0, storage_data=sums)])
+        done.set_result(
+            [
+                *results,
+                WriteResult(index=MetadataIndex(_SUMS_KEY), size_in_bytes=0, storage_data=sums),
+                WriteResult(index=MetadataIndex(_NONFINITE_KEY), size_in_bytes=0, storage_data=sorted(checked.nonfinite)),
+            ]
+        )
         return done
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         sums: dict[str, str] = {}
+        nonfinite: list[str] = []
         kept = []
         for rank_results in results:
-            kept.append([r for r in rank_results if r.index.fqn != _SUMS_KEY])
+            kept.append([r for r in rank_results if r.index.fqn not in (_SUMS_KEY, _NONFINITE_KEY)])
             for r in rank_results:
                 if r.index.fqn == _SUMS_KEY:
                     sums.update(r.storage_data)
+                elif r.index.fqn == _NONFINITE_KEY:
+                    nonfinite.extend(r.storage_data)
+        if nonfinite:
+            shown = ", ".join(sorted(set(nonfinite))[:5])
+            raise NonFiniteStateError(f"non-finite values (NaN/Inf) in {len(set(nonfinite))} tensor(s): {shown}")
         _write_json_durably(Path(self.path) / CHECKSUMS, sums)
         super().finish(metadata, kept)
+
+
+class NonFiniteStateError(ValueError):
+    """A state about to be committed holds NaN or Inf: the checkpoint is not finished."""
+
+
+class _FiniteChecking:
+    """The planner DCP writes through, noting every floating-point tensor it resolves that holds NaN or Inf."""
+
+    def __init__(self, planner: SavePlanner) -> None:
+        self._planner = planner
+        self.nonfinite: list[str] = []
+
+    def resolve_data(self, write_item: Any) -> Any:
+        data = self._planner.resolve_data(write_item)
+        if isinstance(data, torch.Tensor) and data.is_floating_point() and not bool(torch.isfinite(data).all()):
+            self.nonfinite.append(write_item.index.fqn)  # list.append is atomic: writer threads may share this
+        return data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._planner, name)
 
 
 def auto_write_threads() -> int:
