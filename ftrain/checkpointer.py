@@ -35,6 +35,7 @@ from ftrain.checkpoint.manager import CheckpointManager, SaveStats
 from ftrain.config import CheckpointConfig, Config, ConfigError, validate
 from ftrain.distributed import DistContext, max_over_ranks, sum_over_ranks
 from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
+from ftrain.interval import SaveSchedule
 from ftrain.preemption import EXIT_PREEMPTED, PreemptionFlag
 from ftrain.run_status import RunStatus, StatusWriter, read_status
 from ftrain.state import ModelOptimizerState, ModelState, OptimizerState, TrainProgress
@@ -114,6 +115,8 @@ class Checkpointer:
         self.unhealthy_reason = ""
         self.rollbacks = 0
         self._health_record: dict[str, Any] = {"judged": False}
+        self.schedule = SaveSchedule(self.options.interval, self.options.overhead_budget, self.options.max_interval_s)
+        self._last_call: float | None = None
         self._loaded = False
         self._closed = False
         self._writer = writer
@@ -190,6 +193,9 @@ class Checkpointer:
         if result is not None:
             self._metrics.log({tags.CKPT_LOAD_S: result.load_s}, self.step)
         self._start_status(result.load_s if result else 0.0)
+        self.schedule.start(self.step)
+        if self.schedule.auto and self.manager.enabled:
+            self._announce_interval("starts at")
         self._loaded = True
         return self.step
 
@@ -206,6 +212,10 @@ class Checkpointer:
         """
         self._require_loaded("maybe_save")
         self._advance_to(step)
+        now = time.perf_counter()
+        if self._last_call is not None:
+            self.schedule.observe_step(now - self._last_call, save_in_flight=self.manager.save_in_flight())
+        self._last_call = now
         self._status.step(step, finished=last)
         if self._recovery is not None:
             self._log_recovery()
@@ -240,7 +250,7 @@ class Checkpointer:
             self.save(step)
             self.wait()
             return True
-        if step % self.options.interval == 0 or last:
+        if self.schedule.due(step) or last:
             self.save(step)
         return False
 
@@ -264,6 +274,7 @@ class Checkpointer:
             raise UnhealthyError(f"step {failed_step} unhealthy ({self.unhealthy_reason}) and no checkpoint to roll back to")
         self.manager.load(self._states_for_marker, TrainProgress.OPTIONAL_PREFIXES, candidates=candidates)
         self.step = self.progress.step
+        self.schedule.start(self.step)
         skipped = self._skip_batches(self.health.batches_to_skip(failed_step, self.step))
         if hasattr(self._metrics, "restart_from"):
             self._metrics.restart_from(self.step)  # the curve continues from the restored step
@@ -285,6 +296,7 @@ class Checkpointer:
         if not self.manager.enabled:
             return
         self._metrics.flush()  # the curve up to this step must be on disk before its checkpoint can commit
+        self.schedule.saved(step)
         # The marker records the health this step was committed with (its tensors are finite: the writer checks).
         health = {**self._health_record, "healthy": self.healthy, "finite_tensors": True}
         self._log_save(self.manager.save(step, self._states(), marker_fields={"health": health}))
@@ -473,6 +485,23 @@ class Checkpointer:
                 }
             )
         self._metrics.log(scalars, stats.step)
+        if self.schedule.auto and stats.ok:
+            agreed = int(max_over_ranks([float(self.schedule.propose(stats.blocking_s))], self.ctx.device)[0])
+            if self.schedule.set(agreed):
+                self._announce_interval("now")
+
+    def _announce_interval(self, when: str) -> None:
+        cost = f", measured cost {self.schedule.cost_s:.3f} s per checkpoint" if self.schedule.cost_s is not None else ""
+        if self.ctx.is_main:
+            logger.info(
+                "checkpoint.interval=auto %s %d steps (budget %.1f%% of training time%s)",
+                when,
+                self.schedule.interval,
+                100 * self.options.overhead_budget,
+                cost,
+            )
+        if self._metrics is not None:
+            self._metrics.log({tags.CKPT_INTERVAL: float(self.schedule.interval)}, self.step)
 
     def _warn_if_resharded(self) -> None:
         source = self.progress.resharded_from
@@ -520,6 +549,7 @@ def _checkpoint_options(options: dict[str, Any]) -> CheckpointConfig:
     if unknown:
         raise TypeError(f"Checkpointer got unknown option(s) {', '.join(unknown)}; options are {', '.join(sorted(known))}")
     section = CheckpointConfig(**options)
+    section.interval = str(section.interval)
     if isinstance(section.signals, str):
         section.signals = [section.signals]
     section.signals = list(section.signals)

@@ -100,7 +100,9 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = _key(50, "save every N steps; the last step is always saved")
+    interval: str = _key("50", "save every N steps, or auto: the fewest steps whose measured cost fits overhead_budget; the last step is always saved")
+    overhead_budget: float = _key(0.01, "interval=auto: the share of training time checkpoints may cost (blocked + slowed steps)")
+    max_interval_s: float = _key(1800.0, "interval=auto: a durable checkpoint is never older than this (wall seconds)")
     mode: str = _key("async", "async | async_process | sync | off", CHECKPOINT_MODES)
     keep_last: int = _key(3, "complete checkpoints kept; older ones go only after a newer one commits")
     keep_every: int = _key(0, "also keep every K-th step forever (0 = none)")
@@ -366,7 +368,10 @@ def validate(cfg: Config) -> None:
     require(cfg.model.d_model % max(cfg.model.n_head, 1) == 0, "model.d_model", "must be divisible by model.n_head")
     require(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    require(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be at least 1 step")
+    interval = str(cfg.checkpoint.interval).strip()
+    require(interval == "auto" or (interval.isdigit() and int(interval) >= 1), "checkpoint.interval", "must be auto or a number of steps >= 1")
+    require(0 < cfg.checkpoint.overhead_budget < 1, "checkpoint.overhead_budget", "must be a share of time in (0, 1), e.g. 0.01")
+    require(cfg.checkpoint.max_interval_s > 0, "checkpoint.max_interval_s", "must be positive")
     require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1 (the latest is never deleted)")
     require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0 keeps none permanently)")
     require(cfg.train.gc_interval >= 0, "train.gc_interval", "must be >= 0 (0 = Python's automatic collection)")

@@ -40,3 +40,4 @@ RECOVERY_LOAD_S = "recovery/load_s"  # choosing, verifying and loading the check
 
 # health/*
 HEALTH_ROLLBACKS = "health/rollbacks"  # rollbacks so far, logged at the step each one restored
+CKPT_INTERVAL = "checkpoint/interval"  # checkpoint.interval=auto: the interval in steps, logged when it changes

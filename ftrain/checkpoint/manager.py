@@ -303,6 +303,10 @@ class CheckpointManager:
         """True if the save in flight has already failed on this rank (cheap; for a per-step check)."""
         return self._pending is not None and bool(self._pending.error)
 
+    def save_in_flight(self) -> bool:
+        """True while a save of this manager has not finished (committed or failed) on this rank."""
+        return self._pending is not None and not self._pending.done.is_set()
+
     def nonfinite_pending(self) -> bool:
         """True if the save in flight was refused because the state held NaN or Inf (a health problem)."""
         return self._pending is not None and self._pending.nonfinite

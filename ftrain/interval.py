@@ -1,0 +1,68 @@
+"""When to save: every N steps, or ``auto``: the fewest steps whose measured checkpoint cost fits a budget.
+
+The cost of one checkpoint is what training pays for it: the time the loop was blocked (``blocking_s``) plus
+the slowdown of the steps that ran while the background write did (their time above the median step time
+without a save in flight). With cost ``C``, step time ``t`` and budget ``b`` (a share of training time), an
+interval of ``N = ceil(C / (b * t))`` steps keeps checkpoints within the budget (CheckFreq, FAST'21, holds
+overhead to a few percent the same way). ``max_interval_s`` caps ``N * t``, so a durable checkpoint is never
+older than that. The interval is re-evaluated after every checkpoint whose cost is known.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+AUTO = "auto"
+FIRST_AUTO_INTERVAL = 10  # steps before the first checkpoint of an auto run: enough to know the step time
+
+
+class SaveSchedule:
+    """Decides at each step whether a checkpoint is due; fixed or auto."""
+
+    def __init__(self, interval: str | int, overhead_budget: float = 0.01, max_interval_s: float = 1800.0) -> None:
+        self.auto = str(interval).strip() == AUTO
+        self.interval = FIRST_AUTO_INTERVAL if self.auto else int(interval)
+        self.budget = overhead_budget
+        self.max_interval_s = max_interval_s
+        self._last_saved_step = 0
+        self._quiet_steps: deque[float] = deque(maxlen=200)  # step times with no save in flight
+        self._busy_steps: list[float] = []  # step times while the current save was in flight
+        self.cost_s: float | None = None  # the latest measured cost of one checkpoint
+
+    def start(self, step: int) -> None:
+        """The run (re)starts at ``step``: count the next interval from here."""
+        self._last_saved_step = step
+
+    def due(self, step: int) -> bool:
+        if self.auto:
+            return step - self._last_saved_step >= self.interval
+        return step % self.interval == 0
+
+    def saved(self, step: int) -> None:
+        self._last_saved_step = step
+
+    def observe_step(self, seconds: float, save_in_flight: bool) -> None:
+        """One training step's wall time, and whether a background save ran during it."""
+        (self._busy_steps if save_in_flight else self._quiet_steps).append(seconds)
+
+    def propose(self, blocking_s: float) -> int:
+        """A checkpoint's stats are known: the interval this rank's measurements ask for. Ranks measure their
+        own step times, so the caller agrees on one value (the maximum) and passes it to ``set``."""
+        if not self.auto or len(self._quiet_steps) < 3:
+            self._busy_steps = []
+            return self.interval
+        step_s = statistics.median(self._quiet_steps)
+        slowdown = sum(max(t - step_s, 0.0) for t in self._busy_steps)
+        self._busy_steps = []
+        self.cost_s = blocking_s + slowdown
+        wanted = math.ceil(self.cost_s / (self.budget * step_s)) if step_s > 0 else 1
+        cap = max(1, int(self.max_interval_s / step_s)) if step_s > 0 else wanted
+        return max(1, min(wanted, cap))
+
+    def set(self, interval: int) -> bool:
+        """Adopt the agreed interval; True if it changed."""
+        changed = interval != self.interval
+        self.interval = interval
+        return changed

@@ -1,0 +1,53 @@
+"""checkpoint.interval=auto: the interval follows the measured cost of a checkpoint and the budget."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+import ftrain
+from ftrain import tags
+from ftrain.interval import FIRST_AUTO_INTERVAL, SaveSchedule
+
+from conftest import check_ok, run_train, scalars
+
+
+def test_fixed_interval_saves_every_n_steps():
+    schedule = SaveSchedule("5")
+    assert [step for step in range(1, 21) if schedule.due(step)] == [5, 10, 15, 20]
+
+
+def test_auto_interval_is_the_fewest_steps_within_the_budget():
+    schedule = SaveSchedule("auto", overhead_budget=0.01, max_interval_s=1e9)
+    assert schedule.interval == FIRST_AUTO_INTERVAL and schedule.due(FIRST_AUTO_INTERVAL)
+    for _ in range(20):
+        schedule.observe_step(0.1, save_in_flight=False)
+    for _ in range(5):  # the background write slowed five steps by 0.02 s each
+        schedule.observe_step(0.12, save_in_flight=True)
+    # cost = 0.05 s blocked + 5 x 0.02 s slowdown = 0.15 s; 1% of 0.1 s steps = 0.001 s per step -> 150 steps
+    assert schedule.propose(blocking_s=0.05) == 150
+    assert schedule.set(150) and schedule.interval == 150 and abs(schedule.cost_s - 0.15) < 1e-9
+    schedule.saved(40)
+    assert not schedule.due(189) and schedule.due(190)
+
+
+def test_auto_interval_is_capped_by_max_interval_s():
+    schedule = SaveSchedule("auto", overhead_budget=0.01, max_interval_s=3.0)
+    for _ in range(10):
+        schedule.observe_step(0.1, save_in_flight=False)
+    assert schedule.propose(blocking_s=1.0) == 30  # 1000 steps would be wanted; 3 s of 0.1 s steps is the cap
+
+
+def test_recipe_with_auto_interval_logs_its_choice(tmp_path):
+    proc = run_train(tmp_path, "checkpoint.interval=auto", "train.max_steps=60", nproc=0)
+    check_ok(proc)
+    assert "checkpoint.interval=auto starts at 10 steps" in proc.stderr
+    logged = scalars(tmp_path / "tb", tags.CKPT_INTERVAL)
+    assert logged[0] == FIRST_AUTO_INTERVAL and len(logged) >= 2 and all(v >= 1 for v in logged.values())
+
+
+def test_checkpointer_accepts_an_integer_or_auto_interval(tmp_path):
+    model = nn.Linear(2, 2)
+    for interval in (3, "auto"):
+        ckpt = ftrain.Checkpointer(tmp_path / str(interval), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), interval=interval)
+        ckpt.abort()
