@@ -17,9 +17,7 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -28,11 +26,11 @@ import torch
 
 from ftrain.checkpoint import integrity, keys, layout
 from ftrain.checkpoint.errors import describe_error
-from ftrain.checkpoint.lock import LOCK_NAME
+from ftrain.checkpoint.lock import LOCK_NAME, live_holder
 from ftrain.checkpoint.reader import flatten, read_state, select, read_tensors
 from ftrain.checkpoint.safe_load import read_metadata_safely
 
-LOCK_FRESH_S = 60.0  # a LOCK touched this recently may belong to a live job (its heartbeat touches it every 5 s)
+
 
 
 class UsageError(Exception):
@@ -336,51 +334,10 @@ def write_atomically(out: Path, write: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def live_lock_holder(run_dir: Path) -> str | None:
-    """Who holds ``{run_dir}/LOCK`` if that may be a live job, else None. Read-only and defensive: a holder on
-    this host is live while its process runs; any other (or an unreadable lock) while the lock was touched in
-    the last ``LOCK_FRESH_S`` seconds."""
-    lock = Path(run_dir) / LOCK_NAME
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    try:
-        holder = json.loads(lock.read_text())
-    except (OSError, ValueError, RecursionError):
-        holder = None  # vanished or half-written: judged by its age alone
-    fresh = age < LOCK_FRESH_S
-    if not isinstance(holder, dict):
-        return f"an unreadable {lock} touched {age:.0f} s ago" if fresh else None
-    pid, host = holder.get("pid"), holder.get("host")
-    who = f"pid {pid} on {host} (per {lock}, touched {age:.0f} s ago)"
-    if host == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
-        return who if _process_alive(pid, holder.get("process_start")) else None
-    return who if fresh else None
-
-
-def _process_alive(pid: int, start: Any) -> bool:
-    """The process runs, and (if the lock recorded it) it is the one that started at ``start``."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, another user's
-    except OverflowError:
-        return False
-    if start is None:
-        return True
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19] == str(start)
-    except (OSError, IndexError):
-        return True  # no /proc: the pid is alive, assume it is the holder
-
-
 def cmd_prune(args: argparse.Namespace) -> int:
     root = checkpoints_root(args.run_dir)
     run_dir = root.parent if root.name == "checkpoints" else root
-    holder = live_lock_holder(run_dir)
+    holder = live_holder(run_dir)
     if holder and not args.force:
         raise DamagedError(f"{run_dir} is in use by {holder}; not pruning while a job may be writing (--force to prune anyway)")
     if holder:
