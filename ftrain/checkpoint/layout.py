@@ -101,14 +101,21 @@ def write_marker(path: Path, info: dict[str, Any], files: list[dict[str, Any]]) 
         "files": files,
     }
     validate_marker(marker, f"the marker for {path}")  # never commit what a reader would call damaged
-    tmp = path / MARKER_TMP
+    write_json_durably(path / MARKER, marker, tmp=path / MARKER_TMP)
+    return marker
+
+
+def write_json_durably(path: Path, data: Any, tmp: Path | None = None, sort_keys: bool = False) -> None:
+    """Write ``data`` as JSON so that ``path`` holds either its old content or all of the new, after any crash:
+    to ``tmp`` (default ``path`` + ``.tmp``), fsync, rename over ``path``, fsync the directory."""
+    path = Path(path)
+    tmp = Path(tmp) if tmp is not None else path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
-        json.dump(marker, handle, indent=1)
+        json.dump(data, handle, indent=1, sort_keys=sort_keys)
         handle.flush()
         os.fsync(handle.fileno())
-    os.replace(tmp, path / MARKER)
-    fsync_dir(path)
-    return marker
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 class MarkerError(ValueError):

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import zlib
@@ -33,6 +32,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from ftrain.checkpoint import layout
 from ftrain.checkpoint.integrity import CHECKSUMS, crc32_file
 
 _SUMS_KEY = "__ftrain_checksums__"
@@ -138,7 +138,7 @@ class CheckpointWriter(FileSystemWriter):
         if nonfinite:
             shown = ", ".join(sorted(set(nonfinite))[:5])
             raise NonFiniteStateError(f"non-finite values (NaN/Inf) in {len(set(nonfinite))} tensor(s): {shown}")
-        _write_json_durably(Path(self.path) / CHECKSUMS, sums)
+        layout.write_json_durably(Path(self.path) / CHECKSUMS, sums, sort_keys=True)
         super().finish(metadata, kept)
 
 
@@ -182,12 +182,3 @@ def _lower_process_priority(increment: int) -> None:
                 os.setpriority(os.PRIO_PROCESS, int(task), increment)
         except OSError:  # a thread that just ended, or a platform that refuses: only the speed changes
             pass
-
-
-def _write_json_durably(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
