@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import signal
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ CHECKPOINT_MODES = ("async", "async_process", "sync", "off")
 ON_SAVE_FAILURE = ("continue", "abort")
 ON_WORLD_SIZE_CHANGE = ("reshard", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EXPORT_FORMATS = ("none", "safetensors")
+EXPORT_DTYPES = ("", "float32", "bfloat16", "float16")
 
 MAX_INT = 2**31 - 1  # every integer key fits a 32-bit signed int (steps, sizes, counts)
 MAX_SEED = 2**32 - 1  # (seed * 1_000_003 + step) * 1009 + rank + 1 must stay below torch.manual_seed's 2**63
@@ -115,6 +118,11 @@ class CheckpointConfig:
     signals: list[str] = _key(["SIGTERM", "SIGUSR1"], "these save a checkpoint at the next step and exit with code 75")
     timeout_s: float = _key(600.0, "a save (or its staging) that takes longer is an error, not a hang")
     write_threads: int = _key(0, "files each rank writes in parallel; 0 = auto (cores per local rank, at most 4)")
+    export: str = _key("none", "also write the model as Hugging Face safetensors at the last step and keep_every steps", EXPORT_FORMATS)
+    export_dtype: str = _key("", "the export's floating-point dtype: '' = as trained, float32, bfloat16 or float16", EXPORT_DTYPES)
+    initial_load: str = _key("", "warm start a run with no checkpoint yet from: an ftrain checkpoint or run dir, DCP, or safetensors")
+    initial_load_model_only: bool = _key(True, "initial_load: weights only (optimizer, schedule, step, data start fresh); false: optimizer too")
+    exclude_from_loading: list[str] = _key([], "initial_load: key prefixes left at their initial values, e.g. [head.]")
 
 
 @dataclass
@@ -185,6 +193,7 @@ _BOOL_WORDS = {"off": False, "no": False, "false": False, "on": True, "yes": Tru
 _BOOL_ALIASES = {
     "checkpoint.mode": {False: "off", True: "async"},
     "checkpoint.resume": {False: "never", True: "auto"},
+    "checkpoint.export": {False: "none", True: "safetensors"},
 }
 
 
@@ -381,6 +390,10 @@ def validate(cfg: Config) -> None:
     require(cfg.checkpoint.write_threads >= 0, "checkpoint.write_threads", "must be >= 0 (0 = one per free core, up to 4)")
     require(cfg.log.interval >= 1, "log.interval", "must be at least 1")
     require(bool(cfg.checkpoint.resume.strip()), "checkpoint.resume", "must be auto, never, a step number or a path")
+    has_safetensors = importlib.util.find_spec("safetensors") is not None
+    require(cfg.checkpoint.export != "safetensors" or has_safetensors, "checkpoint.export", "needs the safetensors package (pip install safetensors)")
+    require("\0" not in cfg.checkpoint.initial_load, "checkpoint.initial_load", "must not contain a NUL byte")
+    require(all(str(p).strip() for p in cfg.checkpoint.exclude_from_loading), "checkpoint.exclude_from_loading", "an empty prefix would exclude every key")
     for name in cfg.checkpoint.signals:
         require(name not in UNCATCHABLE_SIGNALS, "checkpoint.signals", f"{name} cannot be caught, so it cannot trigger a save")
         known = isinstance(getattr(signal, str(name), None), signal.Signals)

@@ -261,3 +261,24 @@ def test_a_checkpoint_of_today_s_format_resumes_bit_for_bit(tmp_path):
     resumed = {step: losses[step] for step in range(record["resume_step"] + 1, 9)}
     expected = {step: record["loss"][str(step)] for step in resumed}
     assert resumed == expected
+
+
+# ------------------------------------------------------------------------------------------------ config
+def test_config_keys_for_export_and_warm_start():
+    from ftrain.config import ConfigError, load_config
+
+    cfg = load_config(["checkpoint.export=safetensors", "checkpoint.export_dtype=bfloat16",
+                       "checkpoint.initial_load=runs/base", "checkpoint.exclude_from_loading=[head.,lm_head.]",
+                       "checkpoint.initial_load_model_only=false"])
+    section = cfg.checkpoint
+    assert (section.export, section.export_dtype, section.initial_load) == ("safetensors", "bfloat16", "runs/base")
+    assert section.exclude_from_loading == ["head.", "lm_head."] and section.initial_load_model_only is False
+    assert export.parse_dtype(section.export_dtype) is torch.bfloat16
+    assert load_config(["checkpoint.export=off"]).checkpoint.export == "none"
+    defaults = load_config([]).checkpoint
+    assert (defaults.export, defaults.export_dtype, defaults.initial_load, defaults.exclude_from_loading) == ("none", "", "", [])
+    for bad, key in (("checkpoint.export=onnx", "checkpoint.export"), ("checkpoint.export_dtype=int8", "checkpoint.export_dtype"),
+                     ("checkpoint.exclude_from_loading=['']", "checkpoint.exclude_from_loading")):
+        with pytest.raises(ConfigError, match=key) as info:
+            load_config([bad])
+        assert "\n" not in str(info.value)
