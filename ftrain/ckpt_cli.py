@@ -3,8 +3,11 @@
     ftrain-ckpt list RUN_DIR [--json] [--verify]
     ftrain-ckpt show CHECKPOINT|RUN_DIR [--json]
     ftrain-ckpt verify CHECKPOINT|RUN_DIR [--sizes-only] [--values]
-    ftrain-ckpt convert CHECKPOINT|RUN_DIR OUT [--model-only] [--format torch|safetensors] [--overwrite]
+    ftrain-ckpt convert CHECKPOINT|RUN_DIR OUT [--model-only] [--format torch|safetensors] [--dtype D] [--overwrite]
     ftrain-ckpt prune RUN_DIR --keep-last N [--keep-every K] [--dry-run] [--force]
+
+``convert --format safetensors`` writes the model's weights through ``ftrain.checkpoint.export``: an OUT ending in
+``.safetensors`` is one file, any other OUT a directory in Hugging Face's layout (shards and index above 5 GB).
 
 A run directory (or its ``checkpoints/`` folder) given where a checkpoint is expected means its latest complete
 checkpoint; the one picked is named on stderr. Exit codes: 0 ok; 1 the checkpoint is damaged or an operation

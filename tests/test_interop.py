@@ -282,3 +282,56 @@ def test_config_keys_for_export_and_warm_start():
         with pytest.raises(ConfigError, match=key) as info:
             load_config([bad])
         assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------------------- FSDP2, 2 ranks
+FSDP_WORKER = r'''
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from ftrain.checkpoint import export, warm_start
+from ftrain.config import ModelConfig
+from ftrain.model import build_model
+
+out = Path(sys.argv[1])
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+cfg = ModelConfig(seq_len=16, n_layer=2, d_model=16, n_head=2)
+full = lambda m: get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+model = build_model(cfg, torch.device("cpu"), seed=1)  # FSDP2: every block and the root fully_shard'ed
+written = export.export_model(model, out / "export", torch.float32)
+assert (written is not None) == (rank == 0), written
+dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(out / "dcp"))
+dist.barrier()
+expected = full(model)
+
+for source in ("export", "dcp"):
+    fresh = build_model(cfg, torch.device("cpu"), seed=2)
+    initial = full(fresh)
+    line = warm_start.load_initial(out / source, fresh, exclude=["head."])
+    got = full(fresh)
+    if rank == 0:
+        assert "left at their initial values (under head.)" in line, line
+        for key in got:
+            want = initial[key] if key.startswith("head.") else expected[key]
+            assert torch.equal(got[key], want), (source, key)
+if rank == 0:
+    print("FSDP2 OK")
+dist.destroy_process_group()
+'''
+
+
+def test_fsdp2_export_and_warm_start_under_torchrun(tmp_path):
+    """export_model gathers the sharded model (collective, rank 0 writes); load_initial loads an export and a
+    sharded DCP checkpoint into a freshly sharded model, leaving the excluded head at its initial values."""
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0 and "FSDP2 OK" in proc.stdout, proc.stderr[-4000:]
