@@ -322,8 +322,8 @@ class LocalSnapshots:
                 "states": list(tree),
                 "tensors": [entry.record() for entry in entries],
                 "data": {"file": _data_name(slot), "size": size},
-                "skeleton": {"file": _skel_name(slot), "size": len(skeleton), "checksum": CHECKSUMS[ALGORITHM](memoryview(skeleton))},
-                "checksum": {"algorithm": ALGORITHM, "chunk": CHUNK, "data": _chunk_sums(self._buffers[slot], size, ALGORITHM)},
+                "skeleton": {"file": _skel_name(slot), "size": len(skeleton), "checksum": _sum(skeleton, ALGORITHM)},
+                "checksum": {"algorithm": ALGORITHM, "chunk": CHUNK, "data": _chunk_sums(self._buffers[slot], size)},
             }
             _replace(self.root / _skel_name(slot), skeleton)
             _replace(self.root / _marker_name(slot), json.dumps(marker).encode())
@@ -403,7 +403,7 @@ class LocalSnapshots:
         self._views[slot] = (key, views)
         return views
 
-    def _copy(self, tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]], views: list[torch.Tensor], ready: Any) -> None:
+    def _copy(self, tensors: list[tuple[Any, torch.Tensor, bool]], views: list[torch.Tensor], ready: Any) -> None:
         with torch.no_grad():
             if ready is None:
                 for (_, tensor, _), view in zip(tensors, views):
@@ -638,9 +638,13 @@ def _read_tensor(data: Any, record: dict[str, Any]) -> torch.Tensor:
     return tensor if device.type == "cpu" else tensor.to(device)
 
 
-def _chunk_sums(buffer: torch.Tensor, size: int, algorithm: str) -> list[str]:
+def _sum(content: bytes, algorithm: str) -> str:
+    return CHECKSUMS[algorithm](memoryview(content))
+
+
+def _chunk_sums(buffer: torch.Tensor, size: int) -> list[str]:
     view = memoryview(buffer.numpy())
-    return [CHECKSUMS[algorithm](view[start : min(start + CHUNK, size)]) for start in range(0, size, CHUNK)]
+    return [CHECKSUMS[ALGORITHM](view[start : min(start + CHUNK, size)]) for start in range(0, size, CHUNK)]
 
 
 def _data_problem(data: Path, skel: Path, marker: dict[str, Any]) -> str:
@@ -651,7 +655,7 @@ def _data_problem(data: Path, skel: Path, marker: dict[str, Any]) -> str:
     if _file_size(data) < size:
         return f"{data.name} is shorter than the marker's {size} bytes"
     skeleton = skel.read_bytes()
-    if len(skeleton) != marker["skeleton"]["size"] or CHECKSUMS[algorithm](memoryview(skeleton)) != marker["skeleton"]["checksum"]:
+    if len(skeleton) != marker["skeleton"]["size"] or _sum(skeleton, algorithm) != marker["skeleton"]["checksum"]:
         return f"{skel.name} fails its checksum"
     if size and _file_sums(data, size, algorithm) != marker["checksum"]["data"]:
         return f"{data.name} fails its checksum"
