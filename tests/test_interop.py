@@ -104,6 +104,27 @@ def test_export_shards_with_a_hugging_face_index_and_casts(trained, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ftrain_export.json", "model.safetensors"]
 
 
+def test_a_failed_export_leaves_the_previous_one_whole(trained, tmp_path, monkeypatch):
+    _, weights = trained
+    out = export.export_safetensors(weights, tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / ".export.partial-999").mkdir()  # left by an export that died
+    real = export._save_file()
+    written = []
+
+    def second_shard_fails(tensors, path, metadata=None):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(export, "_save_file", lambda: second_shard_fails)
+    with pytest.raises(OSError, match="No space"):
+        export.export_safetensors({k: v * 2 for k, v in weights.items()}, out, max_shard_bytes=600)
+    assert written and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"], "temporary directories left behind"
+
+
 def test_export_model_in_process_with_tied_weights(tmp_path):
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
     model[1].weight = model[0].weight  # tied: safetensors refuses shared memory, the export writes copies
@@ -181,11 +202,19 @@ def test_warm_start_with_the_optimizer_state(trained, tmp_path):
     checkpoint, weights = trained
     saved = select(read_tensors(checkpoint), "optimizer")
     model = _net(3)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)  # the saved run used 1e-2
     line = warm_start.load_initial(checkpoint, model, model_only=False, optimizer=optimizer)
     assert "model and optimizer" in line
     _same(model.state_dict(), weights)
-    assert torch.equal(optimizer.state[model.head.weight]["exp_avg"], saved["state.head.weight.exp_avg"])
+    for name, param in model.named_parameters():
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(optimizer.state[param][key], saved[f"state.{name}.{key}"]), (name, key)
+    assert optimizer.param_groups[0]["lr"] == 5e-3  # hyperparameters are the new run's
+    fresh = _net(3)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=5e-3)
+    warm_start.load_initial(checkpoint, fresh, model_only=False, optimizer=fresh_optimizer, exclude=["head."])
+    assert not torch.equal(fresh_optimizer.state[fresh.head.weight]["exp_avg"], saved["state.head.weight.exp_avg"])
+    assert torch.equal(fresh_optimizer.state[fresh.body[0].weight]["exp_avg"], saved["state.body.0.weight.exp_avg"])
     exported = export.export_from_checkpoint(checkpoint, tmp_path / "e")
     with pytest.raises(CheckpointError, match="no optimizer state"):
         warm_start.load_initial(exported, _net(3), model_only=False, optimizer=optimizer)

@@ -70,8 +70,9 @@ def load_initial(
     """Load ``model`` (plain, DDP or FSDP2) from ``path`` and return a one-line description of what was loaded.
 
     ``exclude``: key prefixes to leave at their initial values. ``model_only=False`` also loads ``optimizer``'s
-    state from a checkpoint that has one (state of excluded parameters stays fresh). Collective under a process
-    group: every rank calls it with the same arguments. Errors are one-line ``CheckpointError``s.
+    per-parameter state (moments, step counts) from a checkpoint that has one; its hyperparameters (lr, betas,
+    weight decay: the param groups) stay the new run's, and excluded parameters keep a fresh state. Collective
+    under a process group: every rank calls it with the same arguments. Errors are one-line ``CheckpointError``s.
     """
     source = find_source(Path(path))
     if not model_only and optimizer is None:
@@ -264,7 +265,8 @@ def _load_dcp(
         if optim_prefix is None:
             raise CheckpointError(f"warm start from {where}: holds no optimizer state; load the model only")
         optim_state = get_optimizer_state_dict(model, optimizer)
-        target[optim_prefix] = {**optim_state, "state": _without(optim_state.get("state", {}), prefixes)}
+        # Only the per-parameter state (moments, step counts): lr, betas and weight decay are the new run's.
+        target[optim_prefix] = {"state": _without(optim_state.get("state", {}), prefixes)}
         what = "model and optimizer"
     try:
         dcp.load(target, storage_reader=SafeFileSystemReader(where), planner=SafeLoadPlanner(), process_group=process_group)
