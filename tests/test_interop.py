@@ -242,6 +242,11 @@ def test_mismatches_are_one_line_errors_naming_the_keys(trained, tmp_path):
     assert "no such file" in _one_line_error(tmp_path / "nowhere", _net(0))
     (tmp_path / "empty").mkdir()
     assert "not an ftrain checkpoint" in _one_line_error(tmp_path / "empty", _net(0))
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    assert "not a readable safetensors file" in _one_line_error(tmp_path / "junk.safetensors", _net(0))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / export.INDEX_FILE).write_text(json.dumps({"weight_map": {"w": "../outside.safetensors"}}))
+    assert "not a file next to it" in _one_line_error(tmp_path / "hf", _net(0))
 
 
 def test_a_newer_format_version_is_refused_in_one_line(trained, tmp_path):

@@ -78,7 +78,9 @@ def load_initial(
     if not model_only and optimizer is None:
         raise CheckpointError("warm start with the optimizer state (model_only=False) needs the optimizer")
     if not model_only and source.kind == "safetensors":
-        raise CheckpointError(f"warm start from {source.describe()}: safetensors holds no optimizer state; load the model only")
+        raise CheckpointError(
+            f"warm start from {source.describe()}: safetensors holds no optimizer state; load the model only"
+        )
     prefixes = tuple(p for p in exclude if p)
     state = get_model_state_dict(model)
     wanted = {k: v for k, v in state.items() if not k.startswith(prefixes)}
@@ -133,7 +135,8 @@ def _indexed_files(index: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"warm start from {index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+        raise CheckpointError(f"warm start from {index}: not a safetensors index ({why})") from None
     for name in names:
         if not (isinstance(name, str) and layout.is_plain_name(name)):
             raise CheckpointError(f"warm start from {index}: names {name!r}, not a file next to it")
@@ -192,7 +195,8 @@ def safetensors_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Pa
                 for key in handle.keys():
                     found[key] = (tuple(handle.get_slice(key).get_shape()), file)
         except Exception as exc:  # safetensors raises its own SafetensorError for a bad header
-            raise CheckpointError(f"warm start from {file}: not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+            why = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
+            raise CheckpointError(f"warm start from {file}: not a readable safetensors file ({why})") from None
     return found
 
 
@@ -226,7 +230,7 @@ def _safe_open() -> Any:
     try:
         from safetensors import safe_open
     except ImportError:
-        raise CheckpointError("warm start from safetensors needs the safetensors package: pip install safetensors") from None
+        raise CheckpointError("warm start from safetensors needs the safetensors package (pip install safetensors)") from None
     return safe_open
 
 
@@ -269,7 +273,8 @@ def _load_dcp(
         target[optim_prefix] = {"state": _without(optim_state.get("state", {}), prefixes)}
         what = "model and optimizer"
     try:
-        dcp.load(target, storage_reader=SafeFileSystemReader(where), planner=SafeLoadPlanner(), process_group=process_group)
+        reader = SafeFileSystemReader(where)
+        dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(), process_group=process_group)
     except BaseException as exc:  # DCP's CheckpointException derives from BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
