@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import signal
+import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,9 @@ class ChaosReport:
     identical_losses: bool | None = None
     differences: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    training_wall_s: float = 0.0  # from the first step's end to the last step's end, failures included
+    ettr: float | None = None  # effective training time ratio: 1 - (cost of the failures) / training_wall_s
+    cost_per_failure_s: list[float] = field(default_factory=list)  # time to training again + steps redone
 
     @property
     def ok(self) -> bool:
@@ -125,7 +129,9 @@ def run_chaos(
     started = time.time()
     log_path = Path(run_dir).parent / f"{Path(run_dir).name}.chaos.log"
     job = Job(cmd, log_path, run_dir)
-    since = started
+    # The first attempt starts within a clock tick of ``started``; process start times are exact to a tick only.
+    since = started - 1.0
+    first_step_at: float | None = None
     while report.kills < kills and time.time() - started < timeout:
         while job.training_since(since) is None:  # wait until it trains again
             if job.proc.poll() is not None:
@@ -136,6 +142,8 @@ def run_chaos(
                 break
             job = Job(cmd, log_path, run_dir)  # exited after a failure (e.g. 75): start it again
             continue
+        if first_step_at is None:
+            first_step_at = job.training_since(since)
         kind = rng.choice(kinds)
         time.sleep(rng.uniform(min_delay, max_delay))
         killed_step = job.last_step
@@ -180,7 +188,23 @@ def run_chaos(
     latest = layout.latest_complete(Path(run_dir) / "checkpoints")
     report.final_step = latest.step if latest else 0
     report.wall_s = time.time() - started
+    status = read_status(Path(run_dir))
+    if status is not None and first_step_at is not None:
+        report.training_wall_s = status.step_at - first_step_at
     return report
+
+
+def measure_goodput(report: ChaosReport, run_dir: Path) -> None:
+    """Fill ``report``'s cost per failure and ETTR from the run's own step times: a failure costs its time to
+    training again plus its redone steps at the median step time; ETTR is the share of the training wall time
+    (first step to last) that was not spent on failures."""
+    step_times = read_run_scalars(run_dir, [tags.STEP_TIME_S]).get(tags.STEP_TIME_S, {})
+    if not step_times:
+        return
+    median = statistics.median(step_times.values())
+    report.cost_per_failure_s = [r.recovery_s + r.steps_redone * median for r in report.recoveries]
+    if report.training_wall_s > 0:
+        report.ettr = max(0.0, 1.0 - sum(report.cost_per_failure_s) / report.training_wall_s)
 
 
 def compare_runs(run_dir: Path, reference_dir: Path) -> tuple[bool, bool, list[str]]:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftrain.chaos import KINDS, compare_runs, run_chaos
+from ftrain.chaos import KINDS, compare_runs, measure_goodput, run_chaos
 
 # the default recipe on 2 ranks, from wherever this is run (the package, not a clone's recipes/train.py)
 DEFAULT_CMD = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ftrain", "train"]
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         say=lambda line: print(line, file=sys.stderr),
     )
     report.identical_weights, report.identical_losses, report.differences = compare_runs(chaos_dir, reference)
+    measure_goodput(report, chaos_dir)
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
     else:
@@ -99,6 +100,11 @@ def print_report(report) -> None:
             f"time to training again: median {times[len(times) // 2]:.1f} s, max {times[-1]:.1f} s; "
             f"steps redone: {sum(r.steps_redone for r in recoveries)} in all, max {max(r.steps_redone for r in recoveries)}"
         )
+    if report.cost_per_failure_s:
+        costs = sorted(report.cost_per_failure_s)
+        print(f"cost per failure (time to training again + steps redone): median {costs[len(costs) // 2]:.1f} s, max {costs[-1]:.1f} s")
+    if report.ettr is not None:
+        print(f"effective training time ratio (ETTR): {report.ettr:.2f} ({report.training_wall_s:.1f} s of training wall time)")
     print(f"final weights identical to the uninterrupted run: {'yes' if report.identical_weights else 'NO'}")
     print(f"loss curve identical to the uninterrupted run:   {'yes' if report.identical_losses else 'NO'}")
     for difference in report.differences:
