@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,10 +27,18 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ftrain import processes, tags
+from ftrain import faults, processes, tags
 from ftrain.checkpoint import keys, layout
 from ftrain.checkpoint.compat import RunSignature, model_fingerprint
-from ftrain.checkpoint.errors import CheckpointError
+from ftrain.checkpoint.errors import CheckpointError, describe_error
+from ftrain.checkpoint.local_tier import (
+    LocalModelState,
+    LocalOptimizerState,
+    LocalProgressState,
+    LocalSnapshots,
+    agree_on_step,
+    default_directory,
+)
 from ftrain.checkpoint.lock import LockedError, RunLock
 from ftrain.checkpoint.manager import CheckpointManager, SaveStats
 from ftrain.config import CheckpointConfig, Config, ConfigError, validate
@@ -44,6 +53,7 @@ logger = logging.getLogger("ftrain")
 
 CHECKPOINTS_DIR = "checkpoints"  # under the run directory
 TENSORBOARD_DIR = "tb"  # under the run directory, when the checkpointer opens its own writer
+RUN_ID_NAME = "RUN_ID"  # under the run directory: a random id made at its first use
 _RESERVED_NAMES = ("app", *keys.DEFAULT_STATE_KEYS.values())
 
 __all__ = ["Checkpointer", "EXIT_PREEMPTED"]
@@ -142,6 +152,15 @@ class Checkpointer:
         except BaseException:
             self._release_lock()
             raise
+        self.local = self._open_local_tier(signature)
+        self._local_states = {
+            keys.DEFAULT_STATE_KEYS[keys.MODEL]: LocalModelState(model),
+            keys.DEFAULT_STATE_KEYS[keys.OPTIMIZER]: LocalOptimizerState(optimizer),
+            keys.DEFAULT_STATE_KEYS[keys.PROGRESS]: LocalProgressState(self.progress),
+            **self.extra,
+        }
+        self._finished = False
+        self._export: Any = None  # the safetensors export in flight
         self._hooks = [optimizer.register_step_pre_hook(self._before_update)]
         if _has_persistent_buffers(model):  # forward changes them (e.g. batch-norm statistics)
             self._hooks.append(model.register_forward_pre_hook(self._before_update))
@@ -177,11 +196,22 @@ class Checkpointer:
         if self._loaded:
             raise CheckpointError("Checkpointer.load() was already called")
         self.manager.start_writer()  # async_process: the writer process starts while we load
+        started = time.perf_counter()
+        tier = self._load_local()
         result = None
-        if self.manager.enabled or self.options.resume != "auto":
-            result = self.manager.load(self._states_for_marker, optional_prefixes=TrainProgress.OPTIONAL_PREFIXES)
-            self._warn_if_resharded()
+        if tier is None:
+            if self.manager.enabled or self.options.resume != "auto":
+                result = self.manager.load(self._states_for_marker, optional_prefixes=TrainProgress.OPTIONAL_PREFIXES)
+                self._warn_if_resharded()
+            if result is not None:
+                tier = "durable"
+            elif self.options.initial_load:  # no checkpoint of its own: start from these weights
+                self._warm_start()
+            if self.local is not None:
+                self.local.drop_after(self.progress.step)  # later snapshots belong to a timeline left behind
+        tier = tier or "fresh"
         self.step = self.progress.step
+        load_s = result.load_s if result is not None else max_over_ranks([time.perf_counter() - started], self.ctx.device)[0]
         if self.ctx.is_main and self.manager.enabled:
             for path in layout.remove_incomplete(self.manager.root):
                 logger.info("removed incomplete checkpoint %s (left by an interrupted save)", path)
@@ -190,9 +220,9 @@ class Checkpointer:
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         self._metrics = self._open_metrics()
-        if result is not None:
-            self._metrics.log({tags.CKPT_LOAD_S: result.load_s}, self.step)
-        self._start_status(result.load_s if result else 0.0)
+        if tier != "fresh":
+            self._metrics.log({tags.CKPT_LOAD_S: load_s}, self.step)
+        self._start_status(load_s if tier != "fresh" else 0.0, tier)
         self.schedule.start(self.step)
         if self.schedule.auto and self.manager.enabled:
             self._announce_interval("starts at")
@@ -244,6 +274,11 @@ class Checkpointer:
                 return bool(stop)  # never save an unhealthy step
         else:
             self._monitor.record(loss)
+            if self.local is not None and step % self.options.local_interval == 0:
+                self.local.snapshot(step, self._local_states)
+                faults.pause_point("after_local_snapshot", step)
+        if last and not stop:
+            self._finished = True
         if stop:
             self.preempted = self.preemption.requested or "a signal on another rank"
             logger.warning("stop requested (%s): saving step %d and exiting", self.preempted, step)
@@ -252,6 +287,8 @@ class Checkpointer:
             return True
         if self.schedule.due(step) or last:
             self.save(step)
+        if self.options.export != "none" and (last or (self.options.keep_every and step % self.options.keep_every == 0)):
+            self._export_weights(step)
         return False
 
     def rollback(self) -> int:
@@ -274,6 +311,8 @@ class Checkpointer:
             raise UnhealthyError(f"step {failed_step} unhealthy ({self.unhealthy_reason}) and no checkpoint to roll back to")
         self.manager.load(self._states_for_marker, TrainProgress.OPTIONAL_PREFIXES, candidates=candidates)
         self.step = self.progress.step
+        if self.local is not None:
+            self.local.drop_after(self.step)  # newer snapshots hold the steps that went bad
         self.schedule.start(self.step)
         skipped = self._skip_batches(self.health.batches_to_skip(failed_step, self.step))
         if hasattr(self._metrics, "restart_from"):
@@ -316,12 +355,15 @@ class Checkpointer:
         if self._closed:
             return
         try:
+            self._finish_export()
             stats = self.manager.close()
             self._log_save(stats)
             if stats is not None and not stats.ok:
                 raise CheckpointError(
                     f"final checkpoint of step {stats.step} failed: {stats.error or 'on another rank'}"
                 )
+            if self.local is not None and self._finished:
+                self.local.remove()  # finished and committed: nothing left to resume
         finally:
             self._shut()
 
@@ -354,7 +396,82 @@ class Checkpointer:
             return {"app": ModelOptimizerState(self.model, self.optimizer), "train": self.progress.for_loading(), **self.extra}
         return {**self._states(), keys.DEFAULT_STATE_KEYS[keys.PROGRESS]: self.progress.for_loading()}
 
-    def _start_status(self, load_s: float) -> None:
+    def _warm_start(self) -> None:
+        """The run has no checkpoint of its own: start from ``initial_load``'s weights (collective)."""
+        from ftrain.checkpoint import warm_start
+
+        line = warm_start.load_initial(
+            Path(self.options.initial_load).expanduser(),
+            self.model,
+            exclude=list(self.options.exclude_from_loading),
+            model_only=self.options.initial_load_model_only,
+            optimizer=self.optimizer,
+            process_group=self.ctx.process_group,
+        )
+        if self.ctx.is_main:
+            logger.info(line)
+
+    def _export_weights(self, step: int) -> None:
+        """Write the model's weights as safetensors to ``{run_dir}/exports/step_N`` (collective: the gather
+        happens now, rank 0 writes in the background; one export in flight)."""
+        from ftrain.checkpoint import export
+
+        self._finish_export()
+        self._export = export.export_model_async(
+            self.model,
+            export.export_dir(self.run_dir, step),
+            export.parse_dtype(self.options.export_dtype),
+            info={"step": step},
+        )
+
+    def _finish_export(self) -> None:
+        pending, self._export = self._export, None
+        if pending is None:
+            return
+        try:
+            path = pending.result(timeout=self.options.timeout_s)
+        except Exception as exc:  # like a failed background save: logged, counted, on_failure decides
+            self.manager.failures += 1
+            logger.error("safetensors export failed: %s", describe_error(exc))
+            if self.options.on_failure == "abort":
+                raise CheckpointError(f"safetensors export failed: {describe_error(exc)}") from None
+            return
+        if path is not None:
+            logger.info("exported the model's weights to %s", path)
+
+    def _open_local_tier(self, signature: RunSignature) -> LocalSnapshots | None:
+        if not self.options.local_interval or not self.manager.enabled:
+            return None
+        directory = Path(self.options.local_dir) if self.options.local_dir else default_directory(self.run_dir)
+        fields = {
+            **signature.marker_fields(),
+            "run_id": (self.run_dir / RUN_ID_NAME).read_text().strip(),  # a deleted and re-made run is another run
+            "states": sorted([*keys.DEFAULT_STATE_KEYS.values(), *self.extra]),
+        }
+        return LocalSnapshots(directory, self.ctx.rank, self.ctx.world_size, fields)
+
+    def _load_local(self) -> str | None:
+        """Resume from the local tier when every rank holds a snapshot newer than the latest durable checkpoint
+        (``resume=auto`` only). Returns "local", or None for the durable path. Collective."""
+        if self.local is None or self.options.resume != "auto":
+            return None
+        latest = layout.latest_complete(self.manager.root)
+        step = agree_on_step(self.local.complete_steps(), latest.step if latest else 0, self.ctx.process_group)
+        if step is None:
+            return None
+        problem = ""
+        try:
+            self.local.restore(step, self._local_states)
+        except Exception as exc:  # e.g. damaged between the check and the read: the durable tier takes over
+            problem = f"{type(exc).__name__}: {exc}"
+        if max_over_ranks([1.0 if problem else 0.0], self.ctx.device)[0]:
+            logger.warning("local snapshot of step %d unusable (%s); loading the durable checkpoint", step, problem or "on another rank")
+            return None
+        if self.ctx.is_main:
+            logger.info("resumed from the local snapshot of step %d (%s)", step, self.local.root.parent)
+        return "local"
+
+    def _start_status(self, load_s: float, tier: str) -> None:
         """Rank 0: read what the previous attempt left in STATUS (what the failure cost), then start ours."""
         if not self.ctx.is_main:
             return
@@ -368,7 +485,6 @@ class Checkpointer:
                 tags.RECOVERY_STARTUP_S: now - started,
                 tags.RECOVERY_LOAD_S: load_s,
             }
-        tier = "durable" if self.step else "fresh"
         self._status = StatusWriter(self.run_dir, True, RunStatus(started, self.step, tier, now, self.step, now))
 
     def _log_recovery(self) -> None:
@@ -378,7 +494,7 @@ class Checkpointer:
         self._metrics.log({tags.RECOVERY_TIME_LOST_S: lost, **recovery}, self.step)
         logger.info(
             "recovered: %.2f s lost (start-up %.2f s, of which loading %.2f s), %d step(s) redone, from the %s "
-            "checkpoint of step %d",
+            "tier's step %d",
             lost,
             recovery[tags.RECOVERY_STARTUP_S],
             recovery[tags.RECOVERY_LOAD_S],
@@ -416,6 +532,8 @@ class Checkpointer:
     def _before_update(self, *_: Any) -> None:
         # A background save may still be copying the state this optimizer step or forward is about to change.
         self.manager.wait_for_staging()
+        if self.local is not None:
+            self.local.wait()
 
     def _advance_to(self, step: int) -> None:
         if step < self.progress.step:
@@ -435,8 +553,11 @@ class Checkpointer:
             lock = RunLock(self.run_dir)
             try:
                 lock.acquire()
+                _ensure_run_id(self.run_dir)
             except (LockedError, OSError) as exc:
                 problem = str(exc)
+                if lock.path.exists() and isinstance(exc, OSError):
+                    lock.release()
                 lock = None
         if max_over_ranks([1.0 if problem else 0.0], self.ctx.device)[0]:
             raise LockedError(problem or "the run directory is in use by another job (see rank 0)")
@@ -454,6 +575,8 @@ class Checkpointer:
         self._hooks = []
         self.preemption.close()
         self._status.close()
+        if self.local is not None:
+            self.local.close()
         if self._metrics is not None:
             self._metrics.flush()
             if self._writer is None:
@@ -558,6 +681,14 @@ def _checkpoint_options(options: dict[str, Any]) -> CheckpointConfig:
     except ConfigError as exc:
         raise ValueError(str(exc)) from None
     return section
+
+
+def _ensure_run_id(run_dir: Path) -> None:
+    """Give the run directory an identity of its own, once: local snapshots of a run directory that was deleted
+    and made again under the same path must never be taken for this run's."""
+    path = run_dir / RUN_ID_NAME
+    if not path.is_file():
+        layout.write_text_durably(path, uuid.uuid4().hex + "\n")
 
 
 def _blank_status() -> RunStatus:

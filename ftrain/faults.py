@@ -5,6 +5,8 @@ reaches ``point`` for checkpoint ``step``. Points:
 
     before_commit   every rank's data and DCP's metadata are durable; the COMPLETE marker is not yet written
     after_commit    the marker is written; retention has not yet run
+    after_local_snapshot   the local snapshot of this step is handed to its background copy (the training
+                    thread pauses; the copy and its marker finish)
 """
 
 from __future__ import annotations

@@ -369,3 +369,25 @@ def test_fsdp2_export_and_warm_start_under_torchrun(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0 and "FSDP2 OK" in proc.stdout, proc.stderr[-4000:]
+
+
+def test_recipe_exports_at_the_last_step_and_a_second_run_warm_starts_from_it(tmp_path):
+    """The config keys wired through ftrain.Checkpointer: checkpoint.export at the final step, then
+    checkpoint.initial_load (with exclude_from_loading) in a run that has no checkpoint of its own."""
+    from conftest import check_ok, run_train
+    from ftrain.checkpoint import export, layout
+    from ftrain.checkpoint.reader import read_tensors
+
+    source = tmp_path / "source"
+    check_ok(run_train(source, "train.max_steps=6", "checkpoint.export=safetensors", nproc=0))
+    exported = export.read_export(export.export_dir(source, 6))
+    saved = read_tensors(layout.step_dir(source / "checkpoints", 6))
+    assert exported and all(torch.equal(t, saved[f"model.{k}"]) for k, t in exported.items())
+
+    warm = run_train(
+        tmp_path / "warm", "train.max_steps=3", f"checkpoint.initial_load={export.export_dir(source, 6)}",
+        "checkpoint.exclude_from_loading=[head.]", nproc=0,
+    )
+    check_ok(warm)
+    assert "warm start:" in warm.stderr and "head." in warm.stderr, warm.stderr[-2000:]
+    assert layout.latest_complete(tmp_path / "warm" / "checkpoints").step == 3

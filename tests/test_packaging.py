@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO
 
 STEPS = ["model.seq_len=64", "train.batch_size=4", "train.max_steps=20", "checkpoint.interval=5", "log.interval=5"]
-REUSED = ("torch", "torchdata", "tensorboard", "omegaconf", "yaml", "matplotlib", "numpy", "psutil")
+REUSED = ("torch", "torchdata", "tensorboard", "omegaconf", "yaml", "matplotlib", "numpy", "psutil", "xxhash")
 
 
 def _setuptools_builds_wheels() -> bool:

@@ -31,8 +31,9 @@ def assert_matches_reference(run_dir, reference_run):
     "mode, threads", [("async", 1), ("sync", 1), ("async_process", 1), ("async", 3)], ids=lambda v: str(v)
 )
 def test_sigkill_after_data_is_durable_but_before_commit(mode, threads, reference_run, tmp_path):
-    """The worst instant: every file of step 10 is on disk, only the marker is missing."""
-    options = (f"checkpoint.mode={mode}", f"checkpoint.write_threads={threads}")
+    """The worst instant: every file of step 10 is on disk, only the marker is missing. (The local tier is off:
+    this is about the durable path; tests/test_local_resume.py covers resuming from memory.)"""
+    options = (f"checkpoint.mode={mode}", f"checkpoint.write_threads={threads}", "checkpoint.local_interval=0")
     step10 = tmp_path / "checkpoints" / "step_00000010"
     proc = start_train(tmp_path, *options, env={"FTRAIN_FAULT": "before_commit@10"})
     try:

@@ -108,10 +108,15 @@ def write_marker(path: Path, info: dict[str, Any], files: list[dict[str, Any]]) 
 def write_json_durably(path: Path, data: Any, tmp: Path | None = None, sort_keys: bool = False) -> None:
     """Write ``data`` as JSON so that ``path`` holds either its old content or all of the new, after any crash:
     to ``tmp`` (default ``path`` + ``.tmp``), fsync, rename over ``path``, fsync the directory."""
+    write_text_durably(path, json.dumps(data, indent=1, sort_keys=sort_keys), tmp)
+
+
+def write_text_durably(path: Path, text: str, tmp: Path | None = None) -> None:
+    """``path`` holds either its old content or all of ``text`` after any crash (tmp, fsync, rename, fsync dir)."""
     path = Path(path)
     tmp = Path(tmp) if tmp is not None else path.with_name(path.name + ".tmp")
     with open(tmp, "w") as handle:
-        json.dump(data, handle, indent=1, sort_keys=sort_keys)
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

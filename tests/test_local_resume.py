@@ -1,0 +1,100 @@
+"""The local snapshot tier under the real recipe: a failure redoes at most a step, bit for bit; a damaged,
+missing or foreign snapshot is never used."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from ftrain import tags
+from ftrain.checkpoint import layout
+from ftrain.checkpoint.local_tier import default_directory
+
+from conftest import (
+    assert_same_tensors,
+    check_ok,
+    checkpoint_tensors,
+    kill_job,
+    run_train,
+    scalars,
+    start_train,
+    wait_for,
+)
+from ftrain.run_status import read_status
+
+OPTIONS = ("train.max_steps=30", "checkpoint.interval=10", "log.interval=1")
+PAUSE = {"FTRAIN_FAULT": "after_local_snapshot@13", "FTRAIN_FAULT_SECONDS": "600"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("local-reference")
+    check_ok(run_train(run_dir, *OPTIONS))
+    assert not default_directory(run_dir).exists(), "a finished run keeps no local snapshots"
+    return run_dir
+
+
+def _kill_at_step_13(run_dir):
+    """SIGKILL the whole job with step 13's local snapshot complete; the newest durable checkpoint is step 10."""
+    proc = start_train(run_dir, *OPTIONS, env=PAUSE)
+    wait_for(lambda: (read_status(run_dir) or 0) and read_status(run_dir).step >= 13, what="step 13", proc=proc)
+    rank_dirs = sorted(default_directory(run_dir).glob("rank-*"))
+    wait_for(lambda: all(any('"step": 13' in p.read_text() for p in d.glob("slot-*.json")) for d in rank_dirs),
+             what="step 13's snapshot markers", proc=proc)
+    kill_job(proc)
+    assert layout.latest_complete(run_dir / "checkpoints").step == 10
+    return rank_dirs
+
+
+def _assert_same_as(run_dir, reference):
+    assert scalars(run_dir / "tb", tags.LOSS) == scalars(reference / "tb", tags.LOSS)
+    final = layout.step_dir("checkpoints", 30)
+    assert_same_tensors(checkpoint_tensors(run_dir / final), checkpoint_tensors(reference / final))
+
+
+def test_a_killed_job_resumes_from_the_local_snapshot_bit_for_bit(reference, tmp_path):
+    _kill_at_step_13(tmp_path)
+    proc = run_train(tmp_path, *OPTIONS)
+    check_ok(proc)
+    assert "resumed from the local snapshot of step 13" in proc.stderr, proc.stderr[-3000:]
+    assert "0 step(s) redone" in proc.stderr
+    assert scalars(tmp_path / "tb", tags.RECOVERY_STEPS_REDONE) == {14: 0.0}  # logged at the first step after
+    _assert_same_as(tmp_path, reference)
+    assert not default_directory(tmp_path).exists()
+
+
+def test_a_damaged_newest_snapshot_on_one_rank_makes_every_rank_take_the_one_before(reference, tmp_path):
+    """Rank 1's snapshot of step 13 fails its checksum; both ranks still hold step 12 in their other slot."""
+    rank_dirs = _kill_at_step_13(tmp_path)
+    marker = next(p for p in rank_dirs[1].glob("slot-*.json") if '"step": 13' in p.read_text())
+    data = marker.with_suffix(".data")
+    content = bytearray(data.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    data.write_bytes(bytes(content))
+    proc = run_train(tmp_path, *OPTIONS)
+    check_ok(proc)
+    assert "resumed from the local snapshot of step 12" in proc.stderr, proc.stderr[-3000:]
+    _assert_same_as(tmp_path, reference)
+
+
+def test_a_rank_without_snapshots_sends_every_rank_to_the_durable_checkpoint(reference, tmp_path):
+    rank_dirs = _kill_at_step_13(tmp_path)
+    shutil.rmtree(rank_dirs[1])  # e.g. rank 1 now runs on a node that never held its snapshots
+    proc = run_train(tmp_path, *OPTIONS)
+    check_ok(proc)
+    assert "resumed from the local snapshot" not in proc.stderr
+    assert "step_00000010 (step 10)" in proc.stderr, proc.stderr[-3000:]
+    _assert_same_as(tmp_path, reference)
+
+
+def test_a_snapshot_of_a_deleted_run_under_the_same_path_is_never_loaded(reference, tmp_path):
+    _kill_at_step_13(tmp_path)
+    kept = tmp_path.parent / "kept-snapshots"
+    shutil.copytree(default_directory(tmp_path), kept)
+    shutil.rmtree(tmp_path)  # the user deletes the run and starts it again from scratch
+    shutil.copytree(kept, default_directory(tmp_path), dirs_exist_ok=True)
+    proc = run_train(tmp_path, *OPTIONS)
+    check_ok(proc)
+    assert "resumed from the local snapshot" not in proc.stderr and "starting fresh" in proc.stderr
+    _assert_same_as(tmp_path, reference)
