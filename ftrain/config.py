@@ -21,7 +21,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CHECKPOINT_MODES = ("async", "async_process", "sync", "off")
+# checkpoint.mode: the names every module compares against
+MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_SYNC, MODE_OFF = "async", "async_process", "sync", "off"
+CHECKPOINT_MODES = (MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_SYNC, MODE_OFF)
 ON_SAVE_FAILURE = ("continue", "abort")
 ON_WORLD_SIZE_CHANGE = ("reshard", "refuse")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -193,7 +195,7 @@ def defaults_yaml() -> str:
 # YAML 1.1 reads these words as booleans; for choice keys we map them back to what the user meant.
 _BOOL_WORDS = {"off": False, "no": False, "false": False, "on": True, "yes": True, "true": True}
 _BOOL_ALIASES = {
-    "checkpoint.mode": {False: "off", True: "async"},
+    "checkpoint.mode": {False: MODE_OFF, True: MODE_ASYNC},
     "checkpoint.resume": {False: "never", True: "auto"},
     "checkpoint.export": {False: "none", True: "safetensors"},
 }

@@ -34,7 +34,7 @@ from ftrain.checkpoint import integrity, layout, loading
 from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
 from ftrain.checkpoint.loading import LoadResult, StatesFor
-from ftrain.config import CheckpointConfig
+from ftrain.config import MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointConfig
 from ftrain.distributed import DistContext, max_over_ranks
 from ftrain.checkpoint.staging import BufferStager
 from ftrain.checkpoint.writer import CheckpointWriter, NonFiniteStateError, auto_write_threads
@@ -133,7 +133,7 @@ class CheckpointManager:
 
     @property
     def enabled(self) -> bool:
-        return self.mode != "off"
+        return self.mode != MODE_OFF
 
     # ----------------------------------------------------------------------------------------------- saving
     def start_writer(self) -> None:
@@ -143,7 +143,7 @@ class CheckpointManager:
         Collective: every rank calls it at the same point, before any save. It saves a one-element state into
         ``{root}/.writer-start``, which no step directory scan sees and which is removed once written.
         """
-        if self.mode != "async_process" or self._writer_start is not None:
+        if self.mode != MODE_ASYNC_PROCESS or self._writer_start is not None:
             return
         self._writer_start = dcp.async_save(
             {"ftrain_writer_start": torch.zeros(1)},
@@ -178,7 +178,7 @@ class CheckpointManager:
             step=step, path=layout.step_dir(self.root, step), started=started, marker_fields=dict(marker_fields or {})
         )
         self._pending = pending
-        if self.mode == "sync":
+        if self.mode == MODE_SYNC:
             self._save_sync(pending, states)
         else:
             self._save_async(pending, states)
@@ -203,12 +203,12 @@ class CheckpointManager:
         pending.done.set()
 
     def _save_async(self, pending: _PendingSave, states: dict[str, Any]) -> None:
-        kind = AsyncCheckpointerType.PROCESS if self.mode == "async_process" else AsyncCheckpointerType.THREAD
+        kind = AsyncCheckpointerType.PROCESS if self.mode == MODE_ASYNC_PROCESS else AsyncCheckpointerType.THREAD
         try:
             response = dcp.async_save(
                 states,
                 storage_writer=CheckpointWriter(
-                    str(pending.path), thread_count=self.write_threads, in_writer_process=self.mode == "async_process"
+                    str(pending.path), thread_count=self.write_threads, in_writer_process=self.mode == MODE_ASYNC_PROCESS
                 ),
                 planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
@@ -237,7 +237,7 @@ class CheckpointManager:
         if self._stager is None:
             self._stager = BufferStager(
                 pin_memory=self.device.type == "cuda",  # pinned host memory needs an accelerator
-                share_memory=self.mode == "async_process",  # hands tensors to the writer process without a copy
+                share_memory=self.mode == MODE_ASYNC_PROCESS,  # hands tensors to the writer process without a copy
             )
         return self._stager
 

@@ -7,9 +7,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ftrain.config import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_SYNC
+
 REPO = Path(__file__).resolve().parents[2]
-ASYNC_MODES = ("async", "async_process")
-MANAGER_MODES = ("sync", "async", "async_process")
+ASYNC_MODES = (MODE_ASYNC, MODE_ASYNC_PROCESS)
+MANAGER_MODES = (MODE_SYNC, MODE_ASYNC, MODE_ASYNC_PROCESS)
 
 
 class BenchError(RuntimeError):
