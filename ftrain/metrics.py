@@ -10,7 +10,10 @@ import logging
 import time
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 logger = logging.getLogger("ftrain")
 
@@ -58,7 +61,7 @@ class Metrics:
         if enabled:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             # purge_step drops events at or after it that an earlier, killed attempt of this run logged
-            self.writer = SummaryWriter(str(self.log_dir), purge_step=start_step + 1 if start_step else None)
+            self.writer = _summary_writer(self.log_dir, purge_step=start_step + 1 if start_step else None)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         if self.writer is None:
@@ -85,7 +88,7 @@ class Metrics:
             return
         self.close()
         try:
-            self.writer = SummaryWriter(str(self.log_dir), purge_step=step + 1)
+            self.writer = _summary_writer(self.log_dir, purge_step=step + 1)
         except OSError as exc:
             logger.warning("TensorBoard logging paused (%s: %s); training goes on", self.log_dir, exc)
             self.broken = True
@@ -101,7 +104,7 @@ class Metrics:
 
     def _reopen(self) -> None:
         try:
-            self.writer = SummaryWriter(str(self.log_dir))
+            self.writer = _summary_writer(self.log_dir)
             self.broken = False
             logger.info("TensorBoard logging resumed in %s", self.log_dir)
         except OSError:
@@ -152,6 +155,13 @@ class Progress:
             average,
             _duration(eta),
         )
+
+
+def _summary_writer(log_dir: Path, **kwargs: Any) -> "SummaryWriter":
+    # Imported here: only rank 0 writes events, and TensorBoard's import costs every restarted process ~0.5 s.
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir), **kwargs)
 
 
 def _duration(seconds: float) -> str:
