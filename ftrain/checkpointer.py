@@ -54,6 +54,7 @@ logger = logging.getLogger("ftrain")
 CHECKPOINTS_DIR = "checkpoints"  # under the run directory
 TENSORBOARD_DIR = "tb"  # under the run directory, when the checkpointer opens its own writer
 RUN_ID_NAME = "RUN_ID"  # under the run directory: a random id made at its first use
+PREEMPTED_NAME = "PREEMPTED"  # under the run directory: {"step", "signal", "time"} after a preemption save
 _RESERVED_NAMES = ("app", *keys.DEFAULT_STATE_KEYS.values())
 
 __all__ = ["Checkpointer", "EXIT_PREEMPTED"]
@@ -212,6 +213,8 @@ class Checkpointer:
         tier = tier or "fresh"
         self.step = self.progress.step
         load_s = result.load_s if result is not None else max_over_ranks([time.perf_counter() - started], self.ctx.device)[0]
+        if self.ctx.is_main:  # this start holds the lock: an earlier preemption is no longer the run's last word
+            (self.run_dir / PREEMPTED_NAME).unlink(missing_ok=True)
         if self.ctx.is_main and self.manager.enabled:
             for path in layout.remove_incomplete(self.manager.root):
                 logger.info("removed incomplete checkpoint %s (left by an interrupted save)", path)
@@ -284,6 +287,7 @@ class Checkpointer:
             logger.warning("stop requested (%s): saving step %d and exiting", self.preempted, step)
             self.save(step)
             self.wait()
+            self._mark_preempted(step)
             return True
         if self.schedule.due(step) or last:
             self.save(step)
@@ -395,6 +399,17 @@ class Checkpointer:
         if keys.state_keys(marker) == keys.LEGACY_STATE_KEYS:  # format_version 1: one "app" state
             return {"app": ModelOptimizerState(self.model, self.optimizer), "train": self.progress.for_loading(), **self.extra}
         return {**self._states(), keys.DEFAULT_STATE_KEYS[keys.PROGRESS]: self.progress.for_loading()}
+
+    def _mark_preempted(self, step: int) -> None:
+        """Rank 0 writes ``PREEMPTED`` once every rank's save of ``step`` is committed: what a scheduler checks to
+        requeue (torchrun itself exits 1 when signalled). The next ``load()`` removes it."""
+        if not self.ctx.is_main:
+            return
+        record = {"step": step, "signal": self.preempted, "time": time.time()}
+        try:
+            layout.write_json_durably(self.run_dir / PREEMPTED_NAME, record)
+        except OSError as exc:  # the checkpoint is committed; the marker is a courtesy to the scheduler
+            logger.warning("could not write %s: %s", self.run_dir / PREEMPTED_NAME, exc)
 
     def _warm_start(self) -> None:
         """The run has no checkpoint of its own: start from ``initial_load``'s weights (collective)."""

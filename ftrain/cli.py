@@ -12,20 +12,15 @@ when it is signalled, so a scheduler can look for this file instead); the next s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-import time
-from pathlib import Path
 
 from ftrain.config import Config, ConfigError, keys, load_config, format_value, to_yaml
-from ftrain.preemption import EXIT_PREEMPTED
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
-PREEMPTED_FILE = "PREEMPTED"
 
 logger = logging.getLogger("ftrain")
 
@@ -106,10 +101,7 @@ def _train(cfg: Config) -> int:
     trainer = None
     try:
         trainer = Trainer(cfg)
-        _clear_preempted(cfg)
-        code = trainer.fit()
-        if code == EXIT_PREEMPTED:
-            _mark_preempted(cfg, trainer)
+        code = trainer.fit()  # a preempted run leaves RUN_DIR/PREEMPTED (ftrain.Checkpointer writes it)
         trainer.close()
         return code
     except UnhealthyError as exc:
@@ -142,35 +134,6 @@ def _rank() -> int:
 
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0") or 0)
-
-
-def _clear_preempted(cfg: Config) -> None:
-    """This start holds the lock now: an earlier preemption is no longer the run's last word."""
-    if _rank() == 0:
-        Path(cfg.run.dir, PREEMPTED_FILE).unlink(missing_ok=True)
-
-
-def _mark_preempted(cfg: Config, trainer: object) -> None:
-    """Rank 0 writes ``PREEMPTED`` (atomically) once every rank has saved: what a scheduler checks to requeue."""
-    if _rank() != 0:
-        return
-    record = {"step": getattr(trainer, "step", None), "signal": _stop_signal(trainer), "time": time.time()}
-    path = Path(cfg.run.dir, PREEMPTED_FILE)
-    tmp = path.with_name(f".{PREEMPTED_FILE}.tmp")
-    try:
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:  # the checkpoint is committed; the marker is a courtesy to the scheduler
-        logger.warning("could not write %s: %s", path, exc)
-
-
-def _stop_signal(trainer: object) -> str | None:
-    """The signal that stopped the run, if the trainer tells (its Checkpointer, or its own preemption flag)."""
-    checkpointer = getattr(trainer, "checkpointer", None)
-    if getattr(checkpointer, "preempted", None):
-        return str(checkpointer.preempted)
-    flag = getattr(trainer, "preemption", None) or getattr(checkpointer, "preemption", None)
-    return getattr(flag, "requested", None)
 
 
 if __name__ == "__main__":

@@ -187,3 +187,29 @@ def _tools_work_on_any_state_naming(run_dir: Path, out: Path) -> None:
     weights = load_file(out)
     saved = read_tensors(layout.step_dir(run_dir / "checkpoints", STEPS))
     assert weights and all(torch.equal(weights[k], saved[f"model.{k}"]) for k in weights)
+
+
+def test_a_preemption_signal_saves_the_step_and_leaves_a_marker_for_the_scheduler(tmp_path):
+    import json
+    import os
+    import signal
+
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer, interval=100) as ckpt:
+        step = ckpt.load()
+        while step < 50:
+            _train_step(model, optimizer)
+            step += 1
+            if step == 7:
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler only notes it; the next maybe_save acts
+            if ckpt.maybe_save(step):
+                break
+    assert step == 7 and ckpt.preempted == "SIGTERM"
+    assert layout.latest_complete(tmp_path / "checkpoints").step == 7
+    marker = json.loads((tmp_path / "PREEMPTED").read_text())
+    assert marker["step"] == 7 and marker["signal"] == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the checkpointer put the handler back
+    again = ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer)
+    assert again.load() == 7 and not (tmp_path / "PREEMPTED").exists()
+    again.close()
