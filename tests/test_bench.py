@@ -1,9 +1,11 @@
 """The checkpoint benchmark, tools/bench_checkpoint.py, in its quick form: it runs end to end and reports every
-section with sane values. Timings are not asserted (CI machines vary); the full benchmark is for people."""
+section with sane values (the goodput part with real SIGKILLs). Timings are not asserted (CI machines vary); the
+full benchmark is for people."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from ftrain.checkpoint.local_tier import default_directory
 
 TOOL = REPO / "tools" / "bench_checkpoint.py"
 MODES = ("sync", "async", "async_process")
@@ -108,7 +111,8 @@ def test_bad_argument_is_reported(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].endswith("--parts must name micro and/or trainer, got everything")
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "--parts must name micro, trainer and/or goodput, got everything")
 
 
 def test_target_rows_say_by_how_much(monkeypatch: pytest.MonkeyPatch):
@@ -120,3 +124,129 @@ def test_target_rows_say_by_how_much(monkeypatch: pytest.MonkeyPatch):
     assert target_row("trainer_throughput_vs_off", "async", 0.76, "")["miss"] == "20% short"
     assert target_row("trainer_throughput_vs_off", "async", 0.947, "")["miss"] == "0.3% short"
     assert target_row("write_vs_disk_floor", "async", None, "")["met"] is None
+
+
+# ------------------------------------------------------------------------------------------ goodput part
+@pytest.fixture(scope="module")
+def goodput(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench-goodput")
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--quick", "--parts", "goodput", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out
+
+
+def test_goodput_failures_are_recovered_from_the_local_tier(goodput):
+    result = json.loads((goodput / "bench.json").read_text())["goodput"]
+    assert positive(result["restart_floor_s"])
+    assert set(result["failures"]) == {"job/on", "rank/on"}  # the quick form: tier on only
+    for name, entry in result["failures"].items():
+        assert entry["kills"] == entry["recovered"] == 1, (name, entry["report"])  # a real SIGKILL, recovered
+        # snapshots every step: a kill redoes a step or two, not the steps since the durable checkpoint (<= 9)
+        assert entry["steps_redone"]["max"] <= 2, (name, entry["report"])
+        assert entry["time_lost_s"]["median"] > 0 and 0 < entry["ettr"] < 1, name
+        assert entry["cost_per_failure_s"]["median"] >= entry["time_lost_s"]["median"], name
+        assert entry["identical"], (name, entry["differences"])
+        assert entry["own_report"]["time_lost_s"] is not None, name  # the run logged recovery/* itself
+
+
+def test_goodput_throughput_health_and_auto(goodput):
+    result = json.loads((goodput / "bench.json").read_text())["goodput"]
+    throughput = result["throughput"]
+    for tier in ("on", "off"):
+        assert positive(throughput["tiers"][tier]["steps_per_s"]) and positive(throughput["tiers"][tier]["plain_step_s"])
+    assert throughput["ratio_on_off"]["median"] == pytest.approx(
+        throughput["tiers"]["on"]["steps_per_s"]["median"] / throughput["tiers"]["off"]["steps_per_s"]["median"])
+    assert throughput["identical_on_off"]["weights"] and throughput["identical_on_off"]["losses"]
+    assert throughput["step_time_noise"] is None  # one run per tier
+    health = result["health"]
+    assert health["allreduce_2_s"] > 0 and health["allreduce_3_s"] > 0 and 0 < health["judge_s"] < 1e-3
+    assert health["median_step_s"] == throughput["tiers"]["off"]["plain_step_s"]["median"]
+    auto = result["auto"]
+    assert auto["intervals"][0] == [0, 10]  # auto starts at 10 steps, logged at start
+    assert auto["checkpoints"] and 0 <= auto["blocked_share"] < 1 and auto["budget"] == 0.01
+
+
+def test_goodput_targets_report_and_cleanup(goodput):
+    result = json.loads((goodput / "bench.json").read_text())
+    rows = {(row["target"], row["mode"]): row for row in result["targets"]}
+    for kind in ("whole-job SIGKILL", "one-rank SIGKILL (--max-restarts)"):
+        for target in ("goodput_steps_redone", "goodput_time_lost_over_floor", "goodput_ettr"):
+            row = rows[(target, f"{kind}, local tier on")]
+            assert row["measured"] is not None and row["met"] in (True, False) and (row["met"] or row["miss"]), row
+    assert rows[("identical_to_uninterrupted", "all runs")]["met"] is True
+    for target in ("local_tier_throughput_vs_off", "auto_overhead_vs_budget"):
+        assert sum(row["target"] == target and row["met"] is not None for row in result["targets"]) == 1, target
+    health = [row for row in result["targets"] if row["target"] == "health_cost_vs_noise"]
+    assert health[0]["met"] is None and "needs 2 runs per tier" in health[0]["note"]
+    text = (goodput / "bench.md").read_text()
+    for heading in ("## Targets", "## Goodput under failures", "### Without failures", "### `checkpoint.interval=auto`"):
+        assert heading in text
+    assert "## Trainer" not in text and "python tools/bench_checkpoint.py --quick --parts goodput" in text
+    assert not (goodput / "goodput").exists()  # run directories removed, and their local snapshots
+    assert not default_directory(goodput / "goodput" / "chaos-job-on").exists()
+    assert (goodput / "logs" / "goodput-chaos-job-on.log").is_file()
+
+
+def test_auto_overhead_from_tensorboard_wall_times(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    """Steps of 0.1 s; a checkpoint at step 10 blocks 0.05 s and commits 0.35 s after step 10: steps 11-13 start
+    before the commit and take 0.15 s more in all; step 14 starts after it."""
+    monkeypatch.syspath_prepend(str(TOOL.parent))
+    from torch.utils.tensorboard import SummaryWriter
+
+    from bench.goodput import auto_overhead
+    from ftrain import tags
+
+    writer, wall = SummaryWriter(str(tmp_path)), 1000.0
+    for step in range(1, 31):
+        wall += 0.1 + {11: 0.08, 12: 0.04, 13: 0.03}.get(step, 0.0)
+        writer.add_scalar(tags.LOSS, 1.0, step, walltime=wall)
+        if step in (10, 30):
+            writer.add_scalar(tags.CKPT_BLOCKING_S, 0.05, step, walltime=wall)
+            writer.add_scalar(tags.CKPT_SAVE_S, 0.35, step, walltime=wall)  # the call until the commit
+    writer.add_scalar(tags.CKPT_INTERVAL, 10.0, 0, walltime=1000.0)
+    writer.close()
+    measured = auto_overhead(tmp_path)
+    assert measured["checkpoints"] == [10]  # the final save, which the run waits for, is left out
+    assert measured["blocked_s"] == pytest.approx(0.05)
+    assert measured["median_step_s"] == pytest.approx(0.1)
+    assert measured["slowdown_s"] == pytest.approx(0.15)  # steps 11-13 ran while it blocked and wrote
+    assert measured["overhead_share"] == pytest.approx(0.15 / (29 * 0.1 + 0.15))
+    assert measured["intervals"] == [[0, 10.0]]
+
+
+def test_goodput_target_rows_say_when_missed_or_not_measured(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(TOOL.parent))
+    from bench.targets import goodput_rows
+
+    def failures(redone: list[float], lost: list[float]) -> dict:
+        def stats(values: list[float]) -> dict | None:
+            return {"median": statistics.median(values), "n": len(values)} if values else None
+
+        return {"kind": "job", "tier": "on", "requested": 4, "kills": len(redone), "missed": 0,
+                "recovered": len(redone), "steps_redone": stats(redone), "time_lost_s": stats(lost),
+                "ettr": 0.6 if redone else None, "identical": True}
+
+    one = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1}
+    goodput = {
+        "restart_floor_s": {"median": 2.0},
+        "failures": {"job/on": failures([20.0, 25.0, 30.0, 8.0], [3.1, 3.4, 3.2, 3.3]), "rank/on": failures([], [])},
+        "throughput": {"ratio_on_off": {"median": 0.95}, "ratio_on_off_median_step": one,
+                       "identical_on_off": {"weights": True, "losses": False}},
+        "auto": {"overhead_vs_budget": 0.5, "overhead_share": 0.005, "blocked_share": 0.001, "budget": 0.01},
+        "health": {"share_of_step": 0.0001, "step_time_noise": 0.02, "per_step_s": 1e-5, "median_step_s": 0.1},
+    }
+    rows = {(row["target"], row["mode"].split(",")[0]): row for row in goodput_rows(goodput)}
+    assert rows[("goodput_steps_redone", "whole-job SIGKILL")]["miss"] == "22.5x the limit"
+    lost = rows[("goodput_time_lost_over_floor", "whole-job SIGKILL")]
+    assert lost["measured"] == pytest.approx(1.25) and lost["met"] is False and "3.25 s lost" in lost["note"]
+    assert rows[("goodput_ettr", "whole-job SIGKILL")]["miss"] == "25% short"
+    for target in ("goodput_steps_redone", "goodput_time_lost_over_floor", "goodput_ettr"):
+        assert rows[(target, "one-rank SIGKILL (--max-restarts)")]["met"] is None  # no kill landed: not "met"
+    assert rows[("local_tier_throughput_vs_off", "local tier on / off")]["miss"] == "4% short"
+    identical = rows[("identical_to_uninterrupted", "all runs")]
+    assert identical["met"] is False and "uninterrupted, on vs off" in identical["note"]
+    assert rows[("auto_overhead_vs_budget", "interval=auto")]["met"] is True
+    assert rows[("health_cost_vs_noise", "health check")]["met"] is True

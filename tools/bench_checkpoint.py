@@ -1,11 +1,13 @@
-"""Checkpoint benchmark: what a checkpoint costs, next to the floors of this machine (issue #7).
+"""Checkpoint benchmark: what a checkpoint costs, next to the floors of this machine (issue #7), and what a failure
+costs (issue #16).
 
 One documented command runs everything and writes ``bench.json`` and ``bench.md`` into ``--out``:
 
     python tools/bench_checkpoint.py --out runs/bench          # full: 1 GB state, 3 reps, 12 recipe runs (~8 min, 2 CPUs)
     python tools/bench_checkpoint.py --quick --out /tmp/bench  # CI form (~45 s): checks it works, not its timings
+    python tools/bench_checkpoint.py --parts goodput --out runs/bench-goodput   # failures (~12 min, 2 CPUs)
 
-It has two parts (``--parts micro,trainer``):
+It has three parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
 
 * ``micro`` runs in one process group, ``torchrun --standalone --nproc_per_node=N`` of this same script (launched
   for you; you may also launch it yourself, then only this part is reported). Every rank holds an equal share of a
@@ -18,6 +20,12 @@ It has two parts (``--parts micro,trainer``):
   ``--interval`` steps, alternating, same seed, and compares steps/s taken from TensorBoard's wall times: run
   against run, and within each run (steps after a checkpoint vs the others), which other processes on a shared
   machine disturb far less. Each report says how much CPU other processes used while it ran.
+* ``goodput`` (``bench/goodput.py``) runs the recipe (``--goodput-steps``, ``checkpoint.interval=
+  --goodput-interval``) with the local snapshot tier on and off: the restart floor (torchrun starting workers
+  that only import torch and DCP and join a group), throughput without failures and the health check's per-step
+  cost, ``--goodput-kills`` whole-job SIGKILLs and as many single-rank SIGKILLs under ``--max-restarts`` (steps
+  redone, time lost, cost per failure, ETTR, bit-identical to an uninterrupted run), and one
+  ``checkpoint.interval=auto`` run (intervals chosen, overhead against ``checkpoint.overhead_budget``).
 
 Times are the maximum over ranks of one repetition; tables show the median and [min-max] over repetitions.
 Exit codes: 0 done (targets missed or not), 1 a run failed, 2 bad arguments.
@@ -38,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import MANAGER_MODES, REPO, BenchError
+from bench.goodput import CONFIGS, run_goodput_part
 from bench.launch import run_logged, tail, torchrun_cmd
 from bench.micro import run_worker
 from bench.report import write_report
@@ -62,14 +71,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "and bench.md into --out. Run it with plain python: it launches torchrun itself.",
         epilog="full: python tools/bench_checkpoint.py --out runs/bench | "
         "CI: python tools/bench_checkpoint.py --quick --out /tmp/bench | "
+        "failures: python tools/bench_checkpoint.py --parts goodput | "
         "micro part by hand: torchrun --standalone --nproc_per_node=2 tools/bench_checkpoint.py --parts micro",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench", help="directory for results and scratch files")
-    parser.add_argument("--parts", default="micro,trainer", help="comma-separated: micro, trainer")
+    parser.add_argument("--parts", default="micro,trainer", help="comma-separated: micro, trainer, goodput")
     parser.add_argument("--quick", action="store_true",
-                        help="small and fast (16 MB, 1 rep, 20-step trainer runs of off and async only): "
-                        "checks that it works, for CI; its numbers mean little")
+                        help="small and fast (16 MB, 1 rep, 20-step trainer runs of off and async only; goodput: 30 "
+                        "steps of a smaller batch, 1 run per tier, 1 kill of each kind with the tier on only): checks "
+                        "that it works, for CI; its numbers mean little")
     parser.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the state lives")
     parser.add_argument("--size-mb", type=float, default=None,
@@ -87,6 +98,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"[default: {','.join(MANAGER_MODES)}; with --quick: async]")
     parser.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="extra recipe override for every trainer run (repeatable)")
+    parser.add_argument("--goodput-steps", type=int, default=600, help="goodput part: train.max_steps of each run")
+    parser.add_argument("--goodput-interval", type=int, default=50, help="goodput part: checkpoint.interval")
+    parser.add_argument("--goodput-kills", type=int, default=4,
+                        help="goodput part: SIGKILLs per configuration (job and rank, each with the local tier on and off)")
+    parser.add_argument("--goodput-reps", type=int, default=2,
+                        help="goodput part: uninterrupted runs per local-tier setting (alternating)")
+    parser.add_argument("--goodput-seed", type=int, default=0, help="goodput part: seeds the kill moments and ranks")
+    parser.add_argument("--goodput-max-delay", type=float, default=None,
+                        help="goodput part: most seconds of training before each kill [default: spread the kills "
+                        "over the run, from the measured steps/s]")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each torchrun launch, wait up to this many seconds for the machine to be "
                         "quiet (other processes under 10%% of the CPUs for a second)")
@@ -97,6 +118,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.tensor_mb = min(args.tensor_mb, 4.0)
         args.reps, args.warmup, args.quiet_wait = 1, 1, 0.0
         args.trainer_steps, args.trainer_reps, args.trainer_skip = 20, 1, 5
+        args.goodput_steps, args.goodput_interval, args.goodput_kills, args.goodput_reps = 30, 10, 1, 1
+    # not options: the restart floor's launches (the last one also times the health check), and a bound per chaos run
+    args.goodput_floor_reps, args.goodput_health_iters = (1, 200) if args.quick else (3, 2000)
+    args.goodput_timeout = 600.0 if args.quick else 1800.0
+    args.goodput_model = ["model.seq_len=64", "train.batch_size=4"] if args.quick else []  # quick: shorter steps
+    # quick: the failures only with the local tier on (the tier-off path is the same code, and time is short)
+    args.goodput_configs = [c for c in CONFIGS if c[1] == "on"] if args.quick else list(CONFIGS)
     if args.trainer_modes is None:
         args.trainer_modes = "async" if args.quick else ",".join(MANAGER_MODES)
     args.parts = _split(args.parts)
@@ -112,8 +140,8 @@ def _split(text: str) -> list[str]:
 
 
 def _check_args(args: argparse.Namespace) -> str:
-    if not args.parts or set(args.parts) - {"micro", "trainer"}:
-        return f"--parts must name micro and/or trainer, got {','.join(args.parts) or 'nothing'}"
+    if not args.parts or set(args.parts) - {"micro", "trainer", "goodput"}:
+        return f"--parts must name micro, trainer and/or goodput, got {','.join(args.parts) or 'nothing'}"
     if set(args.trainer_modes) - set(MANAGER_MODES):
         return f"--trainer-modes takes {', '.join(MANAGER_MODES)}; got {','.join(args.trainer_modes)}"
     if args.nproc < 1 or args.reps < 1 or args.warmup < 0 or args.trainer_reps < 1:
@@ -122,8 +150,15 @@ def _check_args(args: argparse.Namespace) -> str:
         return "--size-mb and --tensor-mb must be > 0"
     if args.interval < 1 or args.trainer_skip < 0:
         return "--interval must be >= 1 and --trainer-skip >= 0"
-    if first_window(args.trainer_skip, args.interval) + args.interval > args.trainer_steps:
+    if "trainer" in args.parts and first_window(args.trainer_skip, args.interval) + args.interval > args.trainer_steps:
         return "--trainer-steps must leave one --interval window after --trainer-skip"
+    if args.goodput_kills < 1 or args.goodput_reps < 1 or args.goodput_interval < 1:
+        return "--goodput-kills, --goodput-reps and --goodput-interval must be >= 1"
+    if args.goodput_max_delay is not None and args.goodput_max_delay < 0.5:
+        return "--goodput-max-delay must be >= 0.5 (the shortest delay before a kill)"
+    window = first_window(args.trainer_skip, args.goodput_interval) + args.goodput_interval
+    if "goodput" in args.parts and window > args.goodput_steps:
+        return "--goodput-steps must leave one --goodput-interval window after --trainer-skip"
     return ""
 
 
@@ -179,6 +214,8 @@ def main(argv: list[str]) -> int:
             result.update(launch_micro(args, argv))
         if "trainer" in args.parts:
             result["trainer"] = run_trainer_part(args)
+        if "goodput" in args.parts:
+            result["goodput"] = run_goodput_part(args)
         result["elapsed_s"] = time.perf_counter() - started
         result["environment"] = {**environment(), **load.shares()}
         if result["environment"]["ftrain_source"] != source:

@@ -49,6 +49,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         lines += micro_tables(result)
     if "trainer" in result:
         lines += trainer_table(result["trainer"])
+    if "goodput" in result:
+        lines += goodput_tables(result["goodput"])
     return "\n".join(lines) + "\n"
 
 
@@ -154,3 +156,77 @@ def trainer_table(trainer: dict[str, Any]) -> list[str]:
         )
     return [*lines, "", "Other load: the share of the CPUs that processes outside the benchmark used during each run "
             "(0.50 = one of two cores).", ""]
+
+
+def goodput_tables(goodput: dict[str, Any]) -> list[str]:
+    """Failures with the local tier on and off, throughput without failures, the health check, interval=auto."""
+    cfg, floor = goodput["config"], goodput["restart_floor_s"]
+    limit = floor["median"] + 0.5
+    lines = ["## Goodput under failures", "",
+             f"`recipes/train.py`, {cfg['nproc']} ranks, {cfg['max_steps']} steps, checkpoint every {cfg['interval']} "
+             f"steps; local snapshot tier on (`checkpoint.local_interval=1`, the default) and off (`=0`, as before "
+             f"it). {cfg['kills']} SIGKILL(s) per row at the same random moments (seed {cfg['seed']}, "
+             f"{cfg['kill_delay_s'][0]:.1f}-{cfg['kill_delay_s'][1]:.1f} s of training before each).", "",
+             f"Restart floor (torchrun starting {cfg['nproc']} workers that import torch and "
+             f"`torch.distributed.checkpoint` and join a gloo group): {fmt_s(floor)} over {floor['n']} launch(es); "
+             f"time lost per failure should stay within floor + 0.5 s = {limit:.2f} s.", "",
+             "| failure | local tier | recovered | steps redone (median [min-max]) | time lost per failure | "
+             "vs floor + 0.5 s | cost per failure | ETTR | run's own time lost | bit-identical |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for entry in goodput["failures"].values():
+        lost, own = entry["time_lost_s"], entry["own_report"].get("time_lost_s")
+        verdict = "yes" if entry["identical"] else "**no**: " + "; ".join(entry["differences"][:3])
+        lines.append(f"| {entry['kind']} | {entry['tier']} | {entry['recovered']} of {entry['requested']} | "
+                     f"{_spread(entry['steps_redone'], 1)} | {fmt_s(lost)} | "
+                     f"{fmt_x(ratio(lost['median'], limit)) + 'x' if lost else '-'} | {fmt_s(entry['cost_per_failure_s'])} | "
+                     f"{fmt_x(entry['ettr'])} | {fmt_s(own)} | {verdict} |")
+    lines += ["", "*recovered*: failures that landed while the job trained and were recovered from, of those asked for "
+              "(a kill drawn after the run finished is not one); "
+              "*time lost*: from the kill until the first step after it (chaos tool); *cost per failure*: time lost + "
+              "steps redone x the median step time; *ETTR*: 1 - the failures' cost / training wall time; *run's own*: "
+              "the `recovery/time_lost_s` the resumed run logged (last step before the failure to first step after).", ""]
+    return lines + throughput_lines(goodput) + auto_lines(goodput["auto"])
+
+
+def throughput_lines(goodput: dict[str, Any]) -> list[str]:
+    throughput, health = goodput["throughput"], goodput["health"]
+    tiers, same = throughput["tiers"], throughput["identical_on_off"]
+    lines = ["### Without failures", "",
+             f"{throughput['tiers']['on']['steps_per_s']['n']} run(s) per setting, alternating, same seed; steps/s "
+             f"from TensorBoard's wall times after step {goodput['config']['skip']}; *median step*: the median step "
+             "that does not follow a checkpoint.", "",
+             "| local tier | steps/s | vs off (paired) | median step | vs off | other load |", "|---|---|---|---|---|---|"]
+    for tier in ("off", "on"):
+        entry, vs = tiers[tier], tier == "on"
+        lines.append(f"| {tier} | {_spread(entry['steps_per_s'], 2)} | "
+                     f"{_spread(throughput['ratio_on_off'], 3) if vs else '-'} | {fmt_s(entry['plain_step_s'])} | "
+                     f"{_spread(throughput['ratio_on_off_median_step'], 3) if vs else '-'} | "
+                     f"{_spread(entry['other_cpu_share'], 2)} |")
+    noise = health["step_time_noise"]
+    lines += ["", "Final weights and every loss, tier on vs off: "
+              + ("bit-identical." if same["weights"] and same["losses"] else "**differ**: " + "; ".join(same["differences"][:5])),
+              "",
+              f"Health check per step (#17), micro-benchmark: `HealthMonitor.judge` + `record` "
+              f"{health['judge_s'] * 1e6:.1f} us, plus the verdict's float in the per-step all-reduce (gloo, 3 floats "
+              f"{health['allreduce_3_s'] * 1e6:.1f} us vs 2 floats {health['allreduce_2_s'] * 1e6:.1f} us): "
+              f"{health['per_step_s'] * 1e6:.1f} us per step, {health['share_of_step']:.3%} of the median step "
+              f"({health['median_step_s'] * 1e3:.1f} ms); run-to-run noise of the median step: "
+              + (f"{noise:.2%}." if noise is not None else "not measured (one run per setting)."), ""]
+    return lines
+
+
+def auto_lines(auto: dict[str, Any]) -> list[str]:
+    chosen = ", ".join(f"{int(value)} from step {int(step)}" for step, value in auto["intervals"]) or "none logged"
+    return ["### `checkpoint.interval=auto`", "",
+            f"One run, local tier on. Interval chosen: {chosen}; {len(auto['checkpoints'])} checkpoint(s) before the "
+            f"last step. Over {auto['training_s']:.1f} s of training: blocked {auto['blocked_s']:.3f} s "
+            f"({auto['blocked_share']:.2%}); blocked + slowdown of the steps while each write ran "
+            f"{auto['slowdown_s']:.3f} s ({auto['overhead_share']:.2%}, against a median step of "
+            f"{auto['median_step_s'] * 1e3:.1f} ms); budget {auto['budget']:.1%}.", ""]
+
+
+def _spread(summary: dict[str, Any] | None, digits: int) -> str:
+    if not summary:
+        return "-"
+    text = f"{summary['median']:.{digits}f}"
+    return text + (f" [{summary['min']:.{digits}f}-{summary['max']:.{digits}f}]" if summary["n"] > 1 else "")

@@ -1,4 +1,5 @@
-"""The issue #7 targets: each one's limit, and whether a result meets it."""
+"""The targets of issue #7 (saves) and issue #16 (goodput under failures): each one's limit, and whether a result
+meets it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ TARGETS = {
     "trainer_throughput_vs_off": (0.95, ">="),
     "write_vs_disk_floor": (0.80, ">="),
     "extra_memory_vs_rank_size": (1.2, "<="),
+    # issue #16 (and #17's health check), from the goodput part
+    "goodput_steps_redone": (1.0, "<="),
+    "goodput_time_lost_over_floor": (0.5, "<="),
+    "goodput_ettr": (0.8, ">="),
+    "local_tier_throughput_vs_off": (0.99, ">="),
+    "identical_to_uninterrupted": (1.0, ">="),
+    "auto_overhead_vs_budget": (1.0, "<="),
+    "health_cost_vs_noise": (1.0, "<="),
 }
+KILL_NAMES = {"job": "whole-job SIGKILL", "rank": "one-rank SIGKILL (--max-restarts)"}
 
 
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -46,7 +56,57 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(target_row("trainer_throughput_vs_off", mode, entry["ratio_to_off_in_run"]["median"],
                                    "recipe steps/s, checkpoint every K steps / off (in-run estimate)",
                                    f"run against run: {entry['ratio_to_off']['median']:.3f}"))
+    if result.get("goodput"):
+        rows += goodput_rows(result["goodput"])
     return rows
+
+
+def goodput_rows(goodput: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #16's targets for the local tier on (the default); the tier-off runs are in the goodput table."""
+    rows = []
+    floor = goodput["restart_floor_s"]["median"]
+    for kind, name in KILL_NAMES.items():
+        entry, mode = goodput["failures"][f"{kind}/on"], f"{name}, local tier on"
+        rows.append(target_row("goodput_steps_redone", mode, _median(entry["steps_redone"]),
+                               "median steps redone per failure", _landed(entry)))
+        lost = _median(entry["time_lost_s"])
+        rows.append(target_row("goodput_time_lost_over_floor", mode, None if lost is None else lost - floor,
+                               "median time lost per failure - restart floor (s)",
+                               f"{lost:.2f} s lost, floor {floor:.2f} s" if lost is not None else ""))
+        rows.append(target_row("goodput_ettr", mode, entry["ettr"], "ETTR (effective training time ratio)"))
+    throughput = goodput["throughput"]
+    rows.append(target_row("local_tier_throughput_vs_off", "local tier on / off", throughput["ratio_on_off"]["median"],
+                           "recipe steps/s without failures, local tier on / off (paired runs)",
+                           f"median step: {throughput['ratio_on_off_median_step']['median']:.3f}"))
+    verdicts = {"uninterrupted, on vs off": throughput["identical_on_off"]["weights"]
+                and throughput["identical_on_off"]["losses"]}
+    verdicts.update({f"{e['kind']} kills, tier {e['tier']}": e["identical"] for e in goodput["failures"].values()})
+    differ = [name for name, same in verdicts.items() if not same]
+    rows.append(target_row("identical_to_uninterrupted", "all runs", sum(verdicts.values()) / len(verdicts),
+                           "share of runs whose final weights and every loss are bit-identical to the uninterrupted run",
+                           f"differ: {', '.join(differ)}" if differ else f"{len(verdicts)} of {len(verdicts)}"))
+    auto = goodput["auto"]
+    rows.append(target_row("auto_overhead_vs_budget", "interval=auto, local tier on", auto["overhead_vs_budget"],
+                           "checkpoint overhead (blocked + slowed steps) / checkpoint.overhead_budget",
+                           f"{auto['overhead_share']:.2%} of training time (blocked only: {auto['blocked_share']:.2%}),"
+                           f" budget {auto['budget']:.0%}"))
+    health = goodput["health"]
+    noise = health["step_time_noise"]
+    rows.append(target_row("health_cost_vs_noise", "health check", ratio(health["share_of_step"], noise),
+                           "health check's cost per step / run-to-run noise of the median step (#17)",
+                           f"{health['per_step_s'] * 1e6:.1f} us = {health['share_of_step']:.3%} of a "
+                           f"{health['median_step_s'] * 1e3:.1f} ms step; noise "
+                           + (f"{noise:.2%}" if noise is not None else "needs 2 runs per tier")))
+    return rows
+
+
+def _median(summary: dict[str, Any] | None) -> float | None:
+    return summary["median"] if summary else None
+
+
+def _landed(entry: dict[str, Any]) -> str:
+    note = f"{entry['recovered']} of {entry['requested']} kills recovered"
+    return note + (f"; {entry['missed']} came after the run had finished" if entry["missed"] else "")
 
 
 def target_row(key: str, mode: str, measured: float | None, what: str, note: str = "") -> dict[str, Any]:
