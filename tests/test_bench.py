@@ -156,7 +156,8 @@ def test_goodput_throughput_health_and_auto(goodput):
     result = json.loads((goodput / "bench.json").read_text())["goodput"]
     throughput = result["throughput"]
     for tier in ("on", "off"):
-        assert positive(throughput["tiers"][tier]["steps_per_s"]) and positive(throughput["tiers"][tier]["plain_step_s"])
+        assert positive(throughput["tiers"][tier]["steps_per_s"])
+        assert positive(throughput["tiers"][tier]["plain_step_s"])
     assert throughput["ratio_on_off"]["median"] == pytest.approx(
         throughput["tiers"]["on"]["steps_per_s"]["median"] / throughput["tiers"]["off"]["steps_per_s"]["median"])
     assert throughput["identical_on_off"]["weights"] and throughput["identical_on_off"]["losses"]
@@ -182,7 +183,8 @@ def test_goodput_targets_report_and_cleanup(goodput):
     health = [row for row in result["targets"] if row["target"] == "health_cost_vs_noise"]
     assert health[0]["met"] is None and "needs 2 runs per tier" in health[0]["note"]
     text = (goodput / "bench.md").read_text()
-    for heading in ("## Targets", "## Goodput under failures", "### Without failures", "### `checkpoint.interval=auto`"):
+    headings = ("## Targets", "## Goodput under failures", "### Without failures", "### `checkpoint.interval=auto`")
+    for heading in headings:
         assert heading in text
     assert "## Trainer" not in text and "python tools/bench_checkpoint.py --quick --parts goodput" in text
     assert not (goodput / "goodput").exists()  # run directories removed, and their local snapshots

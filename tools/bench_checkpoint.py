@@ -1,11 +1,12 @@
 """Checkpoint benchmark: what a checkpoint costs, next to the floors of this machine (issue #7), and what a failure
 costs (issue #16).
 
-One documented command runs everything and writes ``bench.json`` and ``bench.md`` into ``--out``:
+One documented command per question; each writes ``bench.json`` and ``bench.md`` into ``--out``:
 
     python tools/bench_checkpoint.py --out runs/bench          # full: 1 GB state, 3 reps, 12 recipe runs (~8 min, 2 CPUs)
     python tools/bench_checkpoint.py --quick --out /tmp/bench  # CI form (~45 s): checks it works, not its timings
-    python tools/bench_checkpoint.py --parts goodput --out runs/bench-goodput   # failures (~12 min, 2 CPUs)
+    python tools/bench_checkpoint.py --parts goodput --out runs/bench-goodput   # failures (~11 min, 2 CPUs)
+    python tools/bench_checkpoint.py --quick --parts goodput --out /tmp/bench-goodput   # its CI form (~50 s)
 
 It has three parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
 
@@ -97,21 +98,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="trainer part: checkpoint modes compared with checkpoint.mode=off "
                         f"[default: {','.join(MANAGER_MODES)}; with --quick: async]")
     parser.add_argument("--trainer-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra recipe override for every trainer run (repeatable)")
+                        help="extra recipe override for every trainer and goodput run (repeatable)")
     parser.add_argument("--goodput-steps", type=int, default=600, help="goodput part: train.max_steps of each run")
     parser.add_argument("--goodput-interval", type=int, default=50, help="goodput part: checkpoint.interval")
     parser.add_argument("--goodput-kills", type=int, default=4,
-                        help="goodput part: SIGKILLs per configuration (job and rank, each with the local tier on and off)")
+                        help="goodput part: SIGKILLs per configuration (job, rank; each with the local tier on, off)")
     parser.add_argument("--goodput-reps", type=int, default=2,
                         help="goodput part: uninterrupted runs per local-tier setting (alternating)")
-    parser.add_argument("--goodput-seed", type=int, default=0, help="goodput part: seeds the kill moments and ranks")
+    parser.add_argument("--goodput-seed", type=int, default=0,
+                        help="goodput part: seeds the kill moments and ranks [default: 0]")
     parser.add_argument("--goodput-max-delay", type=float, default=None,
                         help="goodput part: most seconds of training before each kill [default: spread the kills "
                         "over the run, from the measured steps/s]")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each torchrun launch, wait up to this many seconds for the machine to be "
                         "quiet (other processes under 10%% of the CPUs for a second)")
-    parser.add_argument("--keep", action="store_true", help="keep checkpoints, scratch files and trainer run directories")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep checkpoints, scratch files and the trainer and goodput run directories")
     args = parser.parse_args(argv)
     if args.quick:
         args.size_mb = args.size_mb or 16.0

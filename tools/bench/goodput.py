@@ -260,7 +260,8 @@ def run_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     tiers = {}
     for tier in LOCAL_TIER:
         mine = [r for r in runs if r["tier"] == tier]
-        tiers[tier] = {key: summarize([r[key] for r in mine]) for key in ("steps_per_s", "plain_step_s", "other_cpu_share")}
+        keys = ("steps_per_s", "plain_step_s", "other_cpu_share")
+        tiers[tier] = {key: summarize([r[key] for r in mine]) for key in keys}
     by_rep = {(r["tier"], r["rep"]): r for r in runs}
     reps = range(args.goodput_reps)
     same_weights, same_losses, differences = compare_runs(work / "throughput-on-0", work / "throughput-off-0")
@@ -305,10 +306,11 @@ def run_failures(args: argparse.Namespace, work: Path, kind: str, tier: str, ref
     cmd = recipe_cmd(args, run_dir, tier, max_restarts=restarts)
     waited = wait_for_quiet(args.quiet_wait)
     load = OtherLoad()
+    prefix = f"[bench] goodput {kind} kills, local tier {tier}:"
     try:
         report = run_chaos(cmd, run_dir, kills=args.goodput_kills, kinds=(kind,), seed=args.goodput_seed,
                            min_delay=MIN_DELAY_S, max_delay=max_delay, timeout=args.goodput_timeout,
-                           say=lambda line: print(f"[bench] goodput {kind} kills, local tier {tier}: {line}", flush=True))
+                           say=lambda line: print(prefix, line, flush=True))
     except RuntimeError as exc:
         raise BenchError(f"goodput {name}: {exc} (log: {Path(args.out) / 'logs' / f'goodput-{name}.log'})") from exc
     finally:
@@ -362,7 +364,8 @@ def own_recovery(run_dir: Path) -> dict[str, Any]:
 
     wanted = (tags.RECOVERY_TIME_LOST_S, tags.RECOVERY_STEPS_REDONE, tags.RECOVERY_STARTUP_S, tags.RECOVERY_LOAD_S)
     scalars = read_run_scalars(run_dir, wanted)
-    return {tag.split("/", 1)[1]: summarize(list(scalars[tag].values())) if scalars.get(tag) else None for tag in wanted}
+    return {tag.split("/", 1)[1]: summarize(list(scalars[tag].values())) if scalars.get(tag) else None
+            for tag in wanted}
 
 
 # ------------------------------------------------------------------------------------------ auto interval

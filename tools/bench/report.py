@@ -178,13 +178,15 @@ def goodput_tables(goodput: dict[str, Any]) -> list[str]:
         verdict = "yes" if entry["identical"] else "**no**: " + "; ".join(entry["differences"][:3])
         lines.append(f"| {entry['kind']} | {entry['tier']} | {entry['recovered']} of {entry['requested']} | "
                      f"{_spread(entry['steps_redone'], 1)} | {fmt_s(lost)} | "
-                     f"{fmt_x(ratio(lost['median'], limit)) + 'x' if lost else '-'} | {fmt_s(entry['cost_per_failure_s'])} | "
+                     f"{fmt_x(ratio(lost['median'], limit)) + 'x' if lost else '-'} | "
+                     f"{fmt_s(entry['cost_per_failure_s'])} | "
                      f"{fmt_x(entry['ettr'])} | {fmt_s(own)} | {verdict} |")
     lines += ["", "*recovered*: failures that landed while the job trained and were recovered from, of those asked for "
               "(a kill drawn after the run finished is not one); "
               "*time lost*: from the kill until the first step after it (chaos tool); *cost per failure*: time lost + "
               "steps redone x the median step time; *ETTR*: 1 - the failures' cost / training wall time; *run's own*: "
-              "the `recovery/time_lost_s` the resumed run logged (last step before the failure to first step after).", ""]
+              "the `recovery/time_lost_s` the resumed run logged (last step before the failure to first step after; "
+              "fewer values than failures when a resume went back past the step an earlier one was logged at).", ""]
     return lines + throughput_lines(goodput) + auto_lines(goodput["auto"])
 
 
@@ -195,7 +197,8 @@ def throughput_lines(goodput: dict[str, Any]) -> list[str]:
              f"{throughput['tiers']['on']['steps_per_s']['n']} run(s) per setting, alternating, same seed; steps/s "
              f"from TensorBoard's wall times after step {goodput['config']['skip']}; *median step*: the median step "
              "that does not follow a checkpoint.", "",
-             "| local tier | steps/s | vs off (paired) | median step | vs off | other load |", "|---|---|---|---|---|---|"]
+             "| local tier | steps/s | vs off (paired) | median step | vs off | other load |",
+             "|---|---|---|---|---|---|"]
     for tier in ("off", "on"):
         entry, vs = tiers[tier], tier == "on"
         lines.append(f"| {tier} | {_spread(entry['steps_per_s'], 2)} | "
@@ -203,8 +206,9 @@ def throughput_lines(goodput: dict[str, Any]) -> list[str]:
                      f"{_spread(throughput['ratio_on_off_median_step'], 3) if vs else '-'} | "
                      f"{_spread(entry['other_cpu_share'], 2)} |")
     noise = health["step_time_noise"]
+    differ = "**differ**: " + "; ".join(same["differences"][:5])
     lines += ["", "Final weights and every loss, tier on vs off: "
-              + ("bit-identical." if same["weights"] and same["losses"] else "**differ**: " + "; ".join(same["differences"][:5])),
+              + ("bit-identical." if same["weights"] and same["losses"] else differ),
               "",
               f"Health check per step (#17), micro-benchmark: `HealthMonitor.judge` + `record` "
               f"{health['judge_s'] * 1e6:.1f} us, plus the verdict's float in the per-step all-reduce (gloo, 3 floats "

@@ -83,7 +83,7 @@ def goodput_rows(goodput: dict[str, Any]) -> list[dict[str, Any]]:
     verdicts.update({f"{e['kind']} kills, tier {e['tier']}": e["identical"] for e in goodput["failures"].values()})
     differ = [name for name, same in verdicts.items() if not same]
     rows.append(target_row("identical_to_uninterrupted", "all runs", sum(verdicts.values()) / len(verdicts),
-                           "share of runs whose final weights and every loss are bit-identical to the uninterrupted run",
+                           "share of runs whose final weights and every loss match the uninterrupted run bit for bit",
                            f"differ: {', '.join(differ)}" if differ else f"{len(verdicts)} of {len(verdicts)}"))
     auto = goodput["auto"]
     rows.append(target_row("auto_overhead_vs_budget", "interval=auto, local tier on", auto["overhead_vs_budget"],
