@@ -247,7 +247,8 @@ class Checkpointer:
         self._advance_to(step)
         now = time.perf_counter()
         if self._last_call is not None:
-            self.schedule.observe_step(now - self._last_call, save_in_flight=self.manager.save_in_flight())
+            # a background write that ran during any part of this step slowed it, even if it has finished since
+            self.schedule.observe_step(now - self._last_call, save_in_flight=self.manager.busy_since(self._last_call))
         self._last_call = now
         self._status.step(step, finished=last)
         if self._recovery is not None:

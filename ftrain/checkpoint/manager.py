@@ -80,6 +80,7 @@ class _PendingSave:
     marker_fields: dict[str, Any] = field(default_factory=dict)
     error: str = ""
     nonfinite: bool = False  # refused because a saved tensor held NaN or Inf
+    finished_at: float | None = None  # when ``done`` was set
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -200,6 +201,7 @@ class CheckpointManager:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             self._record_failure(pending, exc)
+        pending.finished_at = time.perf_counter()
         pending.done.set()
 
     def _save_async(self, pending: _PendingSave, states: dict[str, Any]) -> None:
@@ -219,6 +221,7 @@ class CheckpointManager:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             self._record_failure(pending, exc)
+            pending.finished_at = time.perf_counter()
             pending.done.set()
             return
         if isinstance(response, AsyncSaveResponse):
@@ -258,6 +261,7 @@ class CheckpointManager:
         except BaseException as exc:  # noqa: BLE001 - report every failure, CheckpointException included
             self._record_failure(pending, exc)
         finally:
+            pending.finished_at = time.perf_counter()
             pending.done.set()
 
     def _commit(self, pending: _PendingSave) -> None:
@@ -303,9 +307,13 @@ class CheckpointManager:
         """True if the save in flight has already failed on this rank (cheap; for a per-step check)."""
         return self._pending is not None and bool(self._pending.error)
 
-    def save_in_flight(self) -> bool:
-        """True while a save of this manager has not finished (committed or failed) on this rank."""
-        return self._pending is not None and not self._pending.done.is_set()
+    def busy_since(self, since: float) -> bool:
+        """True if a save of this manager was in flight at any moment after ``since`` (``time.perf_counter``):
+        still running, or finished (committed or failed) after it."""
+        pending = self._pending
+        if pending is None:
+            return False
+        return not pending.done.is_set() or (pending.finished_at or 0.0) > since
 
     def nonfinite_pending(self) -> bool:
         """True if the save in flight was refused because the state held NaN or Inf (a health problem)."""
