@@ -44,7 +44,7 @@ from ftrain.checkpoint.manager import CheckpointManager, SaveStats
 from ftrain.config import CheckpointConfig, Config, ConfigError, validate
 from ftrain.distributed import DistContext, max_over_ranks, sum_over_ranks
 from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
-from ftrain.interval import SaveSchedule
+from ftrain.interval import LocalSchedule, SaveSchedule
 from ftrain.preemption import EXIT_PREEMPTED, PreemptionFlag
 from ftrain.run_status import RunStatus, StatusWriter, read_status
 from ftrain.state import ModelOptimizerState, ModelState, OptimizerState, TrainProgress
@@ -127,6 +127,7 @@ class Checkpointer:
         self.rollbacks = 0
         self._health_record: dict[str, Any] = {"judged": False}
         self.schedule = SaveSchedule(self.options.interval, self.options.overhead_budget, self.options.max_interval_s)
+        self.local_schedule = LocalSchedule(self.options.local_interval, self.options.overhead_budget)
         self._last_call: float | None = None
         self._loaded = False
         self._closed = False
@@ -161,6 +162,7 @@ class Checkpointer:
             **self.extra,
         }
         self._finished = False
+        self._snapshot_call_s = 0.0
         self._export: Any = None  # the safetensors export in flight
         self._hooks = [optimizer.register_step_pre_hook(self._before_update)]
         if _has_persistent_buffers(model):  # forward changes them (e.g. batch-norm statistics)
@@ -249,6 +251,7 @@ class Checkpointer:
         if self._last_call is not None:
             # a background write that ran during any part of this step slowed it, even if it has finished since
             self.schedule.observe_step(now - self._last_call, save_in_flight=self.manager.busy_since(self._last_call))
+            self.local_schedule.observe_step(now - self._last_call)
         self._last_call = now
         self._status.step(step, finished=last)
         if self._recovery is not None:
@@ -278,9 +281,10 @@ class Checkpointer:
                 return bool(stop)  # never save an unhealthy step
         else:
             self._monitor.record(loss)
-            if self.local is not None and step % self.options.local_interval == 0:
-                self.local.snapshot(step, self._local_states)
-                faults.pause_point("after_local_snapshot", step)
+            if self.local is not None and self.local_schedule.due(step):
+                self._snapshot(step)
+            if self.local is not None and self.local_schedule.review_due(step):
+                self._review_local_interval()
         if last and not stop:
             self._finished = True
         if stop:
@@ -401,6 +405,26 @@ class Checkpointer:
             return {"app": ModelOptimizerState(self.model, self.optimizer), "train": self.progress.for_loading(), **self.extra}
         return {**self._states(), keys.DEFAULT_STATE_KEYS[keys.PROGRESS]: self.progress.for_loading()}
 
+    def _snapshot(self, step: int) -> None:
+        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval."""
+        assert self.local is not None
+        if self.local.background_cpu_s is not None:  # the previous snapshot's background work is done by now
+            self.local_schedule.observe_snapshot(self._snapshot_call_s + self.local.background_cpu_s)
+        called = time.perf_counter()
+        self.local.snapshot(step, self._local_states)
+        self._snapshot_call_s = time.perf_counter() - called
+        faults.pause_point("after_local_snapshot", step)
+
+    def _review_local_interval(self) -> None:
+        """``local_interval=auto``: every rank re-evaluates at the same steps and they take the largest proposal."""
+        agreed = int(max_over_ranks([float(self.local_schedule.propose())], self.ctx.device)[0])
+        if self.local_schedule.set(agreed) and self.ctx.is_main:
+            logger.info(
+                "checkpoint.local_interval=auto now %d step(s) (budget %.1f%% of training time)",
+                agreed,
+                100 * self.options.overhead_budget,
+            )
+
     def _mark_preempted(self, step: int) -> None:
         """Rank 0 writes ``PREEMPTED`` once every rank's save of ``step`` is committed: what a scheduler checks to
         requeue (torchrun itself exits 1 when signalled). The next ``load()`` removes it."""
@@ -456,7 +480,7 @@ class Checkpointer:
             logger.info("exported the model's weights to %s", path)
 
     def _open_local_tier(self, signature: RunSignature) -> LocalSnapshots | None:
-        if not self.options.local_interval or not self.manager.enabled:
+        if str(self.options.local_interval).strip() == "0" or not self.manager.enabled:
             return None
         directory = Path(self.options.local_dir) if self.options.local_dir else default_directory(self.run_dir)
         fields = {
@@ -689,6 +713,7 @@ def _checkpoint_options(options: dict[str, Any]) -> CheckpointConfig:
         raise TypeError(f"Checkpointer got unknown option(s) {', '.join(unknown)}; options are {', '.join(sorted(known))}")
     section = CheckpointConfig(**options)
     section.interval = str(section.interval)
+    section.local_interval = str(section.local_interval)
     if isinstance(section.signals, str):
         section.signals = [section.signals]
     section.signals = list(section.signals)

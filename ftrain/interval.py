@@ -1,4 +1,4 @@
-"""When to save: every N steps, or ``auto``: the fewest steps whose measured checkpoint cost fits a budget.
+"""When to save (``SaveSchedule``) and when to snapshot locally (``LocalSchedule``): every N steps, or ``auto``: the fewest steps whose measured checkpoint cost fits a budget.
 
 The cost of one checkpoint is what training pays for it: the time the loop was blocked (``blocking_s``) plus
 the slowdown of the steps that ran while the background write did (their time above the median step time
@@ -63,6 +63,50 @@ class SaveSchedule:
 
     def set(self, interval: int) -> bool:
         """Adopt the agreed interval; True if it changed."""
+        changed = interval != self.interval
+        self.interval = interval
+        return changed
+
+
+class LocalSchedule:
+    """How often to take a local snapshot: every N steps, or ``auto``: the fewest steps whose measured cost fits
+    the overhead budget. A snapshot's cost is the training thread's time in ``snapshot()`` plus the CPU time of
+    the background copy, checksum and marker (on a machine whose cores training fills, that CPU is taken from
+    training). Ranks must snapshot the same steps (a restart needs a step every rank holds), so the interval is
+    re-evaluated only at fixed steps and agreed by the caller (``propose`` then ``set``)."""
+
+    REVIEW_EVERY = 50  # steps between re-evaluations of an auto interval (the same steps on every rank)
+    MAX_AUTO_INTERVAL = 100
+
+    def __init__(self, interval: str | int, overhead_budget: float = 0.01) -> None:
+        self.auto = str(interval).strip() == AUTO
+        self.interval = 1 if self.auto else int(interval)
+        self.budget = overhead_budget
+        self._costs: deque[float] = deque(maxlen=20)
+        self._steps: deque[float] = deque(maxlen=200)
+
+    def due(self, step: int) -> bool:
+        return self.interval > 0 and step % self.interval == 0
+
+    def review_due(self, step: int) -> bool:
+        return self.auto and step % self.REVIEW_EVERY == 0
+
+    def observe_step(self, seconds: float) -> None:
+        self._steps.append(seconds)
+
+    def observe_snapshot(self, cost_s: float) -> None:
+        self._costs.append(cost_s)
+
+    def propose(self) -> int:
+        if not self._costs or len(self._steps) < 3:
+            return self.interval
+        step_s = statistics.median(self._steps)
+        cost = statistics.median(self._costs)
+        if step_s <= 0:
+            return self.interval
+        return max(1, min(self.MAX_AUTO_INTERVAL, math.ceil(cost / (self.budget * step_s))))
+
+    def set(self, interval: int) -> bool:
         changed = interval != self.interval
         self.interval = interval
         return changed

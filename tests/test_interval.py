@@ -51,3 +51,17 @@ def test_checkpointer_accepts_an_integer_or_auto_interval(tmp_path):
     for interval in (3, "auto"):
         ckpt = ftrain.Checkpointer(tmp_path / str(interval), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), interval=interval)
         ckpt.abort()
+
+
+def test_local_interval_auto_is_the_fewest_steps_whose_snapshot_cost_fits_the_budget():
+    from ftrain.interval import LocalSchedule
+
+    schedule = LocalSchedule("auto", overhead_budget=0.01)
+    assert schedule.interval == 1 and schedule.due(7)
+    assert not schedule.review_due(49) and schedule.review_due(50)
+    for _ in range(10):
+        schedule.observe_step(0.1)
+        schedule.observe_snapshot(0.0025)  # 2.5 ms of a 100 ms step: 2.5% at every step, 1% needs every 3rd
+    assert schedule.propose() == 3
+    assert schedule.set(3) and schedule.due(9) and not schedule.due(10)
+    assert LocalSchedule("0").interval == 0 and not LocalSchedule("0").due(5)

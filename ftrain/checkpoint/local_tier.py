@@ -73,6 +73,7 @@ import os
 import shutil
 import stat
 import threading
+import time
 import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -250,6 +251,7 @@ class LocalSnapshots:
         self.world_size = world_size
         self.max_bytes = max_bytes
         self.disabled: str | None = None  # why the tier is off
+        self.background_cpu_s: float | None = None  # CPU time of the last snapshot's copy, checksum and marker
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftrain-local")
         self._job: Future[None] | None = None
         self._copied: threading.Event | None = None
@@ -304,6 +306,7 @@ class LocalSnapshots:
         ready: Any,
         copied: threading.Event,
     ) -> None:
+        started = time.thread_time()
         try:
             try:
                 slot = self._choose_slot(step)
@@ -329,6 +332,7 @@ class LocalSnapshots:
             _replace(self.root / _marker_name(slot), json.dumps(marker).encode())
             assert self._held is not None
             self._held[slot] = step
+            self.background_cpu_s = time.thread_time() - started
         except _Disabled as exc:
             self._disable(str(exc))
         except Exception as exc:  # the tier is an optimization: it must never stop training

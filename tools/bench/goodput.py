@@ -39,7 +39,7 @@ from .launch import TORCHRUN, run_logged, tail
 from .system import OtherLoad, wait_for_quiet
 from .trainer_runs import read_run
 
-LOCAL_TIER = {"off": "checkpoint.local_interval=0", "on": "checkpoint.local_interval=1"}  # off: as before #10
+LOCAL_TIER = {"off": "checkpoint.local_interval=0", "on": "checkpoint.local_interval=auto"}  # on: the default; off: as before #10
 KILL_KINDS = ("job", "rank")
 CONFIGS = tuple((kind, tier) for kind in KILL_KINDS for tier in ("off", "on"))  # (kill kind, local tier)
 MIN_DELAY_S = 0.5  # training time before a kill, at least

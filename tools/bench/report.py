@@ -164,7 +164,7 @@ def goodput_tables(goodput: dict[str, Any]) -> list[str]:
     limit = floor["median"] + 0.5
     lines = ["## Goodput under failures", "",
              f"`recipes/train.py`, {cfg['nproc']} ranks, {cfg['max_steps']} steps, checkpoint every {cfg['interval']} "
-             f"steps; local snapshot tier on (`checkpoint.local_interval=1`, the default) and off (`=0`, as before "
+             f"steps; local snapshot tier on (`checkpoint.local_interval=auto`, the default) and off (`=0`, as before "
              f"it). {cfg['kills']} SIGKILL(s) per row at the same random moments (seed {cfg['seed']}, "
              f"{cfg['kill_delay_s'][0]:.1f}-{cfg['kill_delay_s'][1]:.1f} s of training before each).", "",
              f"Restart floor (torchrun starting {cfg['nproc']} workers that import torch and "
