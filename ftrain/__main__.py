@@ -14,7 +14,7 @@ COMMANDS = {
     "train": ("ftrain.cli:main", "train (the recipe): --help lists every config key; exit 0/75/1/2"),
     "ckpt": ("ftrain.ckpt_cli:main", "inspect and manage checkpoints: list, show, verify, convert, prune"),
     "report": ("ftrain.report:main", "what checkpointing cost a run, from its TensorBoard scalars"),
-    "chaos": ("ftrain.chaos_cli:main", "kill a run at random moments and check it recovers bit for bit"),
+    "chaos": ("ftrain.harness.chaos_cli:main", "kill a run at random moments and check it recovers bit for bit"),
 }
 
 

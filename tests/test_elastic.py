@@ -10,7 +10,7 @@ from collections import defaultdict
 import pytest
 
 from conftest import FAST, REPO, TORCHRUN, check_ok, run_train, wait_for, worker_pids
-from ftrain.chaos import compare_runs, run_chaos
+from ftrain.harness.chaos import compare_runs, run_chaos
 from ftrain.data import GlobalOrderSampler, WindowDataset, load_tokens
 
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import check_ok, kill_job, run_train, start_train, train_cmd, wait_for
-from ftrain.chaos import Job, compare_runs
+from ftrain.harness.chaos import Job, compare_runs
 from ftrain.checkpoint import integrity, layout
 from ftrain.checkpoint.lock import LockedError, RunLock
 

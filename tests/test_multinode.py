@@ -17,7 +17,7 @@ from pathlib import Path
 
 from conftest import FAST, REPO, TORCHRUN
 
-from ftrain.chaos import compare_runs
+from ftrain.harness.chaos import compare_runs
 from ftrain.processes import kill_tree
 from ftrain.checkpoint import layout
 

@@ -7,7 +7,7 @@ snapshot tier on (the default) and off (as before it), measured side by side in 
 2. *throughput*: uninterrupted recipe runs with the tier on and off, alternating, same seed; steps/s from
    TensorBoard's wall times (``trainer_runs.read_run``). The runs of the first repetition are the references the
    runs under failures are compared with, and each other's (bit-identical weights and losses);
-3. *failures*: ``ftrain.chaos.run_chaos`` SIGKILLs the whole job (``job``), and separately one worker under
+3. *failures*: ``ftrain.harness.chaos.run_chaos`` SIGKILLs the whole job (``job``), and separately one worker under
    ``torchrun --max-restarts`` (``rank``), each with the tier on and off, at the same random moments (same
    seed); per configuration: steps redone and time lost per failure (from the kill to the first step after it),
    the cost per failure, ETTR, and whether the final weights and every loss match the reference;
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrain import tags
-from ftrain.chaos import compare_runs, measure_goodput, run_chaos
+from ftrain.harness.chaos import compare_runs, measure_goodput, run_chaos
 from ftrain.checkpoint.local_tier import default_directory
 
 from .common import REPO, BenchError, ratio, remove, summarize

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ftrain.chaos import KINDS, compare_runs, measure_goodput, run_chaos
+from ftrain.harness.chaos import KINDS, compare_runs, measure_goodput, run_chaos
 
 # the default recipe on 2 ranks, from wherever this is run (the package, not a clone's recipes/train.py)
 DEFAULT_CMD = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ftrain", "train"]
