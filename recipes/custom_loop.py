@@ -128,9 +128,13 @@ def main(argv: list[str]) -> int:
                 dist.all_reduce(mean_loss)
                 mean_loss /= world_size
             ckpt.metrics.log({tags.LOSS: mean_loss.item()}, step)
-            if ckpt.maybe_save(step, last=step == args.steps):
+            if ckpt.maybe_save(step, last=step == args.steps, loss=mean_loss.item()):
                 print(f"preempted: step {step} saved; run again to resume", file=sys.stderr)
                 return ftrain.EXIT_PREEMPTED
+            if not ckpt.healthy:  # a NaN/Inf loss: back to the newest checkpoint, past the batches that led here
+                step = ckpt.rollback()
+                sampler.set_epoch(epoch.value)
+                batches = iter(loader)
     if rank == 0:
         print(f"done: {step} steps" + (f", final loss {mean_loss.item():.4f}" if mean_loss is not None else ""))
     if distributed:

@@ -138,6 +138,7 @@ def goodput(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.soak  # ~50 s: the goodput part end to end; run with -m soak (the full run is in docs/bench.md)
 def test_goodput_failures_are_recovered_from_the_local_tier(goodput):
     result = json.loads((goodput / "bench.json").read_text())["goodput"]
     assert positive(result["restart_floor_s"])
@@ -152,6 +153,7 @@ def test_goodput_failures_are_recovered_from_the_local_tier(goodput):
         assert entry["own_report"]["time_lost_s"] is not None, name  # the run logged recovery/* itself
 
 
+@pytest.mark.soak  # ~50 s: the goodput part end to end; run with -m soak (the full run is in docs/bench.md)
 def test_goodput_throughput_health_and_auto(goodput):
     result = json.loads((goodput / "bench.json").read_text())["goodput"]
     throughput = result["throughput"]
@@ -170,6 +172,7 @@ def test_goodput_throughput_health_and_auto(goodput):
     assert auto["checkpoints"] and 0 <= auto["blocked_share"] < 1 and auto["budget"] == 0.01
 
 
+@pytest.mark.soak  # ~50 s: the goodput part end to end; run with -m soak (the full run is in docs/bench.md)
 def test_goodput_targets_report_and_cleanup(goodput):
     result = json.loads((goodput / "bench.json").read_text())
     rows = {(row["target"], row["mode"]): row for row in result["targets"]}
