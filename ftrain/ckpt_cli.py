@@ -246,8 +246,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"NONFINITE {path}: NaN or Inf in {len(nonfinite)} tensor(s): {shown}")
             return 1
     marker = layout.read_marker(path)
-    what = ("sizes" if args.sizes_only else "sizes and checksums") + (", every value finite" if args.values else "")
-    print(f"OK {path}: {len(marker['files'])} files, {human_bytes(marker['total_bytes'])}, {what} match")
+    what = ("sizes" if args.sizes_only else "sizes and checksums") + " match" + (", every value finite" if args.values else "")
+    print(f"OK {path}: {len(marker['files'])} files, {human_bytes(marker['total_bytes'])}, {what}")
     return 0
 
 
