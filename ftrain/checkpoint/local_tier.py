@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import logging
 import mmap
@@ -85,6 +84,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
+
+from ftrain.state import from_blob, to_blob
 
 logger = logging.getLogger("ftrain.checkpoint")
 
@@ -194,7 +195,6 @@ class LocalProgressState(Stateful):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        from ftrain.state import to_blob
 
         blobs = {name: {key: to_blob(value) for key, value in state_dict[name].items()} for name in ("rng", "data")}
         self.progress.load_state_dict({**state_dict, "scheduler": to_blob(state_dict["scheduler"]), **blobs})
@@ -313,7 +313,7 @@ class LocalSnapshots:
                 key, entries, size = self._layout(tensors)
                 views = self._slot_views(slot, key, entries, size)
                 self._copy(tensors, views, ready)
-                skeleton = _to_bytes({"tree": tree, "paths": [entry.path for entry in entries]})
+                skeleton = to_blob({"tree": tree, "paths": [entry.path for entry in entries]})
             finally:
                 copied.set()  # the live tensors are no longer read
             marker = {
@@ -459,7 +459,7 @@ class LocalSnapshots:
                 self._invalidate(slot)
 
     def _read(self, slot: int, marker: dict[str, Any], states: Mapping[str, Stateful]) -> dict[str, Any]:
-        skeleton = _from_bytes((self.root / _skel_name(slot)).read_bytes())
+        skeleton = from_blob((self.root / _skel_name(slot)).read_bytes())
         paths = [tuple(path) for path in skeleton["paths"]]
         if len(paths) != len(marker["tensors"]):
             raise ValueError(f"local snapshot {self.root / _marker_name(slot)}: skeleton and marker disagree")
@@ -709,16 +709,6 @@ def _numel(shape: Any) -> int:
             raise ValueError(f"bad shape {shape!r}")
         count *= dim
     return count
-
-
-def _to_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def _from_bytes(blob: bytes) -> Any:
-    return torch.load(io.BytesIO(blob), weights_only=True)
 
 
 def _replace(path: Path, content: bytes) -> None:
