@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -60,6 +61,18 @@ def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL torchrun and every process under it (workers run in sessions of their own)."""
     kill_tree(proc.pid)
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_local_snapshots_left_behind():
+    """Runs the tests kill keep their local snapshots in /dev/shm, as they should (a restart would use them); the
+    runs' directories are temporary, so the snapshots are removed when the session ends."""
+    shm = Path("/dev/shm")
+    before = set(shm.glob("ftrain-*")) if shm.is_dir() else set()
+    yield
+    if shm.is_dir():
+        for leftover in set(shm.glob("ftrain-*")) - before:
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def worker_pids(proc: subprocess.Popen) -> dict[int, int]:

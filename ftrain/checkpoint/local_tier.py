@@ -536,13 +536,16 @@ class LocalSnapshots:
         self.disabled = self.disabled or "removed"
 
     def close(self) -> None:
-        """Finish the snapshot in flight and let go of the mappings; the files stay. Idempotent."""
+        """Finish the snapshot in flight and let go of the mappings; the files stay (directories this process
+        made and left empty go). Idempotent."""
         try:
             self._finish()
         finally:
             self._executor.shutdown(wait=True)
             self._unmap()
             self.disabled = self.disabled or "closed"
+            _remove_if_empty(self.root)
+            _remove_if_empty(self.root.parent)
 
     def _unmap(self) -> None:
         self._views.clear()
@@ -709,6 +712,13 @@ def _numel(shape: Any) -> int:
             raise ValueError(f"bad shape {shape!r}")
         count *= dim
     return count
+
+
+def _remove_if_empty(directory: Path) -> None:
+    try:
+        directory.rmdir()  # fails unless empty: another rank's snapshots, or this rank's, stay
+    except OSError:
+        pass
 
 
 def _replace(path: Path, content: bytes) -> None:
