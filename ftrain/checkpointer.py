@@ -150,11 +150,11 @@ class Checkpointer:
                 model_signature if model_signature is not None else model_fingerprint(model), run_name=run_name
             )
             self.manager = CheckpointManager(self.run_dir / CHECKPOINTS_DIR, self.options, self.ctx, signature)
-            self.preemption = PreemptionFlag(self.options.signals)
+            self.local = self._open_local_tier(signature)
+            self.preemption = PreemptionFlag(self.options.signals)  # last: nothing after it can fail
         except BaseException:
-            self._release_lock()
+            self._release_lock()  # a constructor that fails leaves no lock behind
             raise
-        self.local = self._open_local_tier(signature)
         self._local_states = {
             keys.DEFAULT_STATE_KEYS[keys.MODEL]: LocalModelState(model),
             keys.DEFAULT_STATE_KEYS[keys.OPTIMIZER]: LocalOptimizerState(optimizer),
