@@ -103,7 +103,7 @@ def _train(cfg: Config) -> int:
         trainer = Trainer(cfg)
         code = trainer.fit()  # a preempted run leaves RUN_DIR/PREEMPTED (ftrain.Checkpointer writes it)
         trainer.close()
-        return code
+        trainer = None
     except UnhealthyError as exc:
         print(f"ftrain: stopped: {exc}", file=sys.stderr)
         code = EXIT_UNHEALTHY
@@ -121,8 +121,12 @@ def _train(cfg: Config) -> int:
         code = EXIT_ERROR
     if trainer is not None:
         trainer.abort()  # the lock and signal handlers go; a save in flight is not waited for
-    # On the error path background saves or data workers may be stuck on a dead peer: leave now, so that
-    # torchrun sees the failure and can restart the group.
+    # Leave without interpreter finalization, on every path. After an error, background saves or data workers
+    # may be stuck on a dead peer: torchrun must see the failure now to restart the group. After success,
+    # gloo's run-loop threads may still be releasing the last collective's tensors; if that happens while the
+    # interpreter finalizes, taking the GIL aborts the process (SIGABRT, exit -6 after a finished run; seen
+    # under load with FSDP2 on CPU, torch 2.13; pytorch/pytorch#179291 describes it).
+    logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -474,6 +474,7 @@ def _two_ranks(rank: int, port: int, directory: str, out: str) -> None:
         tier.close()
     finally:
         dist.destroy_process_group()
+    os._exit(0)  # no interpreter finalization: it can race gloo's run-loop threads (see ftrain.cli._train)
 
 
 def test_two_gloo_ranks_agree_and_restore_fsdp2_shards(tmp_path):
