@@ -128,6 +128,19 @@ class Filled:
         self.state = state
 
 
+class Stateless:
+    """Any state dict, given and taken back as is."""
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
 def tier_at(directory: Path, **kwargs) -> LocalSnapshots:
     return LocalSnapshots(directory, kwargs.pop("rank", 0), kwargs.pop("world_size", 1), kwargs.pop("signature", SIGNATURE), **kwargs)
 
@@ -197,7 +210,13 @@ def test_the_previous_snapshot_stays_complete_while_the_next_is_in_flight(tmp_pa
         real_copy(self, tensors, views, ready)
 
     monkeypatch.setattr(LocalSnapshots, "_copy", held_copy)
-    tier.snapshot(2, {"t": Filled(2)})
+
+    def in_flight(step: int) -> threading.Thread:  # host state is copied inside snapshot(): hold it in a thread
+        thread = threading.Thread(target=tier.snapshot, args=(step, {"t": Filled(step)}))
+        thread.start()
+        return thread
+
+    taking = in_flight(2)
     assert copying.wait(10)
     reader = tier_at(tmp_path)  # another process's view while step 2 is being copied
     assert reader.complete_steps() == [1]
@@ -205,14 +224,14 @@ def test_the_previous_snapshot_stays_complete_while_the_next_is_in_flight(tmp_pa
     reader.restore(1, {"t": restored})
     assert torch.equal(restored.state["w"], torch.full((1000,), 1.0)) and restored.state["b"] == b"\x01"
     release.set()
-    tier._finish()
+    taking.join(10)
     assert tier_at(tmp_path).complete_steps() == [1, 2]
     release.clear(), copying.clear()
-    tier.snapshot(3, {"t": Filled(3)})  # goes into the slot of step 1, never into that of step 2
+    taking = in_flight(3)  # goes into the slot of step 1, never into that of step 2
     assert copying.wait(10)
     assert tier_at(tmp_path).complete_steps() == [2]  # step 1's marker went before its first byte changed
     release.set()
-    tier._finish()
+    taking.join(10)
     assert tier_at(tmp_path).complete_steps() == [2, 3]
     assert len(list((tmp_path / "rank-0").glob("*.data"))) == 2  # never more than two copies
     tier.close()
@@ -323,6 +342,55 @@ def _flip(path: Path, offset: int) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def test_skeleton_is_a_bare_pickle_unless_it_holds_a_tensor(tmp_path):
+    """The skeleton (everything but the strided tensors) is a protocol-2 pickle; a tensor that stays whole in it
+    (here a sparse one) makes it torch.save's archive. Both restore exactly."""
+    tier = tier_at(tmp_path)
+    take(tier, 1)
+    sparse = torch.sparse_coo_tensor([[0, 2]], [1.5, -2.0], (4,))
+    tier.snapshot(2, {"t": Stateless({"w": torch.ones(3), "s": sparse, "n": 7})})
+    tier.close()
+    markers = {m["step"]: m for m in (json.loads(p.read_text()) for p in (tmp_path / "rank-0").glob("*.json"))}
+    assert markers[1]["skeleton"]["encoding"] == "pickle" and markers[2]["skeleton"]["encoding"] == "torch"
+    restored = Stateless({})
+    tier_at(tmp_path).restore(2, {"t": restored})
+    assert torch.equal(restored.state["w"], torch.ones(3)) and restored.state["n"] == 7
+    assert torch.equal(restored.state["s"].to_dense(), sparse.to_dense())
+    one = Filled(0)
+    tier_at(tmp_path).restore(1, {"t": one})
+    assert torch.equal(one.state["w"], torch.full((1000,), 1.0))
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_crafted_skeleton_with_a_valid_checksum_is_refused_without_running_it(tmp_path, monkeypatch):
+    """Someone who can write the snapshot directory can also fix up the checksums: the skeleton is still read by
+    an unpickler that builds plain values only, so the payload is refused, not run."""
+    import pickle
+
+    from ftrain.checkpoint import local_tier
+
+    monkeypatch.chdir(tmp_path)
+    tier = tier_at(tmp_path)
+    take(tier, 1)
+    tier.close()
+    rank_dir, slot = tmp_path / "rank-0", _slot_of(tmp_path, 1)
+    evil = pickle.dumps({"tree": {"t": _Boom()}, "paths": []}, protocol=2)
+    (rank_dir / f"slot-{slot}.skel").write_bytes(evil)
+    marker = json.loads((rank_dir / f"slot-{slot}.json").read_text())
+    marker["skeleton"].update(size=len(evil), checksum=local_tier._sum(evil, marker["checksum"]["algorithm"]))
+    marker["tensors"] = []
+    (rank_dir / f"slot-{slot}.json").write_text(json.dumps(marker))
+    reader = tier_at(tmp_path)
+    assert reader.complete_steps() == [1]  # checksums match: only reading can tell
+    with pytest.raises(ValueError, match="skeleton not readable"):
+        reader.restore(1, {"t": Filled(0)})
+    assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.parametrize("damage", ["data byte", "skeleton byte", "data cut short", "marker malformed", "marker missing"])

@@ -8,7 +8,8 @@ not an interval.
     else:
         tier.drop_after(durable_step)         # snapshots of steps the run will now redo belong to another timeline
     ...
-    tier.snapshot(step, states)               # after the optimizer step: returns at once, copies in the background
+    tier.snapshot(step, states)               # after the optimizer step (host state: taken whole, ~1 ms here;
+                                              # device state: copied to the host in the background)
     tier.wait()                               # before the next optimizer step changes what is being copied
     ...
     tier.remove(); tier.close()               # the run finished cleanly
@@ -36,39 +37,39 @@ Memory per rank: 2 x the per-rank tensor bytes (the local shards of model + opti
 2 x the skeleton (a few KB), in /dev/shm (it counts as shared memory of the node). If the tier cannot get that
 room (``shutil.disk_usage`` of the directory, ``max_bytes``, or posix_fallocate failing), it says so once (a
 warning on ``ftrain.checkpoint``) and turns itself off: ``snapshot`` does nothing, ``complete_steps`` is empty.
-A failure of the background copy turns it off the same way; the tier never stops training.
+A failure while taking a snapshot turns it off the same way; the tier never stops training.
 
 Checksums: xxHash's xxh3-64 when ``xxhash`` is installed, else zlib's CRC-32, per 64 MiB chunk; the marker names
 the algorithm. Measured on 256 MiB in /dev/shm here: zlib.crc32 6.6 GB/s, xxh3_64 21 GB/s, google-crc32c 8.6
 GB/s on bytes but it refuses a writable or mapped buffer ("must be read-only bytes-like object"), so it would
 need a copy (2.0 GB/s) and is not used. All three release the GIL.
 
-Hot path: ``snapshot`` calls each state's ``state_dict()``, walks the result (tensors out, the rest into a new
-tree) and hands both to the background thread, which copies (``Tensor.copy_`` releases the GIL), then sums and
-writes the marker; ``wait`` waits for the copy only. Measured here by ``tools/bench_local_tier.py`` (2 busy cores,
-recipe model 0.48M parameters + AdamW + TrainProgress = 5.8 MB; medians of 50):
-
-    states given to snapshot()                 snapshot() returns   copy done   marker written
-    Local{Model,Optimizer,Progress}State         0.5 ms               3.6 ms      4.2 ms
-    ftrain.state Model/Optimizer/TrainProgress   2.7 ms               5.7 ms      6.3 ms
-
-The difference is the states' own ``state_dict()``: ``get_model_state_dict`` 0.7 ms vs ``model.state_dict()``
-0.04 ms, ``get_optimizer_state_dict`` 0.7-0.8 ms vs ``optimizer.state_dict()`` 0.01 ms, ``TrainProgress`` 0.18
-ms (its three torch.save blobs; 0.5-0.7 ms with cold caches) vs 0.04 ms; the tier's own walk and hand-off take
-~0.15-0.3 ms. The ``Local*State`` adapters restore the same objects (same model, same rank), so they suffice here.
-With 256 MB more state (274 MB): the copy 20-55 ms (5-14 GB/s); sums and marker 0.1-0.2 s more with CRC-32,
-0.01-0.02 s with xxh3; ``complete_steps`` (verifies both slots) 0.2-0.5 s with CRC-32, 0.09 s with xxh3;
-``restore`` 0.2-0.4 s (mostly the first touch of the fresh tensors).
+Hot path: ``snapshot`` calls each state's ``state_dict()`` and walks the result (tensors out, the rest into a
+new tree). Host state is then copied, summed and marked right there, in the training thread: on the recipe's 2
+busy cores a background thread doing the same cost 5% of throughput at a snapshot per step, the inline call 0.6%
+(the thread competed with training for the cores and the GIL, and training had to wait for its copy before the
+next optimizer step anyway). Device state is copied device-to-host on a side stream by a background thread, and
+``wait`` waits for that copy only. The skeleton is a bare pickle (``_encode_skeleton``), read back by torch's
+weights_only unpickler. Measured here by ``tools/bench_local_tier.py`` (recipe model 0.48M parameters + AdamW +
+TrainProgress = 5.8 MB in 118 tensors, one rank, medians of 50): ``snapshot()`` with the ``Local*State`` adapters
+0.7 ms (state dicts and walk 0.16 ms, copy 0.2 ms, skeleton 0.02 ms, sums 0.06 ms, files 0.06 ms); with
+``ftrain.state``'s states 2.9 ms, whose ``get_model_state_dict``/``get_optimizer_state_dict`` take 0.7 ms each
+(vs 0.04/0.01 ms for the modules' own) and ``TrainProgress`` 0.18 ms for its torch.save blobs. The ``Local*State``
+adapters restore the same objects (same model, same rank), so they suffice here. With 256 MB more state the copy
+takes 20-55 ms (5-14 GB/s) and the sums 0.01-0.02 s with xxh3 (0.1-0.2 s with CRC-32); ``complete_steps``
+(verifies both slots) 0.09 s with xxh3; ``restore`` 0.2-0.4 s (mostly the first touch of the fresh tensors).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import logging
 import mmap
 import os
+import pickle
 import shutil
 import stat
 import threading
@@ -89,7 +90,9 @@ from ftrain.state import from_blob, to_blob
 
 logger = logging.getLogger("ftrain.checkpoint")
 
-FORMAT = 1
+FORMAT = 2  # 2: the skeleton's encoding is in the marker (a snapshot of format 1 is not used: the run redoes a few steps)
+SKELETON_PICKLE, SKELETON_TORCH = "pickle", "torch"
+SKELETON_ENCODINGS = (SKELETON_PICKLE, SKELETON_TORCH)
 SLOTS = (0, 1)
 ALIGN = 64
 CHUNK = 64 << 20  # bytes per checksum
@@ -251,13 +254,16 @@ class LocalSnapshots:
         self.world_size = world_size
         self.max_bytes = max_bytes
         self.disabled: str | None = None  # why the tier is off
-        self.background_cpu_s: float | None = None  # CPU time of the last snapshot's copy, checksum and marker
+        # CPU time of the last snapshot's work in the background thread (device state only; 0 for host state,
+        # which snapshot() takes whole, so its cost is the call's own time)
+        self.background_cpu_s: float | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftrain-local")
         self._job: Future[None] | None = None
         self._copied: threading.Event | None = None
         self._buffers: dict[int, torch.Tensor] = {}  # slot -> its data file, mapped
         self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # slot -> (plan key, a view per tensor)
         self._plan: tuple[Any, list[_Entry], int] | None = None  # (key, entries, data size)
+        self._records: tuple[Any, str] | None = None  # (plan key, the marker's tensor table as JSON)
         self._held: dict[int, int] | None = None  # slot -> step of its complete snapshot, known to this process
         self._verified: dict[int, tuple[Any, ...]] = {}  # slot -> file identity of the last snapshot verified
         self._stream = None
@@ -269,7 +275,8 @@ class LocalSnapshots:
 
     # ------------------------------------------------------------------------------------------------ taking
     def snapshot(self, step: int, states: Mapping[str, Stateful]) -> None:
-        """Take a snapshot of ``states`` after ``step``: their ``state_dict()`` now, the copy in the background.
+        """Take a snapshot of ``states`` after ``step``: their ``state_dict()`` now; host tensors are copied now
+        too, device tensors in the background.
 
         The tensors must not change until ``wait()`` returns (call it before the next optimizer step, e.g. from
         an optimizer step pre-hook); a snapshot still in flight is waited for first. Everything else is captured
@@ -280,11 +287,16 @@ class LocalSnapshots:
         self.wait()
         tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]] = []
         tree = {name: _split(state.state_dict(), (name,), tensors) for name, state in states.items()}
-        ready = None
-        if any(tensor.is_cuda for _, tensor, _ in tensors):
-            ready = torch.cuda.Event()
-            ready.record()
         self._copied = threading.Event()
+        if not any(tensor.is_cuda for _, tensor, _ in tensors):
+            # Host state: taken here, in the training thread. A background thread measured far worse: on the
+            # recipe's 2 busy cores a snapshot at every step cost 5% of throughput from a thread, 0.6% inline
+            # (tools/bench_local_tier.py; docs/bench.md), since the thread's copy and Python work compete with
+            # training for the cores and the GIL, and training waits for it before the next optimizer step anyway.
+            self._take(step, tree, tensors, None, self._copied)
+            return
+        ready = torch.cuda.Event()  # device state: copied device-to-host on a side stream, in the background
+        ready.record()
         self._job = self._executor.submit(self._take, step, tree, tensors, ready, self._copied)
 
     def wait(self) -> None:
@@ -313,7 +325,7 @@ class LocalSnapshots:
                 key, entries, size = self._layout(tensors)
                 views = self._slot_views(slot, key, entries, size)
                 self._copy(tensors, views, ready)
-                skeleton = to_blob({"tree": tree, "paths": [entry.path for entry in entries]})
+                encoding, skeleton = _encode_skeleton({"tree": tree, "paths": [entry.path for entry in entries]})
             finally:
                 copied.set()  # the live tensors are no longer read
             marker = {
@@ -323,20 +335,31 @@ class LocalSnapshots:
                 "world_size": self.world_size,
                 "signature": self.signature,
                 "states": list(tree),
-                "tensors": [entry.record() for entry in entries],
                 "data": {"file": _data_name(slot), "size": size},
-                "skeleton": {"file": _skel_name(slot), "size": len(skeleton), "checksum": _sum(skeleton, ALGORITHM)},
+                "skeleton": {
+                    "file": _skel_name(slot),
+                    "encoding": encoding,
+                    "size": len(skeleton),
+                    "checksum": _sum(skeleton, ALGORITHM),
+                },
                 "checksum": {"algorithm": ALGORITHM, "chunk": CHUNK, "data": _chunk_sums(self._buffers[slot], size)},
             }
             _replace(self.root / _skel_name(slot), skeleton)
-            _replace(self.root / _marker_name(slot), json.dumps(marker).encode())
+            text = f'{json.dumps(marker)[:-1]}, "tensors": {self._records_json(key, entries)}}}'
+            _replace(self.root / _marker_name(slot), text.encode())
             assert self._held is not None
             self._held[slot] = step
-            self.background_cpu_s = time.thread_time() - started
+            self.background_cpu_s = time.thread_time() - started if ready is not None else 0.0
         except _Disabled as exc:
             self._disable(str(exc))
         except Exception as exc:  # the tier is an optimization: it must never stop training
             self._disable(f"a local snapshot of step {step} failed: {type(exc).__name__}: {exc}")
+
+    def _records_json(self, key: Any, entries: list[_Entry]) -> str:
+        """The marker's table of tensors, encoded once per layout (it is the same at every step)."""
+        if self._records is None or self._records[0] is not key:
+            self._records = (key, json.dumps([entry.record() for entry in entries]))
+        return self._records[1]
 
     def _choose_slot(self, step: int) -> int:
         """The slot to write: never the one holding the newest older snapshot. Snapshots of this step or later
@@ -459,7 +482,7 @@ class LocalSnapshots:
                 self._invalidate(slot)
 
     def _read(self, slot: int, marker: dict[str, Any], states: Mapping[str, Stateful]) -> dict[str, Any]:
-        skeleton = from_blob((self.root / _skel_name(slot)).read_bytes())
+        skeleton = _decode_skeleton(marker["skeleton"]["encoding"], (self.root / _skel_name(slot)).read_bytes())
         paths = [tuple(path) for path in skeleton["paths"]]
         if len(paths) != len(marker["tensors"]):
             raise ValueError(f"local snapshot {self.root / _marker_name(slot)}: skeleton and marker disagree")
@@ -588,7 +611,7 @@ def _split(value: Any, path: tuple[Any, ...], tensors: list[tuple[tuple[Any, ...
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, _IMMUTABLE):
         return value
-    return copy.deepcopy(value)  # never alias what training may change before the background thread reads it
+    return copy.deepcopy(value)  # never alias what training may change before the snapshot is written
 
 
 def _join(tree: Any, path: tuple[Any, ...], values: dict[tuple[Any, ...], torch.Tensor]) -> Any:
@@ -686,6 +709,7 @@ def _marker_problem(marker: Any, slot: int) -> str:
         assert isinstance(marker["step"], int) and isinstance(marker["rank"], int)
         assert isinstance(marker["world_size"], int) and isinstance(marker["states"], list)
         assert marker["data"]["file"] == _data_name(slot) and marker["skeleton"]["file"] == _skel_name(slot)
+        assert marker["skeleton"]["encoding"] in SKELETON_ENCODINGS
         size, chunk = marker["data"]["size"], marker["checksum"]["chunk"]
         assert isinstance(size, int) and size >= 0 and chunk == CHUNK
         assert isinstance(marker["checksum"]["data"], list) and len(marker["checksum"]["data"]) == -(-size // CHUNK)
@@ -696,6 +720,43 @@ def _marker_problem(marker: Any, slot: int) -> str:
     except (AssertionError, KeyError, TypeError, ValueError) as exc:
         return f"malformed marker ({type(exc).__name__}: {exc})"
     return ""
+
+
+class _HoldsTensor(Exception):
+    """The skeleton holds a tensor (a rare kind that stays whole): it needs torch.save."""
+
+
+class _SkeletonPickler(pickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            raise _HoldsTensor
+        return NotImplemented
+
+
+def _encode_skeleton(skeleton: dict[str, Any]) -> tuple[str, bytes]:
+    """(encoding, bytes). Normally a bare pickle (protocol 2, what torch.save writes inside its archive): ~15 us
+    here against ~190 us for torch.save's zip archive, at every snapshot. A tensor left in the skeleton (sparse,
+    quantized) needs torch.save."""
+    buffer = io.BytesIO()
+    try:
+        _SkeletonPickler(buffer, protocol=2).dump(skeleton)
+        return SKELETON_PICKLE, buffer.getvalue()
+    except _HoldsTensor:
+        return SKELETON_TORCH, to_blob(skeleton)
+
+
+def _decode_skeleton(encoding: str, blob: bytes) -> Any:
+    """Both encodings are read by torch's weights_only unpickler: building containers and plain values only,
+    never running code from the file. (``torch.load(weights_only=True)`` reads only torch.save's archive, so the
+    bare pickle goes to the same unpickler directly.)"""
+    if encoding == SKELETON_TORCH:
+        return from_blob(blob)
+    from torch import _weights_only_unpickler
+
+    try:
+        return _weights_only_unpickler.Unpickler(io.BytesIO(blob)).load()
+    except Exception as exc:  # its refusals are UnpicklingError; a truncated file can raise others
+        raise ValueError(f"skeleton not readable: {exc}") from None
 
 
 def _dtype(name: str) -> torch.dtype:
