@@ -4,8 +4,10 @@ The cost of one checkpoint is what training pays for it: the time the loop was b
 the slowdown of the steps that ran while the background write did (their time above the median step time
 without a save in flight). With cost ``C``, step time ``t`` and budget ``b`` (a share of training time), an
 interval of ``N = ceil(C / (b * t))`` steps keeps checkpoints within the budget (CheckFreq, FAST'21, holds
-overhead to a few percent the same way). ``max_interval_s`` caps ``N * t``, so a durable checkpoint is never
-older than that. The interval is re-evaluated after every checkpoint whose cost is known.
+overhead to a few percent the same way). ``C`` is the mean of the last few checkpoints' costs, and what was spent
+beyond the budget so far (the first checkpoint comes before any cost is known) is added to it. ``max_interval_s``
+caps ``N * t``, so a durable checkpoint is never older than that. The interval is re-evaluated after every
+checkpoint whose cost is known.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections import deque
 
 AUTO = "auto"
 FIRST_AUTO_INTERVAL = 10  # steps before the first checkpoint of an auto run: enough to know the step time
+COSTS_AVERAGED = 5  # recent checkpoints whose mean cost sets an auto interval
 
 
 class SaveSchedule:
@@ -29,7 +32,10 @@ class SaveSchedule:
         self._last_saved_step = 0
         self._quiet_steps: deque[float] = deque(maxlen=200)  # step times with no save in flight
         self._busy_steps: list[float] = []  # step times while the current save was in flight
-        self.cost_s: float | None = None  # the latest measured cost of one checkpoint
+        self._costs: deque[float] = deque(maxlen=COSTS_AVERAGED)
+        self._spent_s = 0.0  # every measured checkpoint cost of this process
+        self._steps_seen = 0
+        self.cost_s: float | None = None  # the mean measured cost of one checkpoint (recent ones)
 
     def start(self, step: int) -> None:
         """The run (re)starts at ``step``: count the next interval from here."""
@@ -46,6 +52,7 @@ class SaveSchedule:
     def observe_step(self, seconds: float, save_in_flight: bool) -> None:
         """One training step's wall time, and whether a background save ran during it."""
         (self._busy_steps if save_in_flight else self._quiet_steps).append(seconds)
+        self._steps_seen += 1
 
     def propose(self, blocking_s: float) -> int:
         """A checkpoint's stats are known: the interval this rank's measurements ask for. Ranks measure their
@@ -56,8 +63,13 @@ class SaveSchedule:
         step_s = statistics.median(self._quiet_steps)
         slowdown = sum(max(t - step_s, 0.0) for t in self._busy_steps)
         self._busy_steps = []
-        self.cost_s = blocking_s + slowdown
-        wanted = math.ceil(self.cost_s / (self.budget * step_s)) if step_s > 0 else 1
+        self._costs.append(blocking_s + slowdown)
+        self._spent_s += blocking_s + slowdown
+        self.cost_s = statistics.fmean(self._costs)  # the mean: one save slowed by outside load moves it less
+        # The budget is an account: what was spent beyond it (the first checkpoint, FIRST_AUTO_INTERVAL steps in,
+        # before any cost was known; a dearer save than foreseen) is paid back by a longer next interval.
+        debt = max(0.0, self._spent_s - self.budget * self._steps_seen * step_s)
+        wanted = math.ceil((self.cost_s + debt) / (self.budget * step_s)) if step_s > 0 else 1
         cap = max(1, int(self.max_interval_s / step_s)) if step_s > 0 else wanted
         return max(1, min(wanted, cap))
 

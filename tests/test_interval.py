@@ -20,7 +20,7 @@ def test_fixed_interval_saves_every_n_steps():
 def test_auto_interval_is_the_fewest_steps_within_the_budget():
     schedule = SaveSchedule("auto", overhead_budget=0.01, max_interval_s=1e9)
     assert schedule.interval == FIRST_AUTO_INTERVAL and schedule.due(FIRST_AUTO_INTERVAL)
-    for _ in range(20):
+    for _ in range(145):  # with the 5 below, 150 steps have earned the 0.15 s this save costs: no debt
         schedule.observe_step(0.1, save_in_flight=False)
     for _ in range(5):  # the background write slowed five steps by 0.02 s each
         schedule.observe_step(0.12, save_in_flight=True)
@@ -29,6 +29,31 @@ def test_auto_interval_is_the_fewest_steps_within_the_budget():
     assert schedule.set(150) and schedule.interval == 150 and abs(schedule.cost_s - 0.15) < 1e-9
     schedule.saved(40)
     assert not schedule.due(189) and schedule.due(190)
+
+
+def test_auto_interval_follows_the_mean_cost_of_recent_checkpoints():
+    """One dear save must not swing the interval alone: the interval follows the mean of the recent costs."""
+    schedule = SaveSchedule("auto", overhead_budget=0.01, max_interval_s=1e9)
+    for _ in range(1000):  # 1 s of budget earned, more than the saves below cost: no debt (see the next test)
+        schedule.observe_step(0.1, save_in_flight=False)
+    assert schedule.propose(blocking_s=0.1) == 100
+    assert schedule.propose(blocking_s=0.3) == 200  # mean of 0.1 and 0.3 s
+    for _ in range(5):
+        schedule.propose(blocking_s=0.1)
+    assert abs(schedule.cost_s - 0.1) < 1e-9  # the dear one has left the window
+
+
+def test_auto_interval_pays_back_what_was_spent_beyond_the_budget():
+    """The first checkpoint comes after FIRST_AUTO_INTERVAL steps, before any cost is known: what it spent beyond
+    the budget lengthens the next interval, so the run as a whole stays within it."""
+    schedule = SaveSchedule("auto", overhead_budget=0.01, max_interval_s=1e9)
+    for _ in range(FIRST_AUTO_INTERVAL):
+        schedule.observe_step(0.1, save_in_flight=False)
+    # 10 steps earned 0.01 s of budget; the save cost 0.05 s: 0.04 s of debt on top of the 0.05 s cost
+    assert schedule.propose(blocking_s=0.05) == 90
+    for _ in range(90):
+        schedule.observe_step(0.1, save_in_flight=False)
+    assert schedule.propose(blocking_s=0.05) == 50  # 100 steps earned 0.1 s = what two saves cost: no debt
 
 
 def test_auto_interval_is_capped_by_max_interval_s():
