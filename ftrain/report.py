@@ -247,11 +247,9 @@ def _subtitle(report: dict[str, Any]) -> str:
 
 
 def matplotlib_missing() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return True
-    return False
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is None
 
 
 def render_plot(scalars: dict[str, dict[int, float]], report: dict[str, Any], path: Path) -> None:

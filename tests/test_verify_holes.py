@@ -24,7 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from conftest import REPO
-from ftrain.checkpoint import integrity, keys, layout, loading
+from ftrain.checkpoint import integrity, layout, loading
 from ftrain.checkpoint.errors import CheckpointError
 from ftrain.checkpoint.reader import read_state
 from ftrain.checkpoint.safe_load import read_metadata_safely

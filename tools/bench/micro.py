@@ -314,8 +314,6 @@ class Micro:
         self.ranks.barrier()
 
     def run(self) -> dict[str, Any]:
-        from ftrain.checkpoint import CheckpointManager
-
         cuda = self.ranks.device.type == "cuda"
         self.memory.start()
         floors: dict[str, Any] = {}
