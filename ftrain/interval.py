@@ -82,9 +82,9 @@ class SaveSchedule:
 
 class LocalSchedule:
     """How often to take a local snapshot: every N steps, or ``auto``: the fewest steps whose measured cost fits
-    the overhead budget. A snapshot's cost is the training thread's time in ``snapshot()`` plus the CPU time of
-    the background copy, checksum and marker (on a machine whose cores training fills, that CPU is taken from
-    training). Ranks must snapshot the same steps (a restart needs a step every rank holds), so the interval is
+    the overhead budget. A snapshot's cost is the training thread's time in ``snapshot()`` (all of it for host
+    state) plus, for device state, the CPU time of the background copy, checksum and marker (on a machine whose
+    cores training fills, that CPU is taken from training). Ranks must snapshot the same steps (a restart needs a step every rank holds), so the interval is
     re-evaluated only at fixed steps and agreed by the caller (``propose`` then ``set``)."""
 
     REVIEW_EVERY = 50  # steps between re-evaluations of an auto interval (the same steps on every rank)
