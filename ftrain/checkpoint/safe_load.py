@@ -31,7 +31,8 @@ from torch.distributed.checkpoint import planner as _dcp_planner
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
 
 class UnsafeCheckpointError(ValueError):
@@ -260,7 +261,29 @@ def read_metadata_safely(stream: io.BufferedIOBase) -> Metadata:
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """``FileSystemReader`` whose metadata is read by the restricted unpickler."""
+    """``FileSystemReader`` whose metadata is read by the restricted unpickler, and whose whole-tensor items are
+    read straight into their targets (``direct_read``); the rest goes through DCP's own path."""
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        from ftrain.checkpoint.direct_read import read_into_target
+
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            if item.type == LoadItemType.TENSOR and not self.storage_data[item.storage_index].transform_descriptors:
+                per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        done: set[int] = set()
+        for relative_path, items in per_file.items():
+            with open(self.fs.concat_path(self.path, relative_path), "rb") as stream:
+                for item in sorted(items, key=lambda i: self.storage_data[i.storage_index].offset):
+                    info = self.storage_data[item.storage_index]
+                    if read_into_target(stream, info.offset, info.length, item, planner):
+                        done.add(id(item))
+        rest = [item for item in plan.items if id(item) not in done]
+        if rest:
+            return super().read_data(dataclasses.replace(plan, items=rest), planner)
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))

@@ -1,0 +1,136 @@
+"""Reading a DCP tensor item straight into the tensor it restores.
+
+DCP's ``FileSystemReader`` reads every tensor item with ``torch.load``, which allocates a fresh storage for it and
+then copies it into the target. For a resume that fresh memory is the cost: measured on one process here, 123 of
+the 141 ms that ``dcp.load`` took for 256 MB (page cache warm) went to filling storages touched for the first
+time (page faults), 14 ms to the copy. The target tensors already exist (the model and optimizer being restored),
+so when an item is a whole, contiguous CPU tensor of the target's dtype and shape, its bytes are read from the
+file into the target's memory directly. Anything else (a narrowed read after a reshard, a strided or device
+target, a transformed stream) is left to DCP's own path.
+
+An item in a ``.distcp`` file is one ``torch.save`` archive: a zip whose ``data.pkl`` describes the tensor and
+whose ``data/<key>`` record holds its bytes, uncompressed. ``data.pkl`` is read by torch's weights_only
+unpickler with the storage replaced by a ``meta`` one, so describing the tensor allocates and runs nothing.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import IO, Any
+
+import torch
+from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
+
+
+def read_into_target(stream: IO[bytes], offset: int, length: int, req: ReadItem, planner: LoadPlanner) -> bool:
+    """Read the item ``req`` (``length`` bytes at ``offset`` of ``stream``) into the planner's target tensor.
+    Returns False, having changed nothing, when the item or the target does not qualify."""
+    target = planner.resolve_tensor(req).detach()
+    if target.device.type != "cpu" or not target.is_contiguous() or target.is_quantized or target.is_meta:
+        return False
+    described = _describe(stream, offset, length)
+    if described is None:
+        return False
+    tensor, data_offset = described
+    nbytes = tensor.numel() * tensor.element_size()
+    whole = all(o == 0 for o in req.storage_offsets) and tuple(req.lengths) == tuple(tensor.shape)
+    if (
+        not whole
+        or tensor.dtype != target.dtype
+        or tuple(tensor.shape) != tuple(target.shape)
+        or not tensor.is_contiguous()
+        or tensor.storage_offset() != 0
+        or data_offset + nbytes > length
+    ):
+        return False
+    if nbytes:
+        _read_exactly(stream, offset + data_offset, target.view(-1).view(torch.uint8).numpy().data)
+    planner.commit_tensor(req, target)
+    return True
+
+
+def _describe(stream: IO[bytes], offset: int, length: int) -> tuple[torch.Tensor, int] | None:
+    """(a meta tensor with the item's dtype, shape, strides and storage offset; where its bytes start in the
+    item), or None when the item is not a single-storage torch.save archive."""
+    from torch import _weights_only_unpickler
+
+    stream.seek(offset)
+    item = _Window(stream, offset, length)
+    try:
+        archive = torch._C.PyTorchFileReader(item)
+        pickled = archive.get_record("data.pkl")
+    except Exception:  # not a zip archive of the expected kind: DCP's path decides
+        return None
+    storages: list[str] = []
+
+    def persistent_load(saved_id: Any) -> Any:
+        kind, storage_type, key, _location, numel = saved_id
+        if kind != "storage" or storages:
+            raise _NotPlain
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", storage_type)
+        if not isinstance(dtype, torch.dtype):
+            raise _NotPlain
+        storages.append(str(key))
+        meta = torch.UntypedStorage(int(numel) * dtype.itemsize, device="meta")
+        return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+
+    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pickled))
+    unpickler.persistent_load = persistent_load  # type: ignore[assignment]
+    try:
+        tensor = unpickler.load()
+        record = f"data/{storages[0]}"
+        data_offset = archive.get_record_offset(record)
+        stored = archive.get_record_size(record) if hasattr(archive, "get_record_size") else None
+    except Exception:
+        return None
+    if not isinstance(tensor, torch.Tensor) or type(tensor) is not torch.Tensor or not storages:
+        return None
+    if stored is not None and stored != tensor.untyped_storage().nbytes():
+        return None
+    return tensor, int(data_offset)
+
+
+class _NotPlain(Exception):
+    """The archive holds more than one plain storage."""
+
+
+class _Window(io.RawIOBase):
+    """``length`` bytes of ``stream`` from ``offset``, as a file of their own (what the zip reader needs)."""
+
+    def __init__(self, stream: IO[bytes], offset: int, length: int) -> None:
+        self.stream, self.start, self.length, self.position = stream, offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, min(self.length, base + position))
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), self.length - self.position)
+        if wanted <= 0:
+            return 0
+        self.stream.seek(self.start + self.position)
+        got = self.stream.readinto(view[:wanted]) or 0
+        self.position += got
+        return got
+
+
+def _read_exactly(stream: IO[bytes], offset: int, buffer: memoryview) -> None:
+    view = memoryview(buffer).cast("B")
+    stream.seek(offset)
+    done = 0
+    while done < len(view):
+        got = stream.readinto(view[done:])
+        if not got:
+            raise OSError(f"file ends {len(view) - done} bytes early (at offset {offset + done})")
+        done += got
