@@ -145,3 +145,27 @@ def test_rollbacks_are_bounded(tmp_path):
     with pytest.raises(UnhealthyError, match="after 1 rollback"):
         checkpointer.rollback()
     checkpointer.abort()
+
+
+@pytest.mark.parametrize(
+    "values, dtype, expected",
+    [
+        ([1.0, -2.0, 3.5], torch.float32, False),
+        ([1.0, float("nan")], torch.float32, True),
+        ([1.0, float("inf")], torch.float32, True),
+        ([float("-inf"), float("inf")], torch.float32, True),
+        ([3e38] * 10, torch.float32, False),  # the sum overflows, every value is finite
+        ([60000.0] * 1000, torch.float16, False),  # float16's own sum would overflow
+        ([1.0, float("inf")], torch.float16, True),
+        ([float("nan")], torch.bfloat16, True),
+        ([1e308] * 4, torch.float64, False),
+        ([], torch.float32, False),
+    ],
+)
+def test_the_writers_nonfinite_check(values, dtype, expected):
+    """What the writer refuses to commit: NaN or Inf anywhere, never a finite tensor whose sum overflows."""
+    from ftrain.checkpoint.writer import has_nonfinite
+
+    tensor = torch.tensor(values, dtype=dtype)
+    assert has_nonfinite(tensor) is expected
+    assert has_nonfinite(tensor.reshape(-1, 1).t()) is expected  # not contiguous

@@ -16,6 +16,7 @@ unpickler with the storage replaced by a ``meta`` one, so describing the tensor 
 from __future__ import annotations
 
 import io
+import sys
 from typing import IO, Any
 
 import torch
@@ -59,7 +60,11 @@ def _describe(stream: IO[bytes], offset: int, length: int) -> tuple[torch.Tensor
     try:
         archive = torch._C.PyTorchFileReader(item)
         pickled = archive.get_record("data.pkl")
+        # torch.load byte-swaps an archive written on a machine of the other byte order; this path does not
+        byteorder = bytes(archive.get_record("byteorder")).decode() if archive.has_record("byteorder") else None
     except Exception:  # not a zip archive of the expected kind: DCP's path decides
+        return None
+    if byteorder != sys.byteorder:
         return None
     storages: list[str] = []
 
