@@ -218,3 +218,25 @@ def test_full_disk_mid_run(on_failure, small_disk, reference_run, tmp_path, monk
         assert same_weights and same_losses, diffs
     else:
         assert code != 0 and "checkpoint.on_failure=abort" in text
+
+
+def test_new_checkpoints_carry_xxh3_and_crc32_ones_still_verify(reference_run, tmp_path):
+    """Checkpoints written now record xxh3-64 per file; one that carries CRC-32 (as written before) verifies the
+    same way, and a changed byte fails either sum."""
+    step_dir = layout.latest_complete(reference_run / "checkpoints").path
+    entries = layout.read_marker(step_dir)["files"]
+    assert all(integrity.XXH3 in e and integrity.CRC32 not in e for e in entries)
+    copy = tmp_path / step_dir.name
+    shutil.copytree(step_dir, copy)
+    marker = json.loads((copy / layout.MARKER).read_text())
+    for entry in marker["files"]:
+        del entry[integrity.XXH3]
+        entry[integrity.CRC32] = integrity.crc32_file(copy / entry["name"])
+    (copy / layout.MARKER).write_text(json.dumps(marker))
+    assert integrity.verify(copy) == []
+    data = next(copy.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    data.write_bytes(bytes(raw))
+    problems = integrity.verify(copy)
+    assert len(problems) == 1 and "fails its checksum (crc32" in problems[0], problems

@@ -1,8 +1,9 @@
 """Checksums of a checkpoint's files, and verifying a checkpoint against its commit marker.
 
 The sums of the data files are taken while they are written (``writer.CheckpointWriter``) and land in
-``CHECKSUMS.json``; the commit marker then records, for every file, its size and CRC-32 (zlib's: about
-4 GB/s here, no extra dependency).
+``CHECKSUMS.json``; the commit marker then records, for every file, its size and checksum: xxHash's xxh3-64
+(``"xxh3_64"``: 21-29 GB/s here) for checkpoints written since 2026-11-29, CRC-32 (``"crc32"``, zlib's: about
+4 GB/s) before. Both are verified; at 4 GB/s the CRC was a third of a cold resume's time.
 
 The marker is the source of truth, and verification covers every byte DCP will read: each file the marker
 lists (plain names, regular files inside the checkpoint), and DCP's ``.metadata``, whose every storage
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -37,12 +39,46 @@ VERIFY_THREADS = 4
 MAX_PROBLEMS = 3  # metadata problems reported per checkpoint (the first ones; the rest are counted)
 
 
+CRC32, XXH3 = "crc32", "xxh3_64"  # the marker's key for each file's checksum, and the algorithm's name
+SUM_KEYS = (XXH3, CRC32)  # what verification accepts, preferred first
+WRITE_SUM = XXH3  # what new checkpoints record
+_SUM_PATTERNS = {CRC32: r"[0-9a-f]{8}", XXH3: r"[0-9a-f]{16}"}
+
+
+class Summer:
+    """A running checksum of one algorithm (both release the GIL on large buffers)."""
+
+    def __init__(self, algorithm: str = WRITE_SUM) -> None:
+        self.algorithm = algorithm
+        self._crc = 0
+        self._xxh = xxhash.xxh3_64() if algorithm == XXH3 else None
+
+    def update(self, data: Any) -> None:
+        if self._xxh is not None:
+            self._xxh.update(data)
+        else:
+            self._crc = zlib.crc32(data, self._crc)
+
+    def hexdigest(self) -> str:
+        return self._xxh.hexdigest() if self._xxh is not None else f"{self._crc:08x}"
+
+
+def file_sum(path: Path, algorithm: str = WRITE_SUM) -> str:
+    summer = Summer(algorithm)
+    buffer = bytearray(_CHUNK)  # one buffer, refilled: a fresh 8 MB bytes per read would fault in new pages each time
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while got := handle.readinto(buffer):
+            summer.update(view[:got])
+    return summer.hexdigest()
+
+
 def crc32_file(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
+    return file_sum(path, CRC32)
+
+
+def sum_pattern(algorithm: str) -> str:
+    return _SUM_PATTERNS[algorithm]
 
 
 def file_entries(path: Path) -> list[dict[str, Any]]:
@@ -57,7 +93,7 @@ def file_entries(path: Path) -> list[dict[str, Any]]:
         recorded = json.loads(sums_file.read_text())
     entries = layout.list_files(path)
     for entry in entries:
-        entry["crc32"] = recorded.get(entry["name"]) or crc32_file(Path(path) / entry["name"])
+        entry[WRITE_SUM] = recorded.get(entry["name"]) or file_sum(Path(path) / entry["name"])
     return entries
 
 
@@ -130,11 +166,12 @@ def _check_file(root: Path, entry: dict[str, Any], checksums: bool) -> str:
     if size != entry["size"]:
         return f"{name} is {size} bytes, the marker says {entry['size']}"
     if checksums:
-        if "crc32" not in entry:
+        algorithm = next((key for key in SUM_KEYS if key in entry), None)
+        if algorithm is None:
             return f"{name} has no checksum in the marker (cannot verify its content)"
-        actual = crc32_file(file)
-        if actual != entry["crc32"]:
-            return f"{name} fails its checksum (crc32 {actual}, marker {entry['crc32']})"
+        actual = file_sum(file, algorithm)
+        if actual != entry[algorithm]:
+            return f"{name} fails its checksum ({algorithm} {actual}, marker {entry[algorithm]})"
     return ""
 
 

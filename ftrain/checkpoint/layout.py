@@ -153,7 +153,7 @@ def validate_marker(marker: Any, where: str = MARKER) -> None:
     """Check the structure and types of every field a reader uses; ``MarkerError`` names the first problem.
 
     Required: ``format_version`` (one this ftrain reads), ``step``, ``world_size``, ``committed_at``,
-    ``total_bytes`` (the sum of the sizes) and ``files``: a non-empty list of ``{"name", "size"[, "crc32"]}``
+    ``total_bytes`` (the sum of the sizes) and ``files``: a non-empty list of ``{"name", "size"[, "xxh3_64" or "crc32"]}``
     with plain, distinct file names that include DCP's ``.metadata``. Optional fields, if present, have the
     types the writers give them (``state_keys``: role -> key prefix).
     """
@@ -223,8 +223,9 @@ def _file_entry_problem(entry: Any) -> str:
         return f"name {name!r} is not a plain file name inside the checkpoint"
     if not _is_int(entry.get("size")) or entry["size"] < 0:
         return f"({name}) size is {_shown(entry.get('size'))}, not an integer >= 0"
-    if "crc32" in entry and not (isinstance(entry["crc32"], str) and re.fullmatch(r"[0-9a-f]{8}", entry["crc32"])):
-        return f"({name}) crc32 is {_shown(entry['crc32'])}, not 8 hex digits"
+    for key, digits in (("crc32", 8), ("xxh3_64", 16)):  # integrity.SUM_KEYS (layout must not import it)
+        if key in entry and not (isinstance(entry[key], str) and re.fullmatch(f"[0-9a-f]{{{digits}}}", entry[key])):
+            return f"({name}) {key} is {_shown(entry[key])}, not {digits} hex digits"
     return ""
 
 

@@ -1,6 +1,7 @@
 """The storage writer every save goes through: DCP's ``FileSystemWriter`` plus checksums and early writeback.
 
-* Checksums: every buffer DCP writes passes through CRC-32 on its way to the file (nothing is read back).
+* Checksums: every buffer DCP writes passes through xxh3-64 (integrity.WRITE_SUM) on its way to the file (nothing
+  is read back).
   Each rank sends its sums to the coordinator inside DCP's own gather of write results; the coordinator
   writes them to ``CHECKSUMS.json`` before DCP's ``.metadata``, and the commit marker records them.
 * Early writeback: after each large write the kernel is told to start writing those pages to disk, so the
@@ -19,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import zlib
 from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from ftrain.checkpoint import layout
-from ftrain.checkpoint.integrity import CHECKSUMS, crc32_file
+from ftrain.checkpoint.integrity import CHECKSUMS, Summer, file_sum
 
 _SUMS_KEY = "__ftrain_checksums__"
 _NONFINITE_KEY = "__ftrain_nonfinite__"
@@ -44,16 +44,16 @@ WRITER_PROCESS_NICE = 10  # added to the writer process's nice value (0 is the d
 
 
 class _ChecksummedFile:
-    """A file opened for writing that keeps the CRC-32 of everything written through it and has large writes
+    """A file opened for writing that keeps the checksum of everything written through it and has large writes
     start their way to disk at once."""
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
-        self.crc = 0
+        self.summer = Summer()
         self._written_back = 0
 
     def write(self, data: Any) -> int:
-        self.crc = zlib.crc32(data, self.crc)  # releases the GIL on large buffers
+        self.summer.update(data)  # releases the GIL on large buffers
         written = self.raw.write(data)
         if written >= EARLY_WRITEBACK_BYTES:
             self._start_writeback()
@@ -77,7 +77,7 @@ class _ChecksummedFile:
 
 
 class _ChecksummingFileSystem(FileSystem):
-    """DCP's local file system whose write streams record each file's CRC-32 (by file name) when closed."""
+    """DCP's local file system whose write streams record each file's checksum (by file name) when closed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,11 +91,11 @@ class _ChecksummingFileSystem(FileSystem):
                 return
             tracked = _ChecksummedFile(stream)
             yield tracked
-        self.sums[Path(path).name] = f"{tracked.crc:08x}"
+        self.sums[Path(path).name] = tracked.summer.hexdigest()
 
 
 class CheckpointWriter(FileSystemWriter):
-    """``FileSystemWriter`` that records a CRC-32 of every data file in ``CHECKSUMS.json`` and starts writeback
+    """``FileSystemWriter`` that records a checksum of every data file in ``CHECKSUMS.json`` and starts writeback
     early. ``in_writer_process``: this writer runs in DCP's writer process, which it moves to a lower priority."""
 
     def __init__(self, path: str | os.PathLike, *, in_writer_process: bool = False, **options: Any) -> None:
@@ -114,7 +114,7 @@ class CheckpointWriter(FileSystemWriter):
         checked = _FiniteChecking(planner)
         results = super().write_data(plan, checked).wait()
         files = sorted({result.storage_data.relative_path for result in results})
-        sums = {name: self.fs.sums.get(name) or crc32_file(Path(self.path) / name) for name in files}
+        sums = {name: self.fs.sums.get(name) or file_sum(Path(self.path) / name) for name in files}
         done: Future[list[WriteResult]] = Future()
         done.set_result(
             [
