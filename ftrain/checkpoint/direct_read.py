@@ -55,7 +55,6 @@ def _describe(stream: IO[bytes], offset: int, length: int) -> tuple[torch.Tensor
     item), or None when the item is not a single-storage torch.save archive."""
     from torch import _weights_only_unpickler
 
-    stream.seek(offset)
     item = _Window(stream, offset, length)
     try:
         archive = torch._C.PyTorchFileReader(item)

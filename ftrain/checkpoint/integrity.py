@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from ftrain.checkpoint import layout
+from ftrain.checkpoint.layout import CRC32, XXH3
 from ftrain.checkpoint.safe_load import read_metadata_safely
 
 CHECKSUMS = "CHECKSUMS.json"
@@ -39,17 +40,14 @@ VERIFY_THREADS = 4
 MAX_PROBLEMS = 3  # metadata problems reported per checkpoint (the first ones; the rest are counted)
 
 
-CRC32, XXH3 = "crc32", "xxh3_64"  # the marker's key for each file's checksum, and the algorithm's name
 SUM_KEYS = (XXH3, CRC32)  # what verification accepts, preferred first
 WRITE_SUM = XXH3  # what new checkpoints record
-_SUM_PATTERNS = {CRC32: r"[0-9a-f]{8}", XXH3: r"[0-9a-f]{16}"}
 
 
 class Summer:
     """A running checksum of one algorithm (both release the GIL on large buffers)."""
 
     def __init__(self, algorithm: str = WRITE_SUM) -> None:
-        self.algorithm = algorithm
         self._crc = 0
         self._xxh = xxhash.xxh3_64() if algorithm == XXH3 else None
 
@@ -71,14 +69,6 @@ def file_sum(path: Path, algorithm: str = WRITE_SUM) -> str:
         while got := handle.readinto(buffer):
             summer.update(view[:got])
     return summer.hexdigest()
-
-
-def crc32_file(path: Path) -> str:
-    return file_sum(path, CRC32)
-
-
-def sum_pattern(algorithm: str) -> str:
-    return _SUM_PATTERNS[algorithm]
 
 
 def file_entries(path: Path) -> list[dict[str, Any]]:

@@ -23,6 +23,9 @@ from typing import Any
 MARKER = "COMPLETE"
 MARKER_TMP = "COMPLETE.tmp"
 DCP_METADATA = ".metadata"  # DCP's index of every stored item; the marker must list it
+# A file entry's checksum key in the marker, and the hex digits of its value (integrity.py computes them)
+CRC32, XXH3 = "crc32", "xxh3_64"
+SUM_DIGITS = {XXH3: 16, CRC32: 8}
 FORMAT_VERSION = 2  # 2: the marker records ``state_keys`` (see ``keys.py``)
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MAX_MARKER_BYTES = 16 << 20  # a marker lists a few files per rank: anything larger is not one of ours
@@ -223,7 +226,7 @@ def _file_entry_problem(entry: Any) -> str:
         return f"name {name!r} is not a plain file name inside the checkpoint"
     if not _is_int(entry.get("size")) or entry["size"] < 0:
         return f"({name}) size is {_shown(entry.get('size'))}, not an integer >= 0"
-    for key, digits in (("crc32", 8), ("xxh3_64", 16)):  # integrity.SUM_KEYS (layout must not import it)
+    for key, digits in SUM_DIGITS.items():
         if key in entry and not (isinstance(entry[key], str) and re.fullmatch(f"[0-9a-f]{{{digits}}}", entry[key])):
             return f"({name}) {key} is {_shown(entry[key])}, not {digits} hex digits"
     return ""
