@@ -116,7 +116,7 @@ class CheckpointConfig:
     on_world_size_change: str = _key(
         "reshard", "resume on another rank count: reshard (data read exactly once) or refuse", ON_WORLD_SIZE_CHANGE
     )
-    verify: str = _key("checksums", "before resuming, check the checkpoint's files: sizes, or sizes and checksums (xxh3-64; CRC-32 in older checkpoints)", ("sizes", "checksums"))
+    verify: str = _key("checksums", "check the checkpoint's files when resuming: sizes (before loading), or also checksums (xxh3-64; CRC-32 in older checkpoints), verified as the data loads", ("sizes", "checksums"))
     signals: list[str] = _key(["SIGTERM", "SIGUSR1"], "these save a checkpoint at the next step and exit with code 75")
     timeout_s: float = _key(600.0, "a save (or its staging) that takes longer is an error, not a hang")
     write_threads: int = _key(0, "files each rank writes in parallel; 0 = auto (cores per local rank, at most 4)")

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ftrain.checkpoint import direct_read
+from ftrain.checkpoint import direct_read, layout, safe_load, sums
+from ftrain.checkpoint.errors import describe_error
 from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -76,3 +77,75 @@ def test_a_file_cut_short_is_an_error_not_a_partial_tensor(tmp_path):
     with pytest.raises(BaseException) as failure:  # DCP's CheckpointException derives from BaseException
         load(tmp_path, target)
     assert not isinstance(failure.value, (KeyboardInterrupt, SystemExit))
+
+
+# ------------------------------------------------------------------------------ checksums while loading
+def _sums(tmp_path, algorithm: str) -> dict[str, tuple[str, str]]:
+    return {path.name: (algorithm, sums.file_sum(path, algorithm)) for path in tmp_path.glob("*.distcp")}
+
+
+def _load_verified(tmp_path, target: dict, expected: dict) -> None:
+    reader = SafeFileSystemReader(str(tmp_path), expected_sums=expected)
+    dcp.load({"s": target}, storage_reader=reader, planner=SafeLoadPlanner())
+
+
+def _flip(path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("algorithm", [layout.XXH3, layout.CRC32])
+def test_data_files_are_summed_while_read_once(tmp_path, monkeypatch, algorithm):
+    """Every byte of the file goes through the sum once, in the one pass that loads it (the empty tensor, which
+    DCP does not read, included)."""
+    state = saved(tmp_path)
+    dcp.save({"s": {**state, "note": {"epoch": 3}}}, checkpoint_id=str(tmp_path))  # a bytes item among the tensors
+    expected = _sums(tmp_path, algorithm)
+    fed = []
+
+    class Counting(sums.Summer):
+        def update(self, data):
+            fed.append(len(memoryview(data).cast("B")))
+            super().update(data)
+
+    monkeypatch.setattr(safe_load, "Summer", Counting)
+    target = {**{key: torch.zeros_like(value) for key, value in state.items()}, "note": {"epoch": 0}}
+    _load_verified(tmp_path, target, expected)
+    assert sum(fed) == sum(path.stat().st_size for path in tmp_path.glob("*.distcp"))
+    assert target["note"] == {"epoch": 3} and all(torch.equal(target[key], value) for key, value in state.items())
+
+
+@pytest.mark.parametrize("where", ["tensor payload", "archive header", "bytes item"])
+def test_a_changed_byte_fails_the_load_before_any_bytes_item_is_parsed(tmp_path, monkeypatch, where):
+    state = saved(tmp_path)
+    dcp.save({"s": {**state, "note": {"epoch": 3}}}, checkpoint_id=str(tmp_path))
+    expected = _sums(tmp_path, layout.XXH3)
+    reader = SafeFileSystemReader(str(tmp_path))
+    infos = reader.read_metadata().storage_data
+    f32 = next(info for index, info in infos.items() if index.fqn == "s.f32")
+    note = next(info for index, info in infos.items() if index.fqn == "s.note.epoch")
+    offset = {"tensor payload": f32.offset + f32.length - 100, "archive header": f32.offset + 40,
+              "bytes item": note.offset + note.length // 2}[where]
+    _flip(tmp_path / f32.relative_path, offset)
+    parsed = []
+    monkeypatch.setattr(SafeLoadPlanner, "load_bytes", lambda self, item, value: parsed.append(item))
+    target = {**{key: torch.zeros_like(value) for key, value in state.items()}, "note": {"epoch": 0}}
+    with pytest.raises(BaseException) as failure:  # DCP's CheckpointException derives from BaseException
+        _load_verified(tmp_path, target, expected)
+    assert "fails its checksum" in describe_error(failure.value), describe_error(failure.value)
+    assert parsed == []
+
+
+def test_a_file_read_in_part_is_summed_whole(tmp_path, monkeypatch):
+    """Loading some of a file's items (another world size): the file is still verified, by a read of its own."""
+    state = saved(tmp_path)
+    expected = _sums(tmp_path, layout.XXH3)
+    target = {"f32": torch.zeros_like(state["f32"])}
+    _load_verified(tmp_path, target, expected)
+    assert torch.equal(target["f32"], state["f32"])
+    data = next(tmp_path.glob("*.distcp"))
+    _flip(data, data.stat().st_size - 10)  # far from f32's bytes
+    with pytest.raises(BaseException) as failure:
+        _load_verified(tmp_path, {"f32": torch.zeros_like(state["f32"])}, expected)
+    assert "fails its checksum" in describe_error(failure.value)

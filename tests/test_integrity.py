@@ -225,13 +225,13 @@ def test_new_checkpoints_carry_xxh3_and_crc32_ones_still_verify(reference_run, t
     same way, and a changed byte fails either sum."""
     step_dir = layout.latest_complete(reference_run / "checkpoints").path
     entries = layout.read_marker(step_dir)["files"]
-    assert all(integrity.XXH3 in e and integrity.CRC32 not in e for e in entries)
+    assert all(layout.XXH3 in e and layout.CRC32 not in e for e in entries)
     copy = tmp_path / step_dir.name
     shutil.copytree(step_dir, copy)
     marker = json.loads((copy / layout.MARKER).read_text())
     for entry in marker["files"]:
-        del entry[integrity.XXH3]
-        entry[integrity.CRC32] = integrity.file_sum(copy / entry["name"], integrity.CRC32)
+        del entry[layout.XXH3]
+        entry[layout.CRC32] = integrity.file_sum(copy / entry["name"], layout.CRC32)
     (copy / layout.MARKER).write_text(json.dumps(marker))
     assert integrity.verify(copy) == []
     data = next(copy.glob("*.distcp"))

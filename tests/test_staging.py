@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ftrain.checkpoint import integrity, writer
+from ftrain.checkpoint import integrity, layout, writer
 from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.manager import CheckpointManager
 from ftrain.config import CheckpointConfig
@@ -95,7 +95,7 @@ def test_checksums_are_taken_while_writing(threads, tmp_path, monkeypatch):
     data_files = sorted(p.name for p in tmp_path.glob("*.distcp"))
     assert sorted(recorded) == data_files and len(data_files) == threads
     for name in data_files:
-        assert recorded[name] == integrity.file_sum(tmp_path / name, integrity.XXH3)
+        assert recorded[name] == integrity.file_sum(tmp_path / name, layout.XXH3)
     loaded = {"a": torch.zeros(1000), "big": torch.zeros(3 << 20), "b": torch.zeros(10, dtype=torch.long), "blob": b""}
     dcp.load(loaded, checkpoint_id=str(tmp_path), no_dist=True)
     assert all(torch.equal(loaded[k], state[k]) for k in ("a", "big", "b")) and loaded["blob"] == state["blob"]

@@ -22,10 +22,15 @@ from typing import IO, Any
 import torch
 from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
 
+_SCRATCH = 8 << 20  # bytes read at a time for summing what is not read into a target
 
-def read_into_target(stream: IO[bytes], offset: int, length: int, req: ReadItem, planner: LoadPlanner) -> bool:
+
+def read_into_target(
+    stream: IO[bytes], offset: int, length: int, req: ReadItem, planner: LoadPlanner, summer: Any = None
+) -> bool:
     """Read the item ``req`` (``length`` bytes at ``offset`` of ``stream``) into the planner's target tensor.
-    Returns False, having changed nothing, when the item or the target does not qualify."""
+    Returns False, having changed nothing, when the item or the target does not qualify. ``summer`` (a
+    ``sums.Summer``), if given, is fed the item's ``length`` bytes in order (only when True is returned)."""
     target = planner.resolve_tensor(req).detach()
     if target.device.type != "cpu" or not target.is_contiguous() or target.is_quantized or target.is_meta:
         return False
@@ -44,10 +49,34 @@ def read_into_target(stream: IO[bytes], offset: int, length: int, req: ReadItem,
         or data_offset + nbytes > length
     ):
         return False
+    payload = target.view(-1).view(torch.uint8).numpy().data
+    if summer is not None:  # the archive's own bytes around the payload are a few KB: read them for the sum
+        summer.update(read_range(stream, offset, data_offset))
     if nbytes:
-        _read_exactly(stream, offset + data_offset, target.view(-1).view(torch.uint8).numpy().data)
+        _read_exactly(stream, offset + data_offset, payload)
+    if summer is not None:
+        summer.update(payload)
+        summer.update(read_range(stream, offset + data_offset + nbytes, length - data_offset - nbytes))
     planner.commit_tensor(req, target)
     return True
+
+
+def read_range(stream: IO[bytes], offset: int, length: int) -> bytearray:
+    """``length`` bytes at ``offset`` of ``stream`` (all of them, or OSError)."""
+    buffer = bytearray(length)
+    if length:
+        _read_exactly(stream, offset, memoryview(buffer))
+    return buffer
+
+
+def sum_range(stream: IO[bytes], summer: Any, start: int, end: int) -> None:
+    """Feed bytes ``start`` to ``end`` of ``stream`` to ``summer``, through one reused buffer."""
+    buffer = memoryview(bytearray(min(max(end - start, 0), _SCRATCH)))
+    while start < end:
+        view = buffer[: min(len(buffer), end - start)]
+        _read_exactly(stream, start, view)
+        summer.update(view)
+        start += len(view)
 
 
 def _describe(stream: IO[bytes], offset: int, length: int) -> tuple[torch.Tensor, int] | None:

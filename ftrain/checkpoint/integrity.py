@@ -14,13 +14,11 @@ location must lie inside a listed file, and whose declared tensor sizes must fit
 from __future__ import annotations
 
 import json
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -31,44 +29,12 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from ftrain.checkpoint import layout
-from ftrain.checkpoint.layout import CRC32, XXH3
 from ftrain.checkpoint.safe_load import read_metadata_safely
+from ftrain.checkpoint.sums import SUM_KEYS, WRITE_SUM, file_sum
 
 CHECKSUMS = "CHECKSUMS.json"
-_CHUNK = 8 << 20
 VERIFY_THREADS = 4
 MAX_PROBLEMS = 3  # metadata problems reported per checkpoint (the first ones; the rest are counted)
-
-
-SUM_KEYS = (XXH3, CRC32)  # what verification accepts, preferred first
-WRITE_SUM = XXH3  # what new checkpoints record
-
-
-class Summer:
-    """A running checksum of one algorithm (both release the GIL on large buffers)."""
-
-    def __init__(self, algorithm: str = WRITE_SUM) -> None:
-        self._crc = 0
-        self._xxh = xxhash.xxh3_64() if algorithm == XXH3 else None
-
-    def update(self, data: Any) -> None:
-        if self._xxh is not None:
-            self._xxh.update(data)
-        else:
-            self._crc = zlib.crc32(data, self._crc)
-
-    def hexdigest(self) -> str:
-        return self._xxh.hexdigest() if self._xxh is not None else f"{self._crc:08x}"
-
-
-def file_sum(path: Path, algorithm: str = WRITE_SUM) -> str:
-    summer = Summer(algorithm)
-    buffer = bytearray(_CHUNK)  # one buffer, refilled: a fresh 8 MB bytes per read would fault in new pages each time
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while got := handle.readinto(buffer):
-            summer.update(view[:got])
-    return summer.hexdigest()
 
 
 def file_entries(path: Path) -> list[dict[str, Any]]:
@@ -111,6 +77,12 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
     if metadata_ok == [True]:  # this caller checks .metadata, and its bytes are the committed ones
         problems += metadata_problems(root, marker)
     return problems
+
+
+def recorded_sum(entry: dict[str, Any]) -> tuple[str, str] | None:
+    """(algorithm, digest) a marker's file entry records, preferred algorithm first; None if it has none."""
+    algorithm = next((key for key in SUM_KEYS if key in entry), None)
+    return None if algorithm is None else (algorithm, entry[algorithm])
 
 
 def status(step_dir: layout.StepDir, checksums: bool) -> tuple[str, dict[str, Any] | None, list[str]]:
@@ -156,12 +128,12 @@ def _check_file(root: Path, entry: dict[str, Any], checksums: bool) -> str:
     if size != entry["size"]:
         return f"{name} is {size} bytes, the marker says {entry['size']}"
     if checksums:
-        algorithm = next((key for key in SUM_KEYS if key in entry), None)
-        if algorithm is None:
+        recorded = recorded_sum(entry)
+        if recorded is None:
             return f"{name} has no checksum in the marker (cannot verify its content)"
-        actual = file_sum(file, algorithm)
-        if actual != entry[algorithm]:
-            return f"{name} fails its checksum ({algorithm} {actual}, marker {entry[algorithm]})"
+        actual = file_sum(file, recorded[0])
+        if actual != recorded[1]:
+            return f"{name} fails its checksum ({recorded[0]} {actual}, marker {recorded[1]})"
     return ""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 MARKER = "COMPLETE"
 MARKER_TMP = "COMPLETE.tmp"
 DCP_METADATA = ".metadata"  # DCP's index of every stored item; the marker must list it
+DATA_SUFFIX = ".distcp"  # DCP's data files (one or more per rank); the rest of a checkpoint is small
 # A file entry's checksum key in the marker, and the hex digits of its value (integrity.py computes them)
 CRC32, XXH3 = "crc32", "xxh3_64"
 SUM_DIGITS = {XXH3: 16, CRC32: 8}
@@ -77,6 +78,10 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def is_data_file(name: str) -> bool:
+    return name.endswith(DATA_SUFFIX)
 
 
 def list_files(path: Path) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from ftrain.checkpoint import integrity, layout
 from ftrain.checkpoint.errors import CheckpointError, describe_diff, describe_error
-from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner
+from ftrain.checkpoint.safe_load import ChecksumMismatch, SafeFileSystemReader, SafeLoadPlanner
 from ftrain.distributed import max_over_ranks
 
 logger = logging.getLogger("ftrain.checkpoint")
@@ -95,21 +95,23 @@ def load_best(
         started = time.perf_counter()
         problem = _agree(check(candidate.path, expect, rank, world_size, verify_checksums), world_size)
         if not problem:
+            marker = layout.read_marker(candidate.path)
             try:
                 dcp.load(
-                    states(layout.read_marker(candidate.path)) if callable(states) else states,
-                    storage_reader=SafeFileSystemReader(str(candidate.path)),
+                    states(marker) if callable(states) else states,
+                    storage_reader=SafeFileSystemReader(
+                        str(candidate.path), expected_sums=data_sums(marker) if verify_checksums else None
+                    ),
                     planner=SafeLoadPlanner(optional_prefixes),
                     process_group=process_group,
                 )
             except BaseException as exc:  # DCP's CheckpointException derives from BaseException
                 if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     raise
-                problem = f"load failed: {describe_error(exc)}"
+                problem = _load_problem(exc)
             problem = _agree(problem, world_size)
         if not problem:
             load_s = max_over_ranks([time.perf_counter() - started], device)[0]
-            marker = layout.read_marker(candidate.path)
             logger.info("resumed from %s (step %d) in %.2f s", candidate.path, marker["step"], load_s)
             return LoadResult(int(marker["step"]), candidate.path, load_s, marker)
         logger.warning("checkpoint %s is unusable (%s); trying the previous one", candidate.path, problem)
@@ -140,9 +142,33 @@ def check(path: Path, expect: Expectations, rank: int, world_size: int, verify_c
             f"checkpoint {path} was saved with {marker.get('world_size')} ranks, this run has {expect.world_size}, "
             f"and checkpoint.on_world_size_change=refuse"
         )
-    # Each rank checks its share of the files; _agree() combines the verdicts.
-    names = [entry["name"] for entry in marker["files"]]
-    return "; ".join(integrity.verify(path, checksums=verify_checksums, files=names[rank::world_size]))
+    # Each rank checks its share of the files; _agree() combines the verdicts. The data files' checksums are
+    # verified while they are loaded (SafeFileSystemReader): a cold resume then reads them once, not twice.
+    mine = [entry["name"] for entry in marker["files"]][rank::world_size]
+    problems = integrity.verify(path, checksums=verify_checksums, files=[n for n in mine if not layout.is_data_file(n)])
+    problems += integrity.verify(path, checksums=False, files=[n for n in mine if layout.is_data_file(n)])
+    if verify_checksums:
+        problems += [
+            f"{entry['name']} has no checksum in the marker (cannot verify its content)"
+            for entry in marker["files"]
+            if entry["name"] in mine and layout.is_data_file(entry["name"]) and integrity.recorded_sum(entry) is None
+        ]
+    return "; ".join(problems)
+
+
+def data_sums(marker: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The checksums of a checkpoint's data files, for verifying them while they are loaded."""
+    sums = {entry["name"]: integrity.recorded_sum(entry) for entry in marker["files"] if layout.is_data_file(entry["name"])}
+    return {name: recorded for name, recorded in sums.items() if recorded is not None}
+
+
+def _load_problem(exc: BaseException) -> str:
+    """Why ``dcp.load`` failed, in one line; a data file failing its checksum is damage, said as ``check`` would."""
+    failures = getattr(exc, "failures", None)
+    causes = [f[0] if isinstance(f, tuple) else f for f in failures.values()] if isinstance(failures, dict) else [exc]
+    if causes and all(isinstance(cause, ChecksumMismatch) for cause in causes):
+        return "; ".join(dict.fromkeys(str(cause) for cause in causes))
+    return f"load failed: {describe_error(exc)}"
 
 
 def _agree(problem: str, world_size: int) -> str:

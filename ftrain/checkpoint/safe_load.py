@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import os
 import pathlib
 import pickle
 from typing import Any, Callable
@@ -33,6 +34,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _Em
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
+
+from ftrain.checkpoint.sums import Summer
 
 
 class UnsafeCheckpointError(ValueError):
@@ -262,22 +265,53 @@ def read_metadata_safely(stream: io.BufferedIOBase) -> Metadata:
 
 class SafeFileSystemReader(FileSystemReader):
     """``FileSystemReader`` whose metadata is read by the restricted unpickler, and whose whole-tensor items are
-    read straight into their targets (``direct_read``); the rest goes through DCP's own path."""
+    read straight into their targets (``direct_read``); the rest goes through DCP's own path.
+
+    ``expected_sums`` (file name -> (algorithm, digest)): data files verified while they are read, so a cold
+    resume reads each byte once. Each file this rank reads from is read from its first byte to its last, in
+    order, through the sum: the items this rank loads into their targets, every other byte (items of other
+    ranks, empty tensors DCP skips) into a scratch buffer. A mismatch raises ``ChecksumMismatch`` before any
+    item other than a whole tensor read into its target is parsed; ``dcp.load`` then fails on every rank, and
+    the caller falls back to an older checkpoint, whose load overwrites those targets.
+    """
+
+    def __init__(self, path: Any, expected_sums: dict[str, tuple[str, str]] | None = None, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.expected_sums = dict(expected_sums or {})
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        from ftrain.checkpoint.direct_read import read_into_target
+        from ftrain.checkpoint.direct_read import read_into_target, sum_range
 
         per_file: dict[str, list[ReadItem]] = {}
         for item in plan.items:
-            if item.type == LoadItemType.TENSOR and not self.storage_data[item.storage_index].transform_descriptors:
-                per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
         done: set[int] = set()
+        problems = []
         for relative_path, items in per_file.items():
+            items.sort(key=lambda i: self.storage_data[i.storage_index].offset)
+            expected = self.expected_sums.get(relative_path)
+            summer = Summer(expected[0]) if expected else None
+            summed = 0  # bytes of the file fed to the sum so far
             with open(self.fs.concat_path(self.path, relative_path), "rb") as stream:
-                for item in sorted(items, key=lambda i: self.storage_data[i.storage_index].offset):
+                for item in items:
                     info = self.storage_data[item.storage_index]
-                    if read_into_target(stream, info.offset, info.length, item, planner):
+                    feed = summer if summer is not None and info.offset >= summed else None  # not twice
+                    if feed is not None:
+                        sum_range(stream, feed, summed, info.offset)
+                    direct = item.type == LoadItemType.TENSOR and not info.transform_descriptors
+                    if direct and read_into_target(stream, info.offset, info.length, item, planner, feed):
                         done.add(id(item))
+                    elif feed is not None:  # DCP's path reads it below, from the page cache
+                        sum_range(stream, feed, info.offset, info.offset + info.length)
+                    summed = max(summed, info.offset + info.length)
+                if summer is not None and expected is not None:
+                    sum_range(stream, summer, summed, os.fstat(stream.fileno()).st_size)
+                    if summer.hexdigest() != expected[1]:
+                        problems.append(
+                            f"{relative_path} fails its checksum ({expected[0]} {summer.hexdigest()}, marker {expected[1]})"
+                        )
+        if problems:
+            raise ChecksumMismatch("; ".join(problems))
         rest = [item for item in plan.items if id(item) not in done]
         if rest:
             return super().read_data(dataclasses.replace(plan, items=rest), planner)
@@ -293,6 +327,10 @@ class SafeFileSystemReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class ChecksumMismatch(Exception):
+    """A data file read during a load does not match its commit marker's checksum."""
 
 
 class _SafeBytes:

@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from ftrain.checkpoint import layout
-from ftrain.checkpoint.integrity import CHECKSUMS, Summer, file_sum
+from ftrain.checkpoint.integrity import CHECKSUMS, file_sum
+from ftrain.checkpoint.sums import Summer
 
 _SUMS_KEY = "__ftrain_checksums__"
 _NONFINITE_KEY = "__ftrain_nonfinite__"
