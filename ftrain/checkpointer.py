@@ -275,14 +275,18 @@ class Checkpointer:
                 f"{self.manager.last_error or 'on another rank'}"
             )
         self.healthy = not unhealthy
+        save_due = bool(stop) or last or self.schedule.due(step)
+        snapshotted = False
         if unhealthy:
             self._on_unhealthy(step, problem or "on another rank")
             if self.health.on_unhealthy != "ignore":
                 return bool(stop)  # never save an unhealthy step
         else:
             self._monitor.record(loss)
-            if self.local is not None and self.local_schedule.due(step):
-                self._snapshot(step)
+            # A durable save always comes with a snapshot of its step: the save writes from the snapshot's copy,
+            # so the step costs one copy, not two.
+            if self.local is not None and (self.local_schedule.due(step) or save_due):
+                snapshotted = self._snapshot(step)
             if self.local is not None and self.local_schedule.review_due(step):
                 self._review_local_interval()
         if last and not stop:
@@ -290,12 +294,12 @@ class Checkpointer:
         if stop:
             self.preempted = self.preemption.requested or "a signal on another rank"
             logger.warning("stop requested (%s): saving step %d and exiting", self.preempted, step)
-            self.save(step)
+            self._save(step, from_snapshot=snapshotted)
             self.wait()
             self._mark_preempted(step)
             return True
-        if self.schedule.due(step) or last:
-            self.save(step)
+        if save_due:
+            self._save(step, from_snapshot=snapshotted)
         if self.options.export != "none" and (last or (self.options.keep_every and step % self.options.keep_every == 0)):
             self._export_weights(step)
         return False
@@ -341,13 +345,20 @@ class Checkpointer:
         """Start a checkpoint of ``step`` now (asynchronous in the async modes). Collective."""
         self._require_loaded("save")
         self._advance_to(step)
+        self._save(step, from_snapshot=False)
+
+    def _save(self, step: int, from_snapshot: bool) -> None:
+        """``from_snapshot``: the local snapshot of ``step`` was just taken, with no change to the state since."""
         if not self.manager.enabled:
             return
         self._metrics.flush()  # the curve up to this step must be on disk before its checkpoint can commit
         self.schedule.saved(step)
+        lent = None
+        if from_snapshot and self.local is not None and self.manager.takes_prestaged:
+            lent = self.local.lend(step, in_use=lambda: self.manager.in_flight(step))
         # The marker records the health this step was committed with (its tensors are finite: the writer checks).
         health = {**self._health_record, "healthy": self.healthy, "finite_tensors": True}
-        self._log_save(self.manager.save(step, self._states(), marker_fields={"health": health}))
+        self._log_save(self.manager.save(step, self._states(), marker_fields={"health": health}, prestaged=lent))
 
     def wait(self) -> SaveStats | None:
         """Wait until the checkpoint in flight is committed; a failed save raises ``CheckpointError``."""
@@ -405,15 +416,18 @@ class Checkpointer:
             return {"app": ModelOptimizerState(self.model, self.optimizer), "train": self.progress.for_loading(), **self.extra}
         return {**self._states(), keys.DEFAULT_STATE_KEYS[keys.PROGRESS]: self.progress.for_loading()}
 
-    def _snapshot(self, step: int) -> None:
-        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval."""
+    def _snapshot(self, step: int) -> bool:
+        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval. True if taken."""
         assert self.local is not None
+        if self.local.disabled:
+            return False
         if self.local.background_cpu_s is not None:  # the previous snapshot's background work is done by now
             self.local_schedule.observe_snapshot(self._snapshot_call_s + self.local.background_cpu_s)
         called = time.perf_counter()
         self.local.snapshot(step, self._local_states)
         self._snapshot_call_s = time.perf_counter() - called
         faults.pause_point("after_local_snapshot", step)
+        return True
 
     def _review_local_interval(self) -> None:
         """``local_interval=auto``: every rank re-evaluates at the same steps and they take the largest proposal."""

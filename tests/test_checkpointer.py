@@ -17,7 +17,9 @@ import ftrain
 from ftrain import tags
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.reader import read_tensors
+from ftrain.checkpoint.local_tier import LocalSnapshots
 from ftrain.checkpoint.staging import BufferStager
+from ftrain.checkpoint.writer import CheckpointWriter
 
 from conftest import REPO, TORCHRUN, assert_same_tensors, kill_job, scalars
 
@@ -120,6 +122,52 @@ def test_no_staging_call_needed_the_next_step_never_tears_the_saved_state(tmp_pa
         assert not torn, f"saved state changed after the save call: {torn}"
     else:
         assert torn, "the control run saw no torn state: the test cannot tell the hooks' effect"
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["as shipped", "lent slot not kept (control)"])
+def test_a_save_writes_from_the_local_snapshot_whose_slot_is_kept_until_it_is_written(tmp_path, monkeypatch, kept):
+    """With the local tier on, a durable save stages nothing: it writes the snapshot of its step. The writer is
+    slowed to 1 s while the loop goes on snapshotting at every step; the saved state must still be the state at
+    the save. The control lets later snapshots reuse the lent slot and must see a torn state."""
+    original = CheckpointWriter.write_data
+
+    def slow_write(self, *args, **kwargs):
+        time.sleep(1.0)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointWriter, "write_data", slow_write)
+    if not kept:
+        monkeypatch.setattr(LocalSnapshots, "_lent_slot", lambda self: None)
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    ckpt = ftrain.Checkpointer(
+        tmp_path / "run", model=model, optimizer=optimizer, mode="async", interval=5, local_interval=1,
+        local_dir=str(tmp_path / "local"),
+    )
+    try:
+        ckpt.load()
+        for step in range(1, 6):
+            _train_step(model, optimizer)
+            ckpt.maybe_save(step)
+        at_save = _snapshot(model, optimizer)
+        stager = ckpt.manager._stager
+        assert stager.reused_bytes > 0 and stager.copied_bytes == 0, (stager.reused_bytes, stager.copied_bytes)
+        assert stager.buffer_bytes == 0  # no staging buffers beside the tier's two slots
+        for step in range(6, 9):  # snapshots while the save is still being written
+            _train_step(model, optimizer)
+            ckpt.maybe_save(step)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    saved = read_tensors(layout.step_dir(tmp_path / "run" / "checkpoints", 5))
+    weights = {k: v for k, v in saved.items() if k.startswith("model.")}
+    expected = {k: v for k, v in at_save.items() if k in weights}
+    assert len(weights) == len(expected) > 0
+    torn = [k for k in weights if not torch.equal(weights[k], expected[k])]
+    if kept:
+        assert not torn, f"the saved state is not the state at the save: {torn}"
+    else:
+        assert torn, "the control run saw no torn state: the test cannot tell whether the lent slot is kept"
 
 
 # --------------------------------------------------------------------------------- recipes/custom_loop.py

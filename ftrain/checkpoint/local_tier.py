@@ -21,7 +21,7 @@ created with mode 0700):
                                allocated once (posix_fallocate, so a full /dev/shm can never SIGBUS a write into
                                the mapping) and reused, written through a MAP_SHARED mapping (torch.from_file)
     slot-0.skel  slot-1.skel   the rest of the state (ints, floats, strings, bytes blobs, the tree's shape):
-                               torch.save, read back with weights_only=True (loading never runs code)
+                               a bare pickle read back by torch's weights_only unpickler (never runs code)
     slot-0.json  slot-1.json   the marker, written last (tmp + os.replace): step, signature, world_size, rank,
                                state names, each tensor's key/dtype/shape/offset, checksums of data and skeleton
 
@@ -32,6 +32,11 @@ is valid, matches this run (signature, world size, rank) and its checksums verif
 
 What survives what: the files live in tmpfs, so they survive anything that kills processes (SIGKILL, the OOM
 killer, a torchrun restart round, a relaunched job) but not a reboot or the loss of the node.
+
+The durable tier writes from the tier: a durable save comes with a snapshot of its step, and ``lend`` hands that
+snapshot's copies to the save (``staging.Prestaged``) instead of a second staging copy. The lent slot is not
+written again until the save is done; snapshots meanwhile all go to the other slot (a failure while that one is
+being written finds the lent snapshot, a few steps older).
 
 Memory per rank: 2 x the per-rank tensor bytes (the local shards of model + optimizer + any tensor state) plus
 2 x the skeleton (a few KB), in /dev/shm (it counts as shared memory of the node). If the tier cannot get that
@@ -227,6 +232,47 @@ class _Entry:
         }
 
 
+class _Taking:
+    """A snapshot being taken: its live tensors and, once copied, the slot and the views that hold the copies."""
+
+    def __init__(self, step: int, tensors: list[torch.Tensor], copied: threading.Event) -> None:
+        self.step = step
+        self.tensors = tensors
+        self.copied = copied
+        self.slot: int | None = None
+        self.views: list[torch.Tensor] | None = None  # set only when every copy succeeded
+
+
+class LentSnapshot:
+    """A snapshot's copies of the live tensors, lent to a durable save of the same step (a ``staging.Prestaged``)."""
+
+    def __init__(self, taking: _Taking) -> None:
+        self._taking = taking
+        self._copies: dict[tuple[Any, ...], torch.Tensor] | None = None
+
+    def ready(self) -> bool:
+        self._taking.copied.wait()
+        return self._taking.views is not None
+
+    def copy_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        if self._copies is None:
+            assert self._taking.views is not None, "ready() first"
+            self._copies = {_identity(live): view for live, view in zip(self._taking.tensors, self._taking.views)}
+        return self._copies.get(_identity(tensor))
+
+
+def _identity(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """Which memory a tensor reads, as what it reads it: two tensors with equal identities hold equal values."""
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        tensor.device,
+    )
+
+
 class _Disabled(Exception):
     """The tier cannot run here (no room, no usable directory); the message says why."""
 
@@ -265,6 +311,8 @@ class LocalSnapshots:
         self._plan: tuple[Any, list[_Entry], int] | None = None  # (key, entries, data size)
         self._records: tuple[Any, str] | None = None  # (plan key, the marker's tensor table as JSON)
         self._held: dict[int, int] | None = None  # slot -> step of its complete snapshot, known to this process
+        self._taking: _Taking | None = None  # the snapshot taken since the last wait(), which lend() can offer
+        self._lent: tuple[_Taking, Callable[[], bool]] | None = None  # a snapshot a durable save reads, while in use
         self._verified: dict[int, tuple[Any, ...]] = {}  # slot -> file identity of the last snapshot verified
         self._stream = None
         try:
@@ -288,21 +336,35 @@ class LocalSnapshots:
         tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]] = []
         tree = {name: _split(state.state_dict(), (name,), tensors) for name, state in states.items()}
         self._copied = threading.Event()
+        self._taking = _Taking(step, [tensor for _, tensor, _ in tensors], self._copied)
         if not any(tensor.is_cuda for _, tensor, _ in tensors):
             # Host state: taken here, in the training thread. A background thread measured far worse: on the
             # recipe's 2 busy cores a snapshot at every step cost 5% of throughput from a thread, 0.6% inline
             # (tools/bench_local_tier.py; docs/bench.md), since the thread's copy and Python work compete with
             # training for the cores and the GIL, and training waits for it before the next optimizer step anyway.
-            self._take(step, tree, tensors, None, self._copied)
+            self._take(step, tree, tensors, None, self._taking)
             return
         ready = torch.cuda.Event()  # device state: copied device-to-host on a side stream, in the background
         ready.record()
-        self._job = self._executor.submit(self._take, step, tree, tensors, ready, self._copied)
+        self._job = self._executor.submit(self._take, step, tree, tensors, ready, self._taking)
 
     def wait(self) -> None:
-        """Block until the copy of the snapshot in flight is done (its checksum and marker may still follow)."""
+        """Block until the copy of the snapshot in flight is done (its checksum and marker may still follow).
+        The live tensors may change after this, so the snapshot can no longer be lent."""
         if self._copied is not None:
             self._copied.wait()
+        self._taking = None
+
+    def lend(self, step: int, in_use: Callable[[], bool]) -> LentSnapshot | None:
+        """The snapshot of ``step`` taken by the last ``snapshot()``, for a durable save of the same step to write
+        from instead of copying the live tensors again (the tier's copy is the staging copy). Call before anything
+        changes the live tensors (``wait()`` ends the offer). Its slot is not overwritten while ``in_use()``: the
+        snapshots after it all go to the other slot. None if there is no such snapshot."""
+        taking = self._taking
+        if self.disabled or taking is None or taking.step != step:
+            return None
+        self._lent = (taking, in_use)
+        return LentSnapshot(taking)
 
     def _finish(self) -> None:
         """Block until the snapshot in flight is complete (marker written) or has failed."""
@@ -316,7 +378,7 @@ class LocalSnapshots:
         tree: dict[str, Any],
         tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]],
         ready: Any,
-        copied: threading.Event,
+        taking: _Taking,
     ) -> None:
         started = time.thread_time()
         try:
@@ -325,9 +387,10 @@ class LocalSnapshots:
                 key, entries, size = self._layout(tensors)
                 views = self._slot_views(slot, key, entries, size)
                 self._copy(tensors, views, ready)
+                taking.slot, taking.views = slot, views
                 encoding, skeleton = _encode_skeleton({"tree": tree, "paths": [entry.path for entry in entries]})
             finally:
-                copied.set()  # the live tensors are no longer read
+                taking.copied.set()  # the live tensors are no longer read
             marker = {
                 "format": FORMAT,
                 "step": step,
@@ -369,10 +432,24 @@ class LocalSnapshots:
         for slot, held in list(self._held.items()):
             if held >= step:
                 self._invalidate(slot)
-        free = [slot for slot in SLOTS if slot not in self._held]
-        slot = free[0] if free else min(self._held, key=self._held.__getitem__)
+        lent = self._lent_slot()
+        usable = [slot for slot in SLOTS if slot != lent]
+        free = [slot for slot in usable if slot not in self._held]
+        # With a slot lent to a durable save, the other one is rewritten at every snapshot until the save is done:
+        # a failure while it is being written finds the lent snapshot, a few steps older.
+        slot = free[0] if free else min(usable, key=self._held.__getitem__)
         self._invalidate(slot)
         return slot
+
+    def _lent_slot(self) -> int | None:
+        """The slot a durable save may still be reading: never written to."""
+        if self._lent is None:
+            return None
+        taking, in_use = self._lent
+        if taking.slot is not None and in_use():
+            return taking.slot
+        self._lent = None
+        return None
 
     def _invalidate(self, slot: int) -> None:
         (self.root / _marker_name(slot)).unlink(missing_ok=True)

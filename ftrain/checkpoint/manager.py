@@ -13,7 +13,9 @@ the new one complete, never a directory that looks complete and is not:
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -34,9 +36,9 @@ from ftrain.checkpoint import integrity, layout, loading
 from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
 from ftrain.checkpoint.loading import LoadResult, StatesFor
-from ftrain.config import MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointConfig
+from ftrain.config import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointConfig
+from ftrain.checkpoint.staging import BufferStager, Prestaged
 from ftrain.distributed import DistContext, max_over_ranks
-from ftrain.checkpoint.staging import BufferStager
 from ftrain.checkpoint.writer import CheckpointWriter, NonFiniteStateError, auto_write_threads
 
 logger = logging.getLogger("ftrain.checkpoint")
@@ -84,6 +86,9 @@ class _PendingSave:
     done: threading.Event = field(default_factory=threading.Event)
 
 
+_PLAN_CACHE_KEYS = itertools.count()
+
+
 class CachedPlanSavePlanner(DefaultSavePlanner):
     """DCP's default planner with plan caching: when no rank's local plan changed since the previous save
     (the usual case: same model, same optimizer), the ranks skip exchanging and re-validating plans.
@@ -121,7 +126,9 @@ class CheckpointManager:
         self.failures = 0
         self._pending: _PendingSave | None = None
         self._stager: BufferStager | None = None
-        self._plan_cache_key = f"ftrain-{id(self):x}"
+        # Never id(self): a manager created after another was freed may get its id, and its first save would then
+        # find the old manager's cached plans on one rank and not on another (a KeyError inside DCP).
+        self._plan_cache_key = f"ftrain-{os.getpid()}-{next(_PLAN_CACHE_KEYS)}"
         self._commit_queue: queue.Queue[_PendingSave | None] = queue.Queue()
         self._committer: threading.Thread | None = None
         self._purge_queue: queue.Queue[Path | None] = queue.Queue()
@@ -166,9 +173,28 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(self.root / WRITER_START_DIR, ignore_errors=True)
 
-    def save(self, step: int, states: dict[str, Any], marker_fields: dict[str, Any] | None = None) -> SaveStats | None:
+    @property
+    def takes_prestaged(self) -> bool:
+        """Whether ``save`` can write from copies made elsewhere (``async``: the writer thread reads them in this
+        process; the writer process of ``async_process`` needs its own shared buffers)."""
+        return self.mode == MODE_ASYNC
+
+    def in_flight(self, step: int) -> bool:
+        """True while the save of ``step`` has not finished (its data may still be read)."""
+        pending = self._pending
+        return pending is not None and pending.step == step and not pending.done.is_set()
+
+    def save(
+        self,
+        step: int,
+        states: dict[str, Any],
+        marker_fields: dict[str, Any] | None = None,
+        prestaged: Prestaged | None = None,
+    ) -> SaveStats | None:
         """Start checkpointing ``states`` as step ``step``; returns the previous save's stats, if any.
-        ``marker_fields`` go into this checkpoint's commit marker."""
+        ``marker_fields`` go into this checkpoint's commit marker. ``prestaged`` (with ``takes_prestaged``): copies
+        of the live tensors made at this step, written instead of staging them again; they must stay unchanged
+        while ``in_flight(step)``."""
         if not self.enabled:
             return None
         called = time.perf_counter()
@@ -182,7 +208,7 @@ class CheckpointManager:
         if self.mode == MODE_SYNC:
             self._save_sync(pending, states)
         else:
-            self._save_async(pending, states)
+            self._save_async(pending, states, prestaged if self.takes_prestaged else None)
         pending.blocking_s += time.perf_counter() - called
         return previous
 
@@ -204,8 +230,9 @@ class CheckpointManager:
         pending.finished_at = time.perf_counter()
         pending.done.set()
 
-    def _save_async(self, pending: _PendingSave, states: dict[str, Any]) -> None:
+    def _save_async(self, pending: _PendingSave, states: dict[str, Any], prestaged: Prestaged | None) -> None:
         kind = AsyncCheckpointerType.PROCESS if self.mode == MODE_ASYNC_PROCESS else AsyncCheckpointerType.THREAD
+        self._get_stager().prestaged_next = prestaged
         try:
             response = dcp.async_save(
                 states,

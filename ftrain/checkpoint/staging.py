@@ -12,6 +12,10 @@ shared memory, so handing them over costs no copy.
 
 A buffer is rewritten by the next ``stage``: the caller must not stage again before the previous save has
 been written (``CheckpointManager`` keeps one save in flight).
+
+When the state was just copied anyway (the local snapshot tier's copy of the same step), ``stage`` can be given
+those copies (``Prestaged``): their tensors are handed to DCP as they are, with no second copy and no staging
+buffer for them, so the local tier's two slots are all the host memory a checkpoint needs.
 """
 
 from __future__ import annotations
@@ -21,13 +25,25 @@ import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
 _IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class Prestaged(Protocol):
+    """Copies of live tensors made at the step being saved, which a stage may hand to DCP instead of copying."""
+
+    def ready(self) -> bool:
+        """Block until the copies are complete; False if they failed (then the live tensors are copied)."""
+        ...
+
+    def copy_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The copy of ``tensor`` (same shape and dtype, on the host), or None."""
+        ...
 
 
 class BufferStager(AsyncStager):
@@ -44,6 +60,10 @@ class BufferStager(AsyncStager):
         self._stream = torch.cuda.Stream() if self.pin_memory else None
         self._future: Future[Any] | None = None
         self._lock = threading.Lock()
+        self._prestaged: Prestaged | None = None  # for the stage in progress
+        self.prestaged_next: Prestaged | None = None  # set by the caller for the next ``stage`` only
+        self.copied_bytes = 0  # tensor bytes the last stage copied
+        self.reused_bytes = 0  # tensor bytes the last stage took from its ``Prestaged``
 
     @property
     def buffer_bytes(self) -> int:
@@ -56,7 +76,8 @@ class BufferStager(AsyncStager):
         if self._stream is not None:  # the copies must see every update the training stream has queued so far
             ready = torch.cuda.Event()
             ready.record()
-        self._future = self._executor.submit(self._stage, state_dict, ready)
+        prestaged, self.prestaged_next = self.prestaged_next, None
+        self._future = self._executor.submit(self._stage, state_dict, ready, prestaged)
         return self._future
 
     def synchronize_staging(self) -> None:
@@ -68,16 +89,23 @@ class BufferStager(AsyncStager):
         with self._lock:
             self._buffers.clear()
 
-    def _stage(self, state_dict: dict[str, Any], ready: torch.cuda.Event | None) -> dict[str, Any]:
+    def _stage(
+        self, state_dict: dict[str, Any], ready: torch.cuda.Event | None, prestaged: Prestaged | None
+    ) -> dict[str, Any]:
         with self._lock, torch.no_grad(), self._on_side_stream():
             if ready is not None:
                 self._stream.wait_event(ready)  # type: ignore[union-attr]
+            # The live tensors do not change before this stage is done (the optimizer waits for it), so if the
+            # copies failed, copying the live tensors now still stages the right step.
+            self._prestaged = prestaged if prestaged is not None and prestaged.ready() else None
             self._used = set()
+            self.copied_bytes = self.reused_bytes = 0
             staged = self._copy(state_dict, ())
             if self._stream is not None:
                 self._stream.synchronize()
-            for key in self._buffers.keys() - self._used:  # entries the state no longer has
+            for key in self._buffers.keys() - self._used:  # entries the state no longer has (or prestaged)
                 del self._buffers[key]
+            self._prestaged = None
         return staged
 
     def _on_side_stream(self) -> AbstractContextManager[Any]:
@@ -105,7 +133,13 @@ class BufferStager(AsyncStager):
         return copy.deepcopy(value)  # anything else a Stateful returned: never alias what training may change
 
     def _copy_tensor(self, tensor: torch.Tensor, key: tuple[Any, ...]) -> torch.Tensor:
+        if self._prestaged is not None:
+            copy_ = self._prestaged.copy_of(tensor)
+            if copy_ is not None:
+                self.reused_bytes += copy_.nbytes
+                return copy_
         self._used.add(key)
+        self.copied_bytes += tensor.nbytes
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
             buffer = self._allocate(tensor)
