@@ -558,3 +558,44 @@ def test_two_gloo_ranks_agree_and_restore_fsdp2_shards(tmp_path):
         assert same and same_optim and dtensor, rank
         assert left == ([2] if rank == 0 else [1, 2])  # rank 0's step 3 was dropped by the restore of 2
     assert not (tmp_path / "shm").exists()  # both ranks removed theirs, then the directory went
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.body = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4, bias=False))
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied: both names are in the state dict
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("cache", torch.zeros(3), persistent=False)
+        self.shared = self.body[0]  # one module under two names
+
+
+def test_the_model_state_of_a_plain_model_is_its_state_dict_collected_directly():
+    model = _Tied()
+    state = LocalModelState(model)
+    assert state._modules is not None  # the direct path is taken
+    expected, got = model.state_dict(keep_vars=True), state.state_dict()
+    assert list(got) == list(expected) and "cache" not in got and "head.weight" in got
+    assert all(got[key] is expected[key] for key in expected)
+    assert got._metadata == expected._metadata
+    fresh = _Tied()
+    fresh.load_state_dict(got)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), expected.values()))
+
+
+def test_a_model_that_changes_how_it_saves_takes_nn_modules_own_state_dict():
+    class Extra(torch.nn.Linear):
+        def get_extra_state(self):
+            return {"note": 1}
+
+        def set_extra_state(self, state):
+            pass
+
+    hooked = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    hooked.register_state_dict_post_hook(lambda module, state, prefix, local_metadata: state.update(extra=torch.ones(1)))
+    for model in (torch.nn.Sequential(Extra(2, 2)), hooked):
+        state = LocalModelState(model)
+        assert state._modules is None
+        assert list(state.state_dict()) == list(model.state_dict())

@@ -151,13 +151,37 @@ def common_step(per_rank: list[list[int]], durable_step: int | None) -> int | No
 
 class LocalModelState(Stateful):
     """A model through its own ``state_dict``/``load_state_dict``: what the local tier needs (same model, same rank)
-    at a fraction of ``get_model_state_dict``'s cost on the hot path (see the module docstring)."""
+    at a fraction of ``get_model_state_dict``'s cost on the hot path (see the module docstring).
+
+    When no module changes how it is saved (no ``state_dict``, ``_save_to_state_dict`` or ``get_extra_state`` of
+    its own, no post-hooks), ``state_dict()`` collects the same entries straight from the modules' parameters and
+    persistent buffers, after running their pre-hooks (FSDP2's make sure the parameters are the sharded ones): the
+    same entries in the same order with the same ``_metadata``, as ``state_dict(keep_vars=True)`` gives them (the
+    snapshot only reads them; a ``detach()`` per DTensor was most of the cost): 0.04 ms instead of 0.2 ms for the
+    recipe's FSDP2 model (23 modules)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        modules = list(model.named_modules(remove_duplicate=False))
+        self._modules = [(f"{name}." if name else "", module) for name, module in modules] if _plain(modules) else None
+        self._metadata = OrderedDict((name, {"version": module._version}) for name, module in modules)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.model.state_dict()
+        if self._modules is None:
+            return self.model.state_dict()
+        state: OrderedDict[str, Any] = OrderedDict()
+        for prefix, module in self._modules:
+            for hook in module._state_dict_pre_hooks.values():
+                hook(module, prefix, False)
+        for prefix, module in self._modules:
+            for name, param in module._parameters.items():
+                if param is not None:
+                    state[prefix + name] = param
+            for name, buffer in module._buffers.items():
+                if buffer is not None and name not in module._non_persistent_buffers_set:
+                    state[prefix + name] = buffer
+        state._metadata = OrderedDict((name, dict(value)) for name, value in self._metadata.items())  # type: ignore[attr-defined]
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.model.load_state_dict(state_dict)
@@ -458,13 +482,13 @@ class LocalSnapshots:
         self._verified.pop(slot, None)
 
     def _layout(self, tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]]) -> tuple[Any, list[_Entry], int]:
-        key = tuple((path, t.dtype, tuple(t.shape), is_d, str(t.device)) for path, t, is_d in tensors)
+        key = tuple((path, t.dtype, t.shape, is_d, t.device) for path, t, is_d in tensors)
         if self._plan is not None and self._plan[0] == key:
             return self._plan
         entries, offset = [], 0
         for path, dtype, shape, is_d, device in key:
             nbytes = _numel(shape) * dtype.itemsize
-            entries.append(_Entry(path, dtype, shape, is_d, device, offset, nbytes))
+            entries.append(_Entry(path, dtype, tuple(shape), is_d, str(device), offset, nbytes))
             offset += -(-nbytes // ALIGN) * ALIGN
         self._plan = (key, entries, offset)
         self._reserve(offset)
@@ -659,6 +683,18 @@ class LocalSnapshots:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _plain(modules: list[tuple[str, torch.nn.Module]]) -> bool:
+    """Whether ``nn.Module.state_dict`` of these modules is only their parameters and persistent buffers."""
+    base = torch.nn.Module
+    return all(
+        type(module).state_dict is base.state_dict
+        and type(module)._save_to_state_dict is base._save_to_state_dict
+        and type(module).get_extra_state is base.get_extra_state
+        and not module._state_dict_hooks
+        for _, module in modules
+    )
+
+
 def _split(value: Any, path: tuple[Any, ...], tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]]) -> Any:
     """A copy of the tree with every strided tensor taken out (into ``tensors``, a None in its place)."""
     kind = type(value)
