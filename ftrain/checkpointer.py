@@ -424,6 +424,8 @@ class Checkpointer:
         if self.local.background_cpu_s is not None:  # the previous snapshot's background work is done by now
             self.local_schedule.observe_snapshot(self._snapshot_call_s + self.local.background_cpu_s)
         called = time.perf_counter()
+        # A resume may start right after this step: the curve up to it must be out of this process (a syscall).
+        self._metrics.flush()
         self.local.snapshot(step, self._local_states)
         self._snapshot_call_s = time.perf_counter() - called
         faults.pause_point("after_local_snapshot", step)
