@@ -275,7 +275,9 @@ class Checkpointer:
                 f"{self.manager.last_error or 'on another rank'}"
             )
         self.healthy = not unhealthy
-        save_due = bool(stop) or last or self.schedule.due(step)
+        keep = self.options.keep_every
+        # a step that retention keeps forever is saved whatever the interval (auto's steps fall anywhere)
+        save_due = bool(stop) or last or self.schedule.due(step) or bool(keep and step % keep == 0)
         snapshotted = False
         if unhealthy:
             self._on_unhealthy(step, problem or "on another rank")

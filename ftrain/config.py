@@ -110,7 +110,7 @@ class CheckpointConfig:
     max_interval_s: float = _key(1800.0, "interval=auto: a durable checkpoint is never older than this (wall seconds)")
     mode: str = _key("async", "async | async_process | sync | off", CHECKPOINT_MODES)
     keep_last: int = _key(3, "complete checkpoints kept; older ones go only after a newer one commits")
-    keep_every: int = _key(0, "also keep every K-th step forever (0 = none)")
+    keep_every: int = _key(0, "also save and keep every K-th step forever, whatever the interval (0 = none)")
     resume: str = _key("auto", "auto (latest complete) | never | a step number | a checkpoint path")
     on_failure: str = _key("continue", "a failed background save: continue (warn, count) or abort the run", ON_SAVE_FAILURE)
     on_world_size_change: str = _key(

@@ -170,6 +170,21 @@ def test_a_save_writes_from_the_local_snapshot_whose_slot_is_kept_until_it_is_wr
         assert torn, "the control run saw no torn state: the test cannot tell whether the lent slot is kept"
 
 
+@pytest.mark.parametrize("interval", ["4", "auto"])
+def test_keep_every_steps_are_saved_and_kept_whatever_the_interval(tmp_path, interval):
+    """keep_every=6 with saves every 4 steps (or wherever auto puts them): step 6 is saved and kept, not only the
+    steps that happen to be multiples of both."""
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer, interval=interval, keep_last=1, keep_every=6) as ckpt:
+        ckpt.load()
+        for step in range(1, 15):
+            _train_step(model, optimizer)
+            ckpt.maybe_save(step, last=step == 14)
+    kept = [d.step for d in layout.complete_steps(tmp_path / "checkpoints")]
+    assert kept == [6, 12, 14], kept
+
+
 # --------------------------------------------------------------------------------- recipes/custom_loop.py
 STEPS, INTERVAL = 400, 10  # ~5 ms a step: the run must still be training when the kills land
 
