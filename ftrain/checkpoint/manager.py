@@ -36,10 +36,10 @@ from ftrain.checkpoint import integrity, layout, loading
 from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
 from ftrain.checkpoint.loading import LoadResult, StatesFor
-from ftrain.config import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointConfig
 from ftrain.checkpoint.staging import BufferStager, Prestaged
-from ftrain.distributed import DistContext, max_over_ranks
 from ftrain.checkpoint.writer import CheckpointWriter, NonFiniteStateError, auto_write_threads
+from ftrain.config import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointConfig
+from ftrain.distributed import DistContext, max_over_ranks
 
 logger = logging.getLogger("ftrain.checkpoint")
 
