@@ -85,6 +85,15 @@ def test_options_are_checked_like_the_config(tmp_path):
     assert not tmp_path.joinpath("LOCK").exists() and not tmp_path.joinpath("checkpoints").exists()
 
 
+def _torn_weights(step_dir: Path, at_save: dict[str, torch.Tensor]) -> list[str]:
+    """The model weights saved in ``step_dir`` that differ from ``at_save`` (the state at the save call)."""
+    saved = read_tensors(step_dir)
+    weights = {k: v for k, v in saved.items() if k.startswith("model.")}
+    expected = {k: v for k, v in at_save.items() if k in weights}
+    assert len(weights) == len(expected) > 0
+    return [k for k in weights if not torch.equal(weights[k], expected[k])]
+
+
 @pytest.mark.parametrize("hooks", [True, False], ids=["as shipped", "without the staging wait (control)"])
 def test_no_staging_call_needed_the_next_step_never_tears_the_saved_state(tmp_path, monkeypatch, hooks):
     """The loop never calls anything between save and the next optimizer step. Staging is slowed to 0.5 s so the
@@ -113,11 +122,7 @@ def test_no_staging_call_needed_the_next_step_never_tears_the_saved_state(tmp_pa
         ckpt.wait()
     finally:
         ckpt.close()
-    saved = read_tensors(layout.step_dir(tmp_path / "checkpoints", 1))
-    weights = {k: v for k, v in saved.items() if k.startswith("model.")}
-    expected = {k: v for k, v in at_save.items() if k in weights}
-    assert len(weights) == len(expected) > 0
-    torn = [k for k in weights if not torch.equal(weights[k], expected[k])]
+    torn = _torn_weights(layout.step_dir(tmp_path / "checkpoints", 1), at_save)
     if hooks:
         assert not torn, f"saved state changed after the save call: {torn}"
     else:
@@ -159,11 +164,7 @@ def test_a_save_writes_from_the_local_snapshot_whose_slot_is_kept_until_it_is_wr
         ckpt.wait()
     finally:
         ckpt.close()
-    saved = read_tensors(layout.step_dir(tmp_path / "run" / "checkpoints", 5))
-    weights = {k: v for k, v in saved.items() if k.startswith("model.")}
-    expected = {k: v for k, v in at_save.items() if k in weights}
-    assert len(weights) == len(expected) > 0
-    torn = [k for k in weights if not torch.equal(weights[k], expected[k])]
+    torn = _torn_weights(layout.step_dir(tmp_path / "run" / "checkpoints", 5), at_save)
     if kept:
         assert not torn, f"the saved state is not the state at the save: {torn}"
     else:
