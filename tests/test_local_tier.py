@@ -575,7 +575,7 @@ class _Tied(torch.nn.Module):
 def test_the_model_state_of_a_plain_model_is_its_state_dict_collected_directly():
     model = _Tied()
     state = LocalModelState(model)
-    assert state._modules is not None  # the direct path is taken
+    assert local_tier.direct(model)
     expected, got = model.state_dict(keep_vars=True), state.state_dict()
     assert list(got) == list(expected) and "cache" not in got and "head.weight" in got
     assert all(got[key] is expected[key] for key in expected)
@@ -583,6 +583,8 @@ def test_the_model_state_of_a_plain_model_is_its_state_dict_collected_directly()
     fresh = _Tied()
     fresh.load_state_dict(got)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), expected.values()))
+    model.late = torch.nn.Linear(2, 2)  # added (or wrapped) after the state was made: still collected
+    assert list(state.state_dict()) == list(model.state_dict())
 
 
 def test_a_model_that_changes_how_it_saves_takes_nn_modules_own_state_dict():
@@ -596,6 +598,5 @@ def test_a_model_that_changes_how_it_saves_takes_nn_modules_own_state_dict():
     hooked = torch.nn.Sequential(torch.nn.Linear(2, 2))
     hooked.register_state_dict_post_hook(lambda module, state, prefix, local_metadata: state.update(extra=torch.ones(1)))
     for model in (torch.nn.Sequential(Extra(2, 2)), hooked):
-        state = LocalModelState(model)
-        assert state._modules is None
-        assert list(state.state_dict()) == list(model.state_dict())
+        assert not local_tier.direct(model)
+        assert list(LocalModelState(model).state_dict()) == list(model.state_dict())
