@@ -51,22 +51,14 @@ def read_into_target(
         return False
     payload = target.view(-1).view(torch.uint8).numpy().data
     if summer is not None:  # the archive's own bytes around the payload are a few KB: read them for the sum
-        summer.update(read_range(stream, offset, data_offset))
+        sum_range(stream, summer, offset, offset + data_offset)
     if nbytes:
         _read_exactly(stream, offset + data_offset, payload)
     if summer is not None:
         summer.update(payload)
-        summer.update(read_range(stream, offset + data_offset + nbytes, length - data_offset - nbytes))
+        sum_range(stream, summer, offset + data_offset + nbytes, offset + length)
     planner.commit_tensor(req, target)
     return True
-
-
-def read_range(stream: IO[bytes], offset: int, length: int) -> bytearray:
-    """``length`` bytes at ``offset`` of ``stream`` (all of them, or OSError)."""
-    buffer = bytearray(length)
-    if length:
-        _read_exactly(stream, offset, memoryview(buffer))
-    return buffer
 
 
 def sum_range(stream: IO[bytes], summer: Any, start: int, end: int) -> None:

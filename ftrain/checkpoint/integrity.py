@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -53,12 +53,15 @@ def file_entries(path: Path) -> list[dict[str, Any]]:
     return entries
 
 
-def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -> list[str]:
+def verify(
+    path: Path, checksums: bool = True, files: list[str] | None = None, sum_later: Callable[[str], bool] | None = None
+) -> list[str]:
     """Problems found in the checkpoint at ``path`` (empty list: it is intact).
 
     Checks the marker (``layout.read_marker``), then every file it lists (or only ``files``): a regular file
     inside the checkpoint, the recorded size and, with ``checksums``, the recorded CRC-32 (a file the marker
-    gives no checksum is then damaged). Whoever checks ``.metadata`` also checks that it points only into
+    gives no checksum is then damaged; a file for which ``sum_later(name)`` is true only needs to have one: its
+    reader verifies it while loading). Whoever checks ``.metadata`` also checks that it points only into
     files the marker lists (``metadata_problems``). Files are checked ``VERIFY_THREADS`` at a time (reading
     and zlib's CRC-32 release the GIL), so a rank with several files reads them in parallel.
     """
@@ -71,7 +74,7 @@ def verify(path: Path, checksums: bool = True, files: list[str] | None = None) -
         return []
     root = Path(path)
     with ThreadPoolExecutor(max_workers=min(VERIFY_THREADS, len(entries)), thread_name_prefix="ftrain-verify") as pool:
-        found = list(pool.map(lambda entry: _check_file(root, entry, checksums), entries))
+        found = list(pool.map(lambda entry: _check_file(root, entry, checksums, sum_later), entries))
     problems = [problem for problem in found if problem]
     metadata_ok = [not problem for entry, problem in zip(entries, found) if entry["name"] == layout.DCP_METADATA]
     if metadata_ok == [True]:  # this caller checks .metadata, and its bytes are the committed ones
@@ -112,7 +115,7 @@ def newest_verified(root: Path, checksums: bool) -> tuple[layout.StepDir | None,
     return None, skipped
 
 
-def _check_file(root: Path, entry: dict[str, Any], checksums: bool) -> str:
+def _check_file(root: Path, entry: dict[str, Any], checksums: bool, sum_later: Callable[[str], bool] | None) -> str:
     name = entry["name"]  # a plain name: layout.validate_marker checked it
     file = root / name
     if file.is_symlink():
@@ -131,6 +134,8 @@ def _check_file(root: Path, entry: dict[str, Any], checksums: bool) -> str:
         recorded = recorded_sum(entry)
         if recorded is None:
             return f"{name} has no checksum in the marker (cannot verify its content)"
+        if sum_later is not None and sum_later(name):
+            return ""
         actual = file_sum(file, recorded[0])
         if actual != recorded[1]:
             return f"{name} fails its checksum ({recorded[0]} {actual}, marker {recorded[1]})"

@@ -120,7 +120,8 @@ def load_best(
 
 
 def check(path: Path, expect: Expectations, rank: int, world_size: int, verify_checksums: bool) -> str:
-    """Checks before loading: the marker, that it was made for this run's model, file sizes and checksums.
+    """Checks before loading: the marker, that it was made for this run's model, file sizes, and the checksums of
+    the small files (the data files are summed while they load: ``SafeFileSystemReader``).
 
     A checkpoint of another model, of a newer ftrain's format or (if refused) of another world size is a
     configuration error, raised at once; damage (a malformed marker included) is returned as a problem so the
@@ -144,15 +145,10 @@ def check(path: Path, expect: Expectations, rank: int, world_size: int, verify_c
         )
     # Each rank checks its share of the files; _agree() combines the verdicts. The data files' checksums are
     # verified while they are loaded (SafeFileSystemReader): a cold resume then reads them once, not twice.
-    mine = [entry["name"] for entry in marker["files"]][rank::world_size]
-    problems = integrity.verify(path, checksums=verify_checksums, files=[n for n in mine if not layout.is_data_file(n)])
-    problems += integrity.verify(path, checksums=False, files=[n for n in mine if layout.is_data_file(n)])
-    if verify_checksums:
-        problems += [
-            f"{entry['name']} has no checksum in the marker (cannot verify its content)"
-            for entry in marker["files"]
-            if entry["name"] in mine and layout.is_data_file(entry["name"]) and integrity.recorded_sum(entry) is None
-        ]
+    names = [entry["name"] for entry in marker["files"]]
+    problems = integrity.verify(
+        path, checksums=verify_checksums, files=names[rank::world_size], sum_later=layout.is_data_file
+    )
     return "; ".join(problems)
 
 
