@@ -7,6 +7,10 @@ With ``train.gc_interval`` > 0 (torchtitan does the same with its ``gc_freq``) a
 the loop collects at step boundaries instead: the young generations every ``interval`` steps, everything every
 ``FULL_EVERY`` intervals, so no cycle lives longer than that. What exists when training starts (modules,
 imported code) is frozen out of every later scan.
+
+Only the young generations are collected before the freeze. A full collection at that point scans every object the
+imports made (about 300k for the recipe after torch, DCP and FSDP2) and took 0.15 s of each (re)start on the
+reference machine while finding nothing to free; the young generations hold what the set-up just dropped (0.7 ms).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ class StepGarbageCollector:
     def __init__(self, interval: int) -> None:
         self.interval = interval
         if interval > 0:
-            gc.collect()
+            gc.collect(1)  # not 2: see the module docstring
             gc.freeze()
             gc.disable()
 
