@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import random
+from array import array
 from typing import Any
 
 import torch
@@ -81,7 +82,12 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
     """Every RNG the run draws from: Python's, torch's CPU generator and, on GPU, the device's."""
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        # through an int64 array: half the time of torch.tensor(tuple) (this runs at every local snapshot)
+        "python": {
+            "version": version,
+            "internal": torch.frombuffer(array("q", internal), dtype=torch.int64),
+            "gauss": gauss,
+        },
         "torch": torch.get_rng_state(),
     }
     if device.type == "cuda":
