@@ -142,6 +142,8 @@ def goodput(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_goodput_failures_are_recovered_from_the_local_tier(goodput):
     result = json.loads((goodput / "bench.json").read_text())["goodput"]
     assert positive(result["restart_floor_s"])
+    # the same launches then take the recipe's first step without ftrain: later than joining
+    assert result["first_step_floor_s"]["median"] > result["restart_floor_s"]["median"]
     assert set(result["failures"]) == {"job/on", "rank/on"}  # the quick form: tier on only
     for name, entry in result["failures"].items():
         assert entry["kills"] == entry["recovered"] == 1, (name, entry["report"])  # a real SIGKILL, recovered
@@ -237,6 +239,7 @@ def test_goodput_target_rows_say_when_missed_or_not_measured(monkeypatch: pytest
     one = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1}
     goodput = {
         "restart_floor_s": {"median": 2.0},
+        "first_step_floor_s": {"median": 2.9},
         "failures": {"job/on": failures([20.0, 25.0, 30.0, 8.0], [3.1, 3.4, 3.2, 3.3]), "rank/on": failures([], [])},
         "throughput": {"ratio_on_off": {"median": 0.95}, "ratio_on_off_median_step": one,
                        "identical_on_off": {"weights": True, "losses": False}},
@@ -247,6 +250,7 @@ def test_goodput_target_rows_say_when_missed_or_not_measured(monkeypatch: pytest
     assert rows[("goodput_steps_redone", "whole-job SIGKILL")]["miss"] == "22.5x the limit"
     lost = rows[("goodput_time_lost_over_floor", "whole-job SIGKILL")]
     assert lost["measured"] == pytest.approx(1.25) and lost["met"] is False and "3.25 s lost" in lost["note"]
+    assert "+0.35 s over the first-step floor (2.90 s" in lost["note"]
     assert rows[("goodput_ettr", "whole-job SIGKILL")]["miss"] == "25% short"
     for target in ("goodput_steps_redone", "goodput_time_lost_over_floor", "goodput_ettr"):
         assert rows[(target, "one-rank SIGKILL (--max-restarts)")]["met"] is None  # no kill landed: not "met"

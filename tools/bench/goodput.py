@@ -33,6 +33,7 @@ from typing import Any
 from ftrain import tags
 from ftrain.harness.chaos import compare_runs, measure_goodput, run_chaos
 from ftrain.checkpoint.local_tier import default_directory
+from ftrain.config import load_config
 
 from .common import REPO, BenchError, ratio, remove, summarize
 from .launch import TORCHRUN, run_logged, tail
@@ -44,11 +45,15 @@ KILL_KINDS = ("job", "rank")
 CONFIGS = tuple((kind, tier) for kind in KILL_KINDS for tier in ("off", "on"))  # (kill kind, local tier)
 MIN_DELAY_S = 0.5  # training time before a kill, at least
 FLOOR_SCRIPT = "restart_floor.py"
-JOINED, HEALTH = "GOODPUT_JOINED", "GOODPUT_HEALTH"
+JOINED, TRAINED, HEALTH = "GOODPUT_JOINED", "GOODPUT_TRAINED", "GOODPUT_HEALTH"
 
-# What every restarted worker pays before it can train, and nothing else. The health micro-benchmark runs after
-# the join has been timed, only when the launch is given the tools directory and a number of iterations.
+# What every restarted worker pays before it can train, and nothing else (joined), then what any trainer of the
+# recipe's model pays before its first step, without ftrain (trained): the same FSDP2 model and AdamW, one
+# step on random tokens with the recipe's clipping and loss all-reduce. torch's first-use costs are in the second:
+# torch._dynamo is imported at the first DTensor (FSDP2) or optimizer.zero_grad, DTensor's sharding rules are
+# computed at their first use. The health micro-benchmark runs last, when asked for (a number of iterations).
 FLOOR_SOURCE = f'''"""Restart floor of tools/bench_checkpoint.py --parts goodput (written by tools/bench/goodput.py)."""
+import json
 import os
 import sys
 import time
@@ -59,16 +64,31 @@ import torch.distributed.checkpoint  # noqa: F401
 
 dist.init_process_group("gloo")
 os.write(1, f"{JOINED} {{dist.get_rank()}} {{time.time()!r}}\\n".encode())  # one write: the ranks share the pipe
-if len(sys.argv) > 2:
-    import json
 
-    sys.path.insert(0, sys.argv[1])
+from ftrain.config import ModelConfig
+from ftrain.model import build_model
+
+setup = json.loads(sys.argv[1])
+model = build_model(ModelConfig(**setup["model"]), torch.device("cpu"), 0)
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+tokens = torch.randint(0, setup["model"]["vocab_size"], (setup["batch_size"], setup["model"]["seq_len"] + 1))
+loss = model(tokens[:, :-1], tokens[:, 1:])
+loss.backward()
+torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+optimizer.step()
+optimizer.zero_grad()
+dist.all_reduce(loss.detach())
+os.write(1, f"{TRAINED} {{dist.get_rank()}} {{time.time()!r}}\\n".encode())
+if setup["health_iters"]:
+    sys.path.insert(0, setup["tools"])
     from bench.goodput import health_check_cost
 
-    cost = health_check_cost(int(sys.argv[2]))
+    cost = health_check_cost(setup["health_iters"])
     if dist.get_rank() == 0:
         print("{HEALTH} " + json.dumps(cost), flush=True)
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # as ftrain.cli: after FSDP2 on gloo, interpreter finalization can abort (SIGABRT; see there)
 '''
 
 
@@ -108,6 +128,7 @@ def run_goodput_part(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "config": goodput_config(args, max_delay),
         "restart_floor_s": floor["joined_s"],
+        "first_step_floor_s": floor["trained_s"],
         "health": health_summary(floor["health"], step_s, throughput["step_time_noise"]),
         "throughput": throughput,
         "failures": failures,
@@ -174,24 +195,30 @@ def run_recipe(args: argparse.Namespace, cmd: list[str], name: str) -> dict[str,
 
 # ----------------------------------------------------------------------------------------- restart floor
 def measure_restart_floor(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Median time from launching torchrun until every worker has joined; the last launch then also measures
-    the health check's per-step cost."""
+    """Median time from launching torchrun until every worker has joined (the restart floor) and until every
+    worker has taken the recipe's first step without ftrain (the first-step floor); the last launch then also
+    measures the health check's per-step cost."""
     script = work / FLOOR_SCRIPT
     script.write_text(FLOOR_SOURCE)
-    samples, health = [], None
+    cfg = load_config([*args.goodput_model, *args.trainer_arg])
+    joined, trained, health = [], [], None
     for launch in range(args.goodput_floor_reps):
         last = launch == args.goodput_floor_reps - 1
-        extra = [str(REPO / "tools"), str(args.goodput_health_iters)] if last else []
-        joined_s, output = launch_floor(args, script, extra, launch)
-        samples.append(joined_s)
+        setup = {"model": vars(cfg.model), "batch_size": cfg.train.batch_size, "tools": str(REPO / "tools"),
+                 "health_iters": args.goodput_health_iters if last else 0}
+        times, output = launch_floor(args, script, json.dumps(setup), launch)
+        joined.append(times[JOINED])
+        trained.append(times[TRAINED])
         if last:
             health = parse_health(output)
-    print(f"[bench] goodput restart floor {statistics.median(samples):.2f} s ({len(samples)} launches)", flush=True)
-    return {"joined_s": summarize(samples), "health": health}
+    print(f"[bench] goodput restart floor {statistics.median(joined):.2f} s, first-step floor "
+          f"{statistics.median(trained):.2f} s ({len(joined)} launches)", flush=True)
+    return {"joined_s": summarize(joined), "trained_s": summarize(trained), "health": health}
 
 
-def launch_floor(args: argparse.Namespace, script: Path, extra: list[str], launch: int) -> tuple[float, str]:
-    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={args.nproc}", str(script), *extra]
+def launch_floor(args: argparse.Namespace, script: Path, setup: str, launch: int) -> tuple[dict[str, float], str]:
+    """One launch of the floor script: seconds from the launch until the last worker said JOINED, and TRAINED."""
+    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={args.nproc}", str(script), setup]
     log_path = Path(args.out) / "logs" / f"goodput-floor-{launch}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -201,10 +228,13 @@ def launch_floor(args: argparse.Namespace, script: Path, extra: list[str], launc
     log_path.write_text(" ".join(cmd) + "\n" + done.stdout + done.stderr)
     if done.returncode != 0:
         raise BenchError(f"restart floor launch exited {done.returncode}: {tail(log_path)} (full log: {log_path})")
-    joined = [float(line.split()[2]) for line in done.stdout.splitlines() if line.startswith(JOINED)]
-    if len(joined) != args.nproc:
-        raise BenchError(f"restart floor: {len(joined)} of {args.nproc} workers said they joined (log: {log_path})")
-    return max(joined) - launched, done.stdout
+    times = {}
+    for word in (JOINED, TRAINED):
+        said = [float(line.split()[2]) for line in done.stdout.splitlines() if line.startswith(word)]
+        if len(said) != args.nproc:
+            raise BenchError(f"restart floor: {len(said)} of {args.nproc} workers said {word} (log: {log_path})")
+        times[word] = max(said) - launched
+    return times, done.stdout
 
 
 def parse_health(output: str) -> dict[str, float]:

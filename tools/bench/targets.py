@@ -65,6 +65,7 @@ def goodput_rows(goodput: dict[str, Any]) -> list[dict[str, Any]]:
     """Issue #16's targets for the local tier on (the default); the tier-off runs are in the goodput table."""
     rows = []
     floor = goodput["restart_floor_s"]["median"]
+    first_step = (goodput.get("first_step_floor_s") or {}).get("median")
     for kind, name in KILL_NAMES.items():
         entry, mode = goodput["failures"][f"{kind}/on"], f"{name}, local tier on"
         rows.append(target_row("goodput_steps_redone", mode, _median(entry["steps_redone"]),
@@ -72,7 +73,7 @@ def goodput_rows(goodput: dict[str, Any]) -> list[dict[str, Any]]:
         lost = _median(entry["time_lost_s"])
         rows.append(target_row("goodput_time_lost_over_floor", mode, None if lost is None else lost - floor,
                                "median time lost per failure - restart floor (s)",
-                               f"{lost:.2f} s lost, floor {floor:.2f} s" if lost is not None else ""))
+                               _lost_note(lost, floor, first_step)))
         rows.append(target_row("goodput_ettr", mode, entry["ettr"], "ETTR (effective training time ratio)"))
     throughput = goodput["throughput"]
     rows.append(target_row("local_tier_throughput_vs_off", "local tier on / off", throughput["ratio_on_off"]["median"],
@@ -124,3 +125,12 @@ def target_row(key: str, mode: str, measured: float | None, what: str, note: str
         miss = f"{short:.1%} short" if short < 0.01 else f"{short:.0%} short"  # "0% short" would read as met
     return {"target": key, "mode": mode, "what": what, "limit": f"{op} {limit:g}", "measured": measured,
             "met": met, "miss": miss, "note": note}
+
+
+def _lost_note(lost: float | None, floor: float, first_step: float | None) -> str:
+    if lost is None:
+        return ""
+    note = f"{lost:.2f} s lost, floor {floor:.2f} s"
+    if first_step is not None:
+        note += f"; {lost - first_step:+.2f} s over the first-step floor ({first_step:.2f} s, torch without ftrain)"
+    return note
