@@ -102,6 +102,7 @@ SLOTS = (0, 1)
 ALIGN = 64
 CHUNK = 64 << 20  # bytes per checksum
 _IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+_IMMUTABLE_TYPES = frozenset(_IMMUTABLE)  # for the exact-type test on the hot path
 
 
 def _crc32(buffer: memoryview) -> str:
@@ -715,7 +716,10 @@ def _split(value: Any, path: tuple[Any, ...], tensors: list[tuple[tuple[Any, ...
         if hasattr(value, "_metadata"):  # nn.Module.state_dict()'s per-module versions
             tree._metadata = value._metadata  # type: ignore[union-attr]
         return tree
-    if kind in _IMMUTABLE:
+    if kind is DTensor:  # FSDP2's parameters and their optimizer state
+        tensors.append((path, value._local_tensor, True))
+        return None
+    if kind in _IMMUTABLE_TYPES:
         return value
     if isinstance(value, DTensor):
         tensors.append((path, value._local_tensor, True))
