@@ -514,9 +514,16 @@ class Checkpointer:
         if self.local is None or self.options.resume != "auto":
             return None
         latest = layout.latest_complete(self.manager.root)
-        step = agree_on_step(self.local.complete_steps(), latest.step if latest else 0, self.ctx.process_group)
-        if step is None:
-            return None
+        candidates = self.local.complete_steps(verify_data=False)
+        while True:  # at most once per slot
+            step = agree_on_step(candidates, latest.step if latest else 0, self.ctx.process_group)
+            if step is None:
+                return None
+            # Only the snapshot about to be used has its data summed: if it fails on any rank, every rank drops
+            # that step and they agree again (on the other slot's step, or on the durable path).
+            if not max_over_ranks([0.0 if self.local.verify(step) else 1.0], self.ctx.device)[0]:
+                break
+            candidates = [candidate for candidate in candidates if candidate != step]
         problem = ""
         try:
             self.local.restore(step, self._local_states)

@@ -2,7 +2,8 @@
 not an interval.
 
     tier = LocalSnapshots(default_directory(run_dir), rank, world_size, signature)
-    step = agree_on_step(tier.complete_steps(), durable_step, group)   # at load, on every rank
+    step = agree_on_step(tier.complete_steps(verify_data=False), durable_step, group)   # at load, every rank
+    # ... then every rank tier.verify(step)s; if one fails, all agree again without that step
     if step is not None:
         tier.restore(step, states)            # bit-identical to loading a durable checkpoint of that step
     else:
@@ -61,8 +62,9 @@ TrainProgress = 5.8 MB in 118 tensors, one rank, medians of 50): ``snapshot()`` 
 ``ftrain.state``'s states 2.9 ms, whose ``get_model_state_dict``/``get_optimizer_state_dict`` take 0.7 ms each
 (vs 0.04/0.01 ms for the modules' own) and ``TrainProgress`` 0.18 ms for its torch.save blobs. The ``Local*State``
 adapters restore the same objects (same model, same rank), so they suffice here. With 256 MB more state the copy
-takes 20-55 ms (5-14 GB/s) and the sums 0.01-0.02 s with xxh3 (0.1-0.2 s with CRC-32); ``complete_steps``
-(verifies both slots) 0.09 s with xxh3; ``restore`` 0.2-0.4 s (mostly the first touch of the fresh tensors).
+takes 20-55 ms (5-14 GB/s) and the sums 0.01-0.02 s with xxh3 (0.1-0.2 s with CRC-32). With 512 MB more:
+``complete_steps()`` (sums both slots) 0.16 s, a resume's ``complete_steps(verify_data=False)`` + ``verify(step)``
+0.06 s; ``restore`` 0.2-0.4 s (mostly the first touch of the fresh tensors).
 """
 
 from __future__ import annotations
@@ -547,12 +549,23 @@ class LocalSnapshots:
                 self._stream.synchronize()
 
     # ------------------------------------------------------------------------------------------------ reading
-    def complete_steps(self) -> list[int]:
-        """Steps of this rank's complete snapshots that match this run and verify, oldest first."""
+    def complete_steps(self, verify_data: bool = True) -> list[int]:
+        """Steps of this rank's complete snapshots that match this run, oldest first: marker, file sizes and
+        skeleton checksum checked, and with ``verify_data`` the data's checksums too (once per process per
+        snapshot). A resume passes False and then ``verify``s only the snapshot it is about to use: summing every
+        slot's data at each restart would read twice the state that is restored."""
         if self.disabled:
             return []
         self._finish()
-        return sorted({marker["step"] for slot, marker in self._markers().items() if self._verify(slot, marker)})
+        markers = self._markers().items()
+        return sorted({marker["step"] for slot, marker in markers if self._verify(slot, marker, data=verify_data)})
+
+    def verify(self, step: int) -> bool:
+        """Whether this rank holds a complete snapshot of ``step`` whose data matches its checksums."""
+        if self.disabled:
+            return False
+        self._finish()
+        return any(self._verify(slot, marker) for slot, marker in self._markers().items() if marker["step"] == step)
 
     def restore(self, step: int, states: Mapping[str, Stateful]) -> None:
         """Load the snapshot of ``step`` into ``states`` (same names as when it was taken) through their
@@ -630,8 +643,9 @@ class LocalSnapshots:
             return "taken by another run or model (signature differs)"
         return ""
 
-    def _verify(self, slot: int, marker: dict[str, Any]) -> bool:
-        """The snapshot's files are there, big enough, and match their checksums (once per process per snapshot)."""
+    def _verify(self, slot: int, marker: dict[str, Any], data: bool = True) -> bool:
+        """The snapshot's files are there, big enough, and match their checksums (the data's only with ``data``;
+        once per process per snapshot)."""
         files = [self.root / _data_name(slot), self.root / _skel_name(slot), self.root / _marker_name(slot)]
         try:
             identity = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, files))
@@ -640,11 +654,12 @@ class LocalSnapshots:
             return False
         if self._verified.get(slot) == identity:
             return True
-        problem = _data_problem(files[0], files[1], marker)
+        problem = _data_problem(files[0], files[1], marker, data_sums=data)
         if problem:
             logger.debug("local snapshot %s not used: %s", files[2], problem)
             return False
-        self._verified[slot] = identity
+        if data:
+            self._verified[slot] = identity
         return True
 
     # ------------------------------------------------------------------------------------------------ ending
@@ -799,7 +814,7 @@ def _chunk_sums(buffer: torch.Tensor, size: int) -> list[str]:
     return [CHECKSUMS[ALGORITHM](view[start : min(start + CHUNK, size)]) for start in range(0, size, CHUNK)]
 
 
-def _data_problem(data: Path, skel: Path, marker: dict[str, Any]) -> str:
+def _data_problem(data: Path, skel: Path, marker: dict[str, Any], *, data_sums: bool = True) -> str:
     algorithm = marker["checksum"]["algorithm"]
     if algorithm not in CHECKSUMS:
         return f"checksum algorithm {algorithm} is not installed here"
@@ -809,7 +824,7 @@ def _data_problem(data: Path, skel: Path, marker: dict[str, Any]) -> str:
     skeleton = skel.read_bytes()
     if len(skeleton) != marker["skeleton"]["size"] or _sum(skeleton, algorithm) != marker["skeleton"]["checksum"]:
         return f"{skel.name} fails its checksum"
-    if size and _file_sums(data, size, algorithm) != marker["checksum"]["data"]:
+    if data_sums and size and _file_sums(data, size, algorithm) != marker["checksum"]["data"]:
         return f"{data.name} fails its checksum"
     return ""
 
