@@ -15,6 +15,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 EVENTS_PATTERN = "events.out.tfevents.*"
 RUN_MARKER_TAG = "train/step_time_s"  # every ftrain run logs it at every step
@@ -58,19 +59,33 @@ def _quiet_tensorboard() -> Iterator[None]:
         tb_logger.setLevel(level)
 
 
-def read_scalars(log_dir: str | Path, tags: Iterable[str] | None = None) -> dict[str, dict[int, float]]:
-    """Every scalar (or only ``tags``) in one TensorBoard directory as ``{tag: {step: value}}``.
-
-    Purged events are left out, as in TensorBoard. Nothing is subsampled.
-    """
+def _accumulator(log_dir: str | Path) -> Any:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})  # 0 = keep every event
     with _quiet_tensorboard():
         accumulator.Reload()
+    return accumulator
+
+
+def read_scalars(log_dir: str | Path, tags: Iterable[str] | None = None) -> dict[str, dict[int, float]]:
+    """Every scalar (or only ``tags``) in one TensorBoard directory as ``{tag: {step: value}}``.
+
+    Purged events are left out, as in TensorBoard. Nothing is subsampled.
+    """
+    accumulator = _accumulator(log_dir)
     available = accumulator.Tags()["scalars"]
     wanted = available if tags is None else [tag for tag in tags if tag in available]
     return {tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in wanted}
+
+
+def read_step_walltimes(run_dir: str | Path) -> dict[int, float]:
+    """``{step: wall time}`` (seconds since the epoch) at which an ftrain run logged each step's time, i.e. when the
+    step ended; purged events left out, as in ``read_scalars``."""
+    accumulator = _accumulator(events_dir(run_dir))
+    if RUN_MARKER_TAG not in accumulator.Tags()["scalars"]:
+        raise NotARunError(f"{run_dir}: TensorBoard events without {RUN_MARKER_TAG}; not an ftrain run")
+    return {event.step: event.wall_time for event in accumulator.Scalars(RUN_MARKER_TAG)}
 
 
 def read_run_scalars(run_dir: str | Path, tags: Iterable[str] | None = None) -> dict[str, dict[int, float]]:

@@ -3,7 +3,9 @@
     ftrain-report RUN_DIR [--json] [--plot PATH | --no-plot]
 
 Prints the number of checkpoints; blocking time, background save time, staging and write time (median, p95,
-max); checkpoint size and write throughput; and the share of the training loop's time lost to checkpointing.
+max); checkpoint size and write throughput; the share of the training loop's time lost to checkpointing; and
+the goodput so far: the failures the run recovered from (time lost, steps redone, start-up and load time, as the
+resumed run logged them under ``recovery/*``), the cost per failure and the run's ETTR.
 Draws a PNG of step time over steps with every checkpoint marked (default ``RUN_DIR/overhead.png``) when
 matplotlib is installed (``pip install 'ftrain[report]'``). Every number is computed from the scalars as
 TensorBoard shows them (see ``ftrain.events``).
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrain import tags
-from ftrain.events import NotARunError, events_dir, read_run_scalars
+from ftrain.events import NotARunError, events_dir, read_run_scalars, read_step_walltimes
 
 PROG = "ftrain-report"
 EXIT_OK = 0
@@ -33,6 +35,12 @@ STEP_TIME = tags.STEP_TIME_S
 BLOCKING = tags.CKPT_BLOCKING_S
 SAVE = tags.CKPT_SAVE_S
 LOAD = tags.CKPT_LOAD_S
+RECOVERY = {  # what a resumed run logged about the failure it recovered from (at its first step)
+    "time_lost_s": tags.RECOVERY_TIME_LOST_S,
+    "steps_redone": tags.RECOVERY_STEPS_REDONE,
+    "startup_s": tags.RECOVERY_STARTUP_S,
+    "load_s": tags.RECOVERY_LOAD_S,
+}
 # what one checkpoint reports (its failure count is a running total, not a cost)
 CHECKPOINT_TAGS = tuple(tag for tag in tags.CHECKPOINT_TAGS if tag != tags.CKPT_FAILURES)
 PLOT_NEEDS = "the plot needs matplotlib: pip install 'ftrain[report]'"
@@ -43,6 +51,12 @@ DEFINITION = (
     "staging wait inside the next step is counted in both sums, which makes the share a slight underestimate "
     "when staging waits are long. A run's last checkpoint (and a preemption save) blocks until committed."
 )
+GOODPUT_DEFINITION = (
+    f"cost per failure = {tags.RECOVERY_TIME_LOST_S} (last step before the failure to first step after) + "
+    f"{tags.RECOVERY_STEPS_REDONE} x the median step time; ETTR = 1 - the failures' cost / the training wall time "
+    "(first step to last, from the events' wall times). A failure counts once its resumed run has logged a step; "
+    "one whose record a later resume went back past (purged with the steps after it) is not counted."
+)
 
 DESCRIPTION = f"""\
 Report what checkpointing cost an ftrain run, read from its TensorBoard scalars (rank 0; a resumed run is
@@ -51,11 +65,15 @@ read as TensorBoard shows it, the steps purged on resume left out).
 Prints: the number of checkpoints that reported their cost (committed and failed); blocking time, how long
 the training loop stood still for a checkpoint ({BLOCKING}); background save time from the save
 call to the commit marker ({SAVE}), with its staging and write parts; checkpoint size; write
-throughput; and the share of the loop's time lost to checkpointing. Times are median, p95 (linear
+throughput; the share of the loop's time lost to checkpointing; and the goodput so far: the failures the run
+recovered from, with the time lost, steps redone, start-up and load time each resumed run logged (recovery/*),
+the cost per failure and the ETTR. Times are median, p95 (linear
 interpolation between sorted values) and max. A checkpoint's cost is logged at the next save call (or at
 the end of the run), so a checkpoint whose run was killed before then is not counted.
 
 {textwrap.fill(DEFINITION, 108)}
+
+{textwrap.fill(GOODPUT_DEFINITION, 108)}
 
 Also draws a PNG (needs matplotlib: pip install 'ftrain[report]'): step time over steps, each checkpoint's
 blocking time as a red bar at its step, and its background save as an orange band over the steps it
@@ -104,8 +122,33 @@ def per_checkpoint(scalars: dict[str, dict[int, float]]) -> list[dict[str, Any]]
     return records
 
 
-def summarize(scalars: dict[str, dict[int, float]], run_dir: str = "") -> dict[str, Any]:
-    """The whole report as plain data (what ``--json`` prints)."""
+def goodput(scalars: dict[str, dict[int, float]], step_walls: dict[int, float] | None) -> dict[str, Any]:
+    """The failures the run recovered from, what each cost, and the ETTR so far (``GOODPUT_DEFINITION``);
+    ``step_walls``: ``{step: wall time}`` of the logged steps (``ftrain.events.read_step_walltimes``)."""
+    step_times = scalars.get(STEP_TIME, {})
+    records = {name: scalars.get(tag, {}) for name, tag in RECOVERY.items()}
+    at = sorted(records["time_lost_s"])
+    median_step = statistics.median(step_times.values()) if step_times else 0.0
+    costs = [records["time_lost_s"][s] + records["steps_redone"].get(s, 0.0) * median_step for s in at]
+    wall = None
+    if step_walls and step_times:
+        first = min(step_walls)
+        wall = max(step_walls.values()) - step_walls[first] + step_times.get(first, 0.0)  # the first step's own time
+    return {
+        "failures": len(at),
+        "at_steps": at,
+        **{name: describe([values[s] for s in at if s in values]) for name, values in records.items()},
+        "cost_per_failure_s": describe(costs),
+        "training_wall_s": wall,
+        "ettr": max(0.0, 1.0 - math.fsum(costs) / wall) if wall else None,
+        "definition": GOODPUT_DEFINITION,
+    }
+
+
+def summarize(
+    scalars: dict[str, dict[int, float]], run_dir: str = "", step_walls: dict[int, float] | None = None
+) -> dict[str, Any]:
+    """The whole report as plain data (what ``--json`` prints); ``step_walls`` as for ``goodput``."""
     step_times = scalars.get(STEP_TIME, {})
     records = per_checkpoint(scalars)
     ok = [record for record in records if record["ok"]]
@@ -144,6 +187,7 @@ def summarize(scalars: dict[str, dict[int, float]], run_dir: str = "") -> dict[s
         "loop_time_s": loop_total,
         "lost_share": blocking_total / loop_total if loop_total > 0 else 0.0,
         "definition": DEFINITION,
+        "goodput": goodput(scalars, step_walls),
         "per_checkpoint": records,
     }
 
@@ -189,6 +233,28 @@ def _checkpoint_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _goodput_rows(good: dict[str, Any]) -> list[tuple[str, str]]:
+    if not good["failures"]:
+        return [("failures", "none recovered from so far")]
+    redone = good["steps_redone"]
+    startup = _times_line(good["startup_s"])
+    if good["load_s"]:
+        startup += f"   (loading: median {_time(good['load_s']['median'])})"
+    rows = [
+        ("failures", f"{good['failures']} recovered from (first steps after them: {_steps(good['at_steps'])})"),
+        ("  time lost", f"{_times_line(good['time_lost_s'])}   (last step before to first step after)"),
+        ("  steps redone", f"median {redone['median']:g}   max {redone['max']:g}   total {redone['total']:g}"
+         if redone else "-"),
+        ("  start-up", startup),
+        ("  cost per failure", f"{_times_line(good['cost_per_failure_s'])}   (time lost + steps redone)"),
+    ]
+    if good["ettr"] is not None:
+        total = good["cost_per_failure_s"]["total"]
+        rows.append(("ETTR", f"{good['ettr']:.3f}   = 1 - failures' cost {_time(total)} / training wall time "
+                             f"{_time(good['training_wall_s'])}"))
+    return rows
+
+
 def format_text(report: dict[str, Any]) -> str:
     steps, ckpt, resumes = report["steps"], report["checkpoints"], report["resumes"]
     step_median = steps["step_time_s"]["median"] if steps["step_time_s"] else None
@@ -205,10 +271,11 @@ def format_text(report: dict[str, Any]) -> str:
     blocking_total = report["blocking_s"]["total"] if report["blocking_s"] else 0.0
     rows.append(("loop time lost", f"{report['lost_share']:.2%}   = blocking {_time(blocking_total)} / "
                                    f"(step time + blocking) {_time(report['loop_time_s'])}"))
+    rows += _goodput_rows(report["goodput"])
     if report.get("plot"):
         rows.append(("plot", report["plot"]))
     lines = [f"checkpoint overhead of {report['run_dir']}"]
-    lines += [f"  {label:<18} {value}" for label, value in rows]
+    lines += [f"  {label:<20} {value}" for label, value in rows]
     return "\n".join(lines)
 
 
@@ -323,10 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail("RUN_DIR is empty", EXIT_USAGE)
     try:
         scalars = read_run_scalars(args.run_dir)
+        step_walls = read_step_walltimes(args.run_dir)
         run_dir = run_root(args.run_dir)
     except (FileNotFoundError, NotADirectoryError, NotARunError) as exc:
         return fail(str(exc), EXIT_USAGE)
-    report = summarize(scalars, str(run_dir))
+    report = summarize(scalars, str(run_dir), step_walls)
     report["plot"] = None
     if not args.no_plot and matplotlib_missing():
         print(f"{PROG}: note: no plot: {PLOT_NEEDS} (or pass --no-plot)", file=sys.stderr)

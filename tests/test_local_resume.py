@@ -3,7 +3,10 @@ missing or foreign snapshot is never used."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -12,6 +15,7 @@ from ftrain.checkpoint import layout
 from ftrain.checkpoint.local_tier import default_directory
 
 from conftest import (
+    REPO,
     assert_same_tensors,
     check_ok,
     checkpoint_tensors,
@@ -62,6 +66,15 @@ def test_a_killed_job_resumes_from_the_local_snapshot_bit_for_bit(reference, tmp
     assert scalars(tmp_path / "tb", tags.RECOVERY_STEPS_REDONE) == {14: 0.0}  # logged at the first step after
     _assert_same_as(tmp_path, reference)
     assert not default_directory(tmp_path).exists()
+    # ftrain-report's goodput section reads the same records: one failure, its cost, the run's ETTR
+    shown = subprocess.run([sys.executable, str(REPO / "tools" / "overhead_report.py"), str(tmp_path), "--json",
+                            "--no-plot"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert shown.returncode == 0, shown.stderr
+    good = json.loads(shown.stdout)["goodput"]
+    assert good["failures"] == 1 and good["at_steps"] == [14] and good["steps_redone"]["total"] == 0
+    lost = scalars(tmp_path / "tb", tags.RECOVERY_TIME_LOST_S)[14]
+    assert good["cost_per_failure_s"]["total"] == pytest.approx(lost)
+    assert good["training_wall_s"] > lost and 0 < good["ettr"] < 1
 
 
 def test_a_damaged_newest_snapshot_on_one_rank_makes_every_rank_take_the_one_before(reference, tmp_path):

@@ -44,6 +44,8 @@ def test_json_agrees_with_the_scalars(reference_run, tmp_path):
     assert report["lost_share"] == pytest.approx(share, rel=1e-9)
     assert 0 < report["lost_share"] < 1
     assert report["resumes"]["count"] == 0
+    assert report["goodput"]["failures"] == 0 and report["goodput"]["ettr"] == 1.0  # nothing failed
+    assert 0 < report["goodput"]["training_wall_s"] < 600
     assert report["plot"] == str(plot)
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
     assert not (reference_run / "overhead.png").exists()  # --plot was honoured
@@ -160,6 +162,29 @@ def test_summary_counts_failed_saves_and_resumes():
     assert report["lost_share"] == pytest.approx(0.06 / 1.06)
     assert [c["ok"] for c in report["per_checkpoint"]] == [True, False]
     assert "2 (1 committed, 1 failed)" in report_tool.format_text(report)
+
+
+def test_goodput_counts_each_recovery_and_its_cost():
+    """Twenty 0.1 s steps over 10 s of wall time; two failures: 3 s lost with 2 steps redone, 1 s with none."""
+    run = {
+        **synthetic_run(),
+        "train/step_time_s": {step: 0.1 for step in range(1, 21)},
+        "recovery/time_lost_s": {8: 3.0, 15: 1.0},
+        "recovery/steps_redone": {8: 2.0, 15: 0.0},
+        "recovery/startup_s": {8: 2.5, 15: 0.8},
+        "recovery/load_s": {8: 0.2, 15: 0.1},
+    }
+    walls = {step: 1000.0 + step * 0.5 for step in range(1, 21)}  # the first step ended at 1000.5
+    good = report_tool.summarize(run, "run", walls)["goodput"]
+    assert good["failures"] == 2 and good["at_steps"] == [8, 15]
+    assert good["steps_redone"]["total"] == 2.0 and good["time_lost_s"]["max"] == 3.0
+    assert good["cost_per_failure_s"]["total"] == pytest.approx(3.0 + 2 * 0.1 + 1.0)
+    assert good["training_wall_s"] == pytest.approx(9.5 + 0.1)  # last - first, plus the first step itself
+    assert good["ettr"] == pytest.approx(1 - 4.2 / 9.6)
+    text = report_tool.format_text(report_tool.summarize(run, "run", walls))
+    assert "2 recovered from (first steps after them: 8, 15)" in text and "ETTR" in text and "0.56" in text
+    assert report_tool.summarize(run, "run")["goodput"]["ettr"] is None  # no wall times: no ETTR, costs still
+    assert "none recovered from so far" in report_tool.format_text(report_tool.summarize(synthetic_run(), "run"))
 
 
 def test_background_save_laid_over_the_next_steps():
