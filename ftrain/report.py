@@ -67,9 +67,9 @@ the training loop stood still for a checkpoint ({BLOCKING}); background save tim
 call to the commit marker ({SAVE}), with its staging and write parts; checkpoint size; write
 throughput; the share of the loop's time lost to checkpointing; and the goodput so far: the failures the run
 recovered from, with the time lost, steps redone, start-up and load time each resumed run logged (recovery/*),
-the cost per failure and the ETTR. Times are median, p95 (linear
-interpolation between sorted values) and max. A checkpoint's cost is logged at the next save call (or at
-the end of the run), so a checkpoint whose run was killed before then is not counted.
+the cost per failure and the ETTR. Times are median, p95 (linear interpolation between sorted values) and
+max. A checkpoint's cost is logged at the next save call (or at the end of the run), so a checkpoint whose
+run was killed before then is not counted.
 
 {textwrap.fill(DEFINITION, 108)}
 
