@@ -442,6 +442,11 @@ class Checkpointer:
                 agreed,
                 100 * self.options.overhead_budget,
             )
+        if self._metrics is not None:
+            measured = {tags.LOCAL_INTERVAL: float(agreed)}
+            if self.local_schedule.cost_s is not None:
+                measured[tags.LOCAL_SNAPSHOT_S] = self.local_schedule.cost_s
+            self._metrics.log(measured, self.step)
 
     def _mark_preempted(self, step: int) -> None:
         """Rank 0 writes ``PREEMPTED`` once every rank's save of ``step`` is committed: what a scheduler checks to

@@ -109,6 +109,11 @@ class LocalSchedule:
     def observe_snapshot(self, cost_s: float) -> None:
         self._costs.append(cost_s)
 
+    @property
+    def cost_s(self) -> float | None:
+        """The median cost of the recent snapshots (what ``propose`` weighs); None before any was measured."""
+        return statistics.median(self._costs) if self._costs else None
+
     def propose(self) -> int:
         if not self._costs or len(self._steps) < 3:
             return self.interval

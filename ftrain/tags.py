@@ -41,3 +41,6 @@ RECOVERY_LOAD_S = "recovery/load_s"  # choosing, verifying and loading the check
 # health/*
 HEALTH_ROLLBACKS = "health/rollbacks"  # rollbacks so far, logged at the step each one restored
 CKPT_INTERVAL = "checkpoint/interval"  # checkpoint.interval=auto: the interval in steps, logged when it changes
+# checkpoint.local_interval=auto, logged at each re-evaluation (every LocalSchedule.REVIEW_EVERY steps):
+LOCAL_INTERVAL = "checkpoint/local_interval"  # the snapshot interval in steps the ranks agreed on
+LOCAL_SNAPSHOT_S = "checkpoint/local_snapshot_s"  # rank 0's median cost of its recent snapshots

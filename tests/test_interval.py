@@ -69,6 +69,11 @@ def test_recipe_with_auto_interval_logs_its_choice(tmp_path):
     assert "checkpoint.interval=auto starts at 10 steps" in proc.stderr
     logged = scalars(tmp_path / "tb", tags.CKPT_INTERVAL)
     assert logged[0] == FIRST_AUTO_INTERVAL and len(logged) >= 2 and all(v >= 1 for v in logged.values())
+    # the local tier (on by default, local_interval=auto) logs its interval and snapshot cost at each review
+    local = scalars(tmp_path / "tb", tags.LOCAL_INTERVAL)
+    cost = scalars(tmp_path / "tb", tags.LOCAL_SNAPSHOT_S)
+    assert list(local) == [50] and 1 <= local[50] <= 100
+    assert list(cost) == [50] and 0 < cost[50] < 0.5
 
 
 def test_checkpointer_accepts_an_integer_or_auto_interval(tmp_path):
@@ -87,6 +92,6 @@ def test_local_interval_auto_is_the_fewest_steps_whose_snapshot_cost_fits_the_bu
     for _ in range(10):
         schedule.observe_step(0.1)
         schedule.observe_snapshot(0.0025)  # 2.5 ms of a 100 ms step: 2.5% at every step, 1% needs every 3rd
-    assert schedule.propose() == 3
+    assert schedule.propose() == 3 and schedule.cost_s == 0.0025
     assert schedule.set(3) and schedule.due(9) and not schedule.due(10)
     assert LocalSchedule("0").interval == 0 and not LocalSchedule("0").due(5)
