@@ -118,6 +118,7 @@ class Checkpointer:
             if name in _RESERVED_NAMES or not name or "." in name:
                 raise ValueError(f"extra state name {name!r} is reserved or not a plain name (no '.')")
         self.ctx = dist_context or DistContext.current(_model_device(model), self.options.timeout_s)
+        self._own_group = dist_context is None and self.ctx.process_group is not None  # made here: close() ends it
         self.step = 0
         self.preempted: str | None = None  # the signal that stopped the run, once maybe_save returned True
         self.health = health or HealthPolicy()
@@ -388,6 +389,20 @@ class Checkpointer:
                 self.local.remove()  # finished and committed: nothing left to resume
         finally:
             self._shut()
+            self._release_group()
+
+    def _release_group(self) -> None:
+        """Destroy the checkpoint process group this Checkpointer made (never one it was given), once nothing uses
+        it: its gloo threads stop now, while the interpreter is whole. Left to interpreter exit, gloo worker threads
+        that still hold a collective's tensors can abort a finished process (SIGABRT; pytorch/pytorch#179291 has
+        the mechanism): a torchrun'd recipes/custom_loop.py did, once in about 50 runs, after its last step."""
+        if not self._own_group:
+            return
+        self._own_group = False
+        try:
+            dist.destroy_process_group(self.ctx.process_group)
+        except (KeyError, ValueError):
+            pass  # gone already: the user destroyed every group (destroy_process_group()) before closing us
 
     def abort(self) -> None:
         """Release the lock, handlers and hooks without waiting for a save in flight (an error path)."""

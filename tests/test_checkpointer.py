@@ -253,6 +253,42 @@ def _tools_work_on_any_state_naming(run_dir: Path, out: Path) -> None:
     assert weights and all(torch.equal(weights[k], saved[f"model.{k}"]) for k in weights)
 
 
+_GROUP_SCRIPT = """
+import sys, torch, torch.distributed as dist
+import ftrain
+from ftrain.distributed import DistContext
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+model = torch.nn.Linear(2, 2)
+with ftrain.Checkpointer(sys.argv[1] + "/own", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                         interval=1) as ckpt:
+    ckpt.load()
+    ckpt.maybe_save(1, last=True)
+    group = ckpt.ctx.process_group
+    assert dist.get_process_group_ranks(group) == [0]
+try:
+    dist.get_process_group_ranks(group)
+    raise SystemExit("the checkpoint group it made outlived close()")
+except KeyError:
+    pass
+given = DistContext.current(torch.device("cpu"))
+with ftrain.Checkpointer(sys.argv[1] + "/given", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                         interval=1, dist_context=given) as ckpt:
+    ckpt.load()
+assert dist.get_process_group_ranks(given.process_group) == [0]  # not ours to end
+ckpt = ftrain.Checkpointer(sys.argv[1] + "/late", model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+ckpt.load()
+dist.destroy_process_group()  # the user ends every group first: close() still works
+ckpt.close()
+print("ok")
+"""
+
+
+def test_close_ends_the_checkpoint_process_group_it_made(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _GROUP_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
 def test_a_preemption_signal_saves_the_step_and_leaves_a_marker_for_the_scheduler(tmp_path):
     import json
     import os
