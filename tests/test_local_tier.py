@@ -393,13 +393,9 @@ def test_a_crafted_skeleton_with_a_valid_checksum_is_refused_without_running_it(
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("damage", ["data byte", "skeleton byte", "data cut short", "marker malformed", "marker missing"])
-def test_damaged_snapshot_is_excluded(tmp_path, caplog, damage):
-    tier = tier_at(tmp_path)
-    take(tier, 1)
-    take(tier, 2)
-    tier.close()
-    rank_dir, slot = tmp_path / "rank-0", _slot_of(tmp_path, 2)
+def _damage(directory: Path, step: int, damage: str) -> None:
+    """Damage rank 0's snapshot of ``step`` in one of the ways a test names."""
+    rank_dir, slot = directory / "rank-0", _slot_of(directory, step)
     if damage == "data byte":
         _flip(rank_dir / f"slot-{slot}.data", 1234)
     elif damage == "skeleton byte":
@@ -411,7 +407,17 @@ def test_damaged_snapshot_is_excluded(tmp_path, caplog, damage):
         marker["tensors"][0]["nbytes"] = 10**12  # a huge claim must not be believed
         (rank_dir / f"slot-{slot}.json").write_text(json.dumps(marker))
     else:
+        assert damage == "marker missing", damage
         (rank_dir / f"slot-{slot}.json").unlink()
+
+
+@pytest.mark.parametrize("damage", ["data byte", "skeleton byte", "data cut short", "marker malformed", "marker missing"])
+def test_damaged_snapshot_is_excluded(tmp_path, caplog, damage):
+    tier = tier_at(tmp_path)
+    take(tier, 1)
+    take(tier, 2)
+    tier.close()
+    _damage(tmp_path, 2, damage)
     caplog.set_level(logging.DEBUG, logger="ftrain.checkpoint")
     assert tier_at(tmp_path).complete_steps() == [1]
     if damage != "marker missing":
@@ -438,13 +444,7 @@ def test_a_resume_sums_only_the_snapshot_it_uses(tmp_path, monkeypatch, damage):
     assert_same(restored.state, Filled(2).state)
     reader.close()
 
-    rank_dir, slot = tmp_path / "rank-0", _slot_of(tmp_path, 2)
-    if damage == "data byte":
-        _flip(rank_dir / f"slot-{slot}.data", 1234)
-    elif damage == "skeleton byte":
-        _flip(rank_dir / f"slot-{slot}.skel", 40)
-    else:
-        os.truncate(rank_dir / f"slot-{slot}.data", 100)
+    _damage(tmp_path, 2, damage)
     again = tier_at(tmp_path)
     # a skeleton or size problem is seen without summing the data; a data byte only by its sum
     assert again.complete_steps(verify_data=False) == ([1, 2] if damage == "data byte" else [1])
