@@ -79,21 +79,23 @@ def read_scalars(log_dir: str | Path, tags: Iterable[str] | None = None) -> dict
     return {tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in wanted}
 
 
-def read_step_walltimes(run_dir: str | Path) -> dict[int, float]:
-    """``{step: wall time}`` (seconds since the epoch) at which an ftrain run logged each step's time, i.e. when the
-    step ended; purged events left out, as in ``read_scalars``."""
-    accumulator = _accumulator(events_dir(run_dir))
+def read_run_events(run_dir: str | Path) -> tuple[dict[str, dict[int, float]], dict[int, float]]:
+    """An ftrain run's scalars (as ``read_run_scalars``) and ``{step: wall time}`` (seconds since the epoch) at
+    which it logged each step's time, i.e. when the step ended, from one read of its events; purged events left
+    out. ``NotARunError`` if the events are not an ftrain run's."""
+    directory = events_dir(run_dir)
+    accumulator = _accumulator(directory)
     if RUN_MARKER_TAG not in accumulator.Tags()["scalars"]:
-        raise NotARunError(f"{run_dir}: TensorBoard events without {RUN_MARKER_TAG}; not an ftrain run")
-    return {event.step: event.wall_time for event in accumulator.Scalars(RUN_MARKER_TAG)}
+        raise NotARunError(f"{directory}: TensorBoard events without {RUN_MARKER_TAG}; not an ftrain run")
+    scalars = {
+        tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]
+    }
+    return scalars, {event.step: event.wall_time for event in accumulator.Scalars(RUN_MARKER_TAG)}
 
 
 def read_run_scalars(run_dir: str | Path, tags: Iterable[str] | None = None) -> dict[str, dict[int, float]]:
     """The scalars of an ftrain run directory; ``NotARunError`` if its events are not an ftrain run's."""
-    directory = events_dir(run_dir)
-    scalars = read_scalars(directory)
-    if RUN_MARKER_TAG not in scalars:
-        raise NotARunError(f"{directory}: TensorBoard events without {RUN_MARKER_TAG}; not an ftrain run")
+    scalars, _ = read_run_events(run_dir)
     if tags is None:
         return scalars
     return {tag: scalars[tag] for tag in tags if tag in scalars}

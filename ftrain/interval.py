@@ -117,9 +117,8 @@ class LocalSchedule:
     def propose(self) -> int:
         if not self._costs or len(self._steps) < 3:
             return self.interval
-        step_s = statistics.median(self._steps)
-        cost = statistics.median(self._costs)
-        if step_s <= 0:
+        step_s, cost = statistics.median(self._steps), self.cost_s
+        if step_s <= 0 or cost is None:
             return self.interval
         return max(1, min(self.MAX_AUTO_INTERVAL, math.ceil(cost / (self.budget * step_s))))
 

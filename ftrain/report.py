@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrain import tags
-from ftrain.events import NotARunError, events_dir, read_run_scalars, read_step_walltimes
+from ftrain.events import NotARunError, events_dir, read_run_events
 
 PROG = "ftrain-report"
 EXIT_OK = 0
@@ -124,7 +124,7 @@ def per_checkpoint(scalars: dict[str, dict[int, float]]) -> list[dict[str, Any]]
 
 def goodput(scalars: dict[str, dict[int, float]], step_walls: dict[int, float] | None) -> dict[str, Any]:
     """The failures the run recovered from, what each cost, and the ETTR so far (``GOODPUT_DEFINITION``);
-    ``step_walls``: ``{step: wall time}`` of the logged steps (``ftrain.events.read_step_walltimes``)."""
+    ``step_walls``: ``{step: wall time}`` of the logged steps (``ftrain.events.read_run_events``)."""
     step_times = scalars.get(STEP_TIME, {})
     records = {name: scalars.get(tag, {}) for name, tag in RECOVERY.items()}
     at = sorted(records["time_lost_s"])
@@ -389,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.run_dir:
         return fail("RUN_DIR is empty", EXIT_USAGE)
     try:
-        scalars = read_run_scalars(args.run_dir)
-        step_walls = read_step_walltimes(args.run_dir)
+        scalars, step_walls = read_run_events(args.run_dir)
         run_dir = run_root(args.run_dir)
     except (FileNotFoundError, NotADirectoryError, NotARunError) as exc:
         return fail(str(exc), EXIT_USAGE)
