@@ -393,9 +393,8 @@ class Checkpointer:
 
     def _release_group(self) -> None:
         """Destroy the checkpoint process group this Checkpointer made (never one it was given), once nothing uses
-        it: its gloo threads stop now, while the interpreter is whole. Left to interpreter exit, gloo worker threads
-        that still hold a collective's tensors can abort a finished process (SIGABRT; pytorch/pytorch#179291 has
-        the mechanism): a torchrun'd recipes/custom_loop.py did, rarely (once in CI), after its last step."""
+        it: its gloo threads stop now, while the interpreter is whole, rather than at interpreter exit (where gloo
+        threads still holding a collective's tensors can abort a finished process; pytorch/pytorch#179291)."""
         if not self._own_group:
             return
         self._own_group = False
