@@ -73,13 +73,18 @@ def read_scalars(log_dir: str | Path, tags: Iterable[str] | None = None) -> dict
 
     Purged events are left out, as in TensorBoard. Nothing is subsampled.
     """
-    accumulator = _accumulator(log_dir)
+    return _scalars(_accumulator(log_dir), tags)
+
+
+def _scalars(accumulator: Any, tags: Iterable[str] | None) -> dict[str, dict[int, float]]:
     available = accumulator.Tags()["scalars"]
     wanted = available if tags is None else [tag for tag in tags if tag in available]
     return {tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in wanted}
 
 
-def read_run_events(run_dir: str | Path) -> tuple[dict[str, dict[int, float]], dict[int, float]]:
+def read_run_events(
+    run_dir: str | Path, tags: Iterable[str] | None = None
+) -> tuple[dict[str, dict[int, float]], dict[int, float]]:
     """An ftrain run's scalars (as ``read_run_scalars``) and ``{step: wall time}`` (seconds since the epoch) at
     which it logged each step's time, i.e. when the step ended, from one read of its events; purged events left
     out. ``NotARunError`` if the events are not an ftrain run's."""
@@ -87,15 +92,10 @@ def read_run_events(run_dir: str | Path) -> tuple[dict[str, dict[int, float]], d
     accumulator = _accumulator(directory)
     if RUN_MARKER_TAG not in accumulator.Tags()["scalars"]:
         raise NotARunError(f"{directory}: TensorBoard events without {RUN_MARKER_TAG}; not an ftrain run")
-    scalars = {
-        tag: {event.step: event.value for event in accumulator.Scalars(tag)} for tag in accumulator.Tags()["scalars"]
-    }
-    return scalars, {event.step: event.wall_time for event in accumulator.Scalars(RUN_MARKER_TAG)}
+    walls = {event.step: event.wall_time for event in accumulator.Scalars(RUN_MARKER_TAG)}
+    return _scalars(accumulator, tags), walls
 
 
 def read_run_scalars(run_dir: str | Path, tags: Iterable[str] | None = None) -> dict[str, dict[int, float]]:
     """The scalars of an ftrain run directory; ``NotARunError`` if its events are not an ftrain run's."""
-    scalars, _ = read_run_events(run_dir)
-    if tags is None:
-        return scalars
-    return {tag: scalars[tag] for tag in tags if tag in scalars}
+    return read_run_events(run_dir, tags)[0]
