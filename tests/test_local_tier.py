@@ -363,6 +363,45 @@ def test_skeleton_is_a_bare_pickle_unless_it_holds_a_tensor(tmp_path):
     assert torch.equal(one.state["w"], torch.full((1000,), 1.0))
 
 
+def test_tensor_paths_go_in_the_marker_when_json_keeps_them_else_in_the_skeleton(tmp_path):
+    """Paths of str/int/bool keys are listed once in the marker's table; a key JSON would change (a tuple) keeps
+    every path in the skeleton. A format-2 snapshot (paths always in the skeleton) is still read."""
+    import pickle
+
+    tier = tier_at(tmp_path)
+    tier.snapshot(1, {"t": Stateless({"w": torch.ones(3), 7: [torch.zeros(2), True], False: torch.full((1,), 5.0)})})
+    tier._finish()
+    tier.snapshot(2, {"t": Stateless({("a", 1): torch.ones(2), "n": 3})})
+    tier.close()
+    markers = {m["step"]: m for m in (json.loads(p.read_text()) for p in (tmp_path / "rank-0").glob("*.json"))}
+    assert [r["path"] for r in markers[1]["tensors"]] == [["t", "w"], ["t", 7, 0], ["t", False]]
+    assert all("path" not in r for r in markers[2]["tensors"])
+    restored = Stateless({})
+    tier_at(tmp_path).restore(2, {"t": restored})
+    assert torch.equal(restored.state[("a", 1)], torch.ones(2)) and restored.state["n"] == 3
+    tier_at(tmp_path).restore(1, {"t": restored})  # (drops step 2)
+    assert list(restored.state) == ["w", 7, False] and restored.state[7][1] is True
+    assert torch.equal(restored.state[7][0], torch.zeros(2)) and torch.equal(restored.state[False], torch.full((1,), 5.0))
+
+    # format 2: the paths in the skeleton, none in the marker
+    tier = tier_at(tmp_path)
+    take(tier, 3)
+    tier.close()
+    slot = _slot_of(tmp_path, 3)
+    marker_path, skel_path = (tmp_path / "rank-0" / f"slot-{slot}.{ext}" for ext in ("json", "skel"))
+    marker = json.loads(marker_path.read_text())
+    skeleton = pickle.loads(skel_path.read_bytes())
+    skeleton["paths"] = [tuple(r.pop("path")) for r in marker["tensors"]]
+    blob = pickle.dumps(skeleton, protocol=2)
+    skel_path.write_bytes(blob)
+    marker["format"] = 2
+    marker["skeleton"].update(size=len(blob), checksum=local_tier._sum(blob, marker["checksum"]["algorithm"]))
+    marker_path.write_text(json.dumps(marker))
+    three = Filled(0)
+    tier_at(tmp_path).restore(3, {"t": three})
+    assert torch.equal(three.state["w"], torch.full((1000,), 3.0))
+
+
 class _Boom:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

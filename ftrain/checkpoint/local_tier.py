@@ -24,7 +24,9 @@ created with mode 0700):
     slot-0.skel  slot-1.skel   the rest of the state (ints, floats, strings, bytes blobs, the tree's shape):
                                a bare pickle read back by torch's weights_only unpickler (never runs code)
     slot-0.json  slot-1.json   the marker, written last (tmp + os.replace): step, signature, world_size, rank,
-                               state names, each tensor's key/dtype/shape/offset, checksums of data and skeleton
+                               state names, each tensor's key/dtype/shape/offset and path in the state tree
+                               (in the skeleton instead if a key is not a str, int or bool), checksums of data
+                               and skeleton
 
 Two slots alternate: the marker of the slot about to be written is removed before its first byte changes, so
 the other slot's snapshot stays complete while the new one is in flight. A snapshot counts only when its marker
@@ -97,7 +99,10 @@ from ftrain.state import from_blob, to_blob
 
 logger = logging.getLogger("ftrain.checkpoint")
 
-FORMAT = 2  # 2: the skeleton's encoding is in the marker (a snapshot of format 1 is not used: the run redoes a few steps)
+# 2: the skeleton's encoding is in the marker; 3: the tensors' paths may be in the marker instead of the skeleton.
+# Format 2 is still read; a snapshot of format 1 is not used (the run redoes a few steps).
+FORMAT = 3
+FORMATS_READ = (2, 3)
 SKELETON_PICKLE, SKELETON_TORCH = "pickle", "torch"
 SKELETON_ENCODINGS = (SKELETON_PICKLE, SKELETON_TORCH)
 SLOTS = (0, 1)
@@ -105,6 +110,7 @@ ALIGN = 64
 CHUNK = 64 << 20  # bytes per checksum
 _IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 _IMMUTABLE_TYPES = frozenset(_IMMUTABLE)  # for the exact-type test on the hot path
+_JSON_EXACT = frozenset((str, int, bool, type(None)))  # what a JSON round trip gives back as it was
 
 
 def _crc32(buffer: memoryview) -> str:
@@ -259,6 +265,40 @@ class _Entry:
         }
 
 
+class _Plan:
+    """Where each tensor of a snapshot goes in a slot file. It stays the same from step to step while the state
+    keeps its layout (same paths, dtypes, shapes, devices), so the marker's table of tensors is encoded once."""
+
+    def __init__(self, key: list[tuple[Any, ...]]) -> None:
+        self.key = key  # (path, dtype, shape, dtensor, device) per tensor
+        self.entries: list[_Entry] = []
+        offset = 0
+        for path, dtype, shape, is_d, device in key:
+            nbytes = _numel(shape) * dtype.itemsize
+            self.entries.append(_Entry(path, dtype, tuple(shape), is_d, str(device), offset, nbytes))
+            offset += -(-nbytes // ALIGN) * ALIGN
+        self.size = offset
+        # JSON keeps str, int, bool and None apart, so paths made of those go into the marker's table (encoded
+        # once per layout) instead of into the skeleton (pickled at every snapshot).
+        self.paths_in_marker = all(type(part) in _JSON_EXACT for entry in self.entries for part in entry.path)
+        records = [entry.record() for entry in self.entries]
+        if self.paths_in_marker:
+            for record, entry in zip(records, self.entries):
+                record["path"] = list(entry.path)
+        self.records_json = json.dumps(records)
+
+    def matches(self, tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]]) -> bool:
+        """Whether ``tensors`` have this plan's layout (compared in place: no key is built at every step)."""
+        if len(tensors) != len(self.key):
+            return False
+        for (path, tensor, is_d), (k_path, dtype, shape, k_is_d, device) in zip(tensors, self.key):
+            if tensor.dtype is not dtype or tensor.shape != shape or path != k_path or is_d is not k_is_d:
+                return False
+            if tensor.device != device:
+                return False
+        return True
+
+
 class _Taking:
     """A snapshot being taken: its live tensors and, once copied, the slot and the views that hold the copies."""
 
@@ -323,6 +363,7 @@ class LocalSnapshots:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"the local snapshot signature must be JSON-serializable: {exc}") from None
         self.root = Path(directory) / f"rank-{rank}"
+        self._files = {slot: _SlotFiles(self.root, slot) for slot in SLOTS}
         self.rank = rank
         self.world_size = world_size
         self.max_bytes = max_bytes
@@ -334,9 +375,8 @@ class LocalSnapshots:
         self._job: Future[None] | None = None
         self._copied: threading.Event | None = None
         self._buffers: dict[int, torch.Tensor] = {}  # slot -> its data file, mapped
-        self._views: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # slot -> (plan key, a view per tensor)
-        self._plan: tuple[Any, list[_Entry], int] | None = None  # (key, entries, data size)
-        self._records: tuple[Any, str] | None = None  # (plan key, the marker's tensor table as JSON)
+        self._views: dict[int, tuple[_Plan, list[torch.Tensor]]] = {}  # slot -> (its plan, a view per tensor)
+        self._plan: _Plan | None = None
         self._held: dict[int, int] | None = None  # slot -> step of its complete snapshot, known to this process
         self._taking: _Taking | None = None  # the snapshot taken since the last wait(), which lend() can offer
         self._lent: tuple[_Taking, Callable[[], bool]] | None = None  # a snapshot a durable save reads, while in use
@@ -411,11 +451,12 @@ class LocalSnapshots:
         try:
             try:
                 slot = self._choose_slot(step)
-                key, entries, size = self._layout(tensors)
-                views = self._slot_views(slot, key, entries, size)
+                plan = self._layout(tensors)
+                views = self._slot_views(slot, plan)
                 self._copy(tensors, views, ready)
                 taking.slot, taking.views = slot, views
-                encoding, skeleton = _encode_skeleton({"tree": tree, "paths": [entry.path for entry in entries]})
+                paths = None if plan.paths_in_marker else [entry.path for entry in plan.entries]
+                encoding, skeleton = _encode_skeleton({"tree": tree, "paths": paths})
             finally:
                 taking.copied.set()  # the live tensors are no longer read
             marker = {
@@ -425,18 +466,19 @@ class LocalSnapshots:
                 "world_size": self.world_size,
                 "signature": self.signature,
                 "states": list(tree),
-                "data": {"file": _data_name(slot), "size": size},
+                "data": {"file": _data_name(slot), "size": plan.size},
                 "skeleton": {
                     "file": _skel_name(slot),
                     "encoding": encoding,
                     "size": len(skeleton),
                     "checksum": _sum(skeleton, ALGORITHM),
                 },
-                "checksum": {"algorithm": ALGORITHM, "chunk": CHUNK, "data": _chunk_sums(self._buffers[slot], size)},
+                "checksum": {"algorithm": ALGORITHM, "chunk": CHUNK, "data": _chunk_sums(self._buffers[slot], plan.size)},
             }
-            _overwrite(self.root / _skel_name(slot), skeleton)  # the slot has no marker: no tmp + rename needed
-            text = f'{json.dumps(marker)[:-1]}, "tensors": {self._records_json(key, entries)}}}'
-            _replace(self.root / _marker_name(slot), text.encode())
+            files = self._files[slot]
+            _overwrite(files.skeleton, skeleton)  # the slot has no marker: no tmp + rename needed
+            text = f'{json.dumps(marker)[:-1]}, "tensors": {plan.records_json}}}'
+            _replace(files.marker, text.encode(), files.marker_tmp)
             assert self._held is not None
             self._held[slot] = step
             self.background_cpu_s = time.thread_time() - started if ready is not None else 0.0
@@ -444,12 +486,6 @@ class LocalSnapshots:
             self._disable(str(exc))
         except Exception as exc:  # the tier is an optimization: it must never stop training
             self._disable(f"a local snapshot of step {step} failed: {type(exc).__name__}: {exc}")
-
-    def _records_json(self, key: Any, entries: list[_Entry]) -> str:
-        """The marker's table of tensors, encoded once per layout (it is the same at every step)."""
-        if self._records is None or self._records[0] is not key:
-            self._records = (key, json.dumps([entry.record() for entry in entries]))
-        return self._records[1]
 
     def _choose_slot(self, step: int) -> int:
         """The slot to write: never the one holding the newest older snapshot. Snapshots of this step or later
@@ -479,23 +515,21 @@ class LocalSnapshots:
         return None
 
     def _invalidate(self, slot: int) -> None:
-        (self.root / _marker_name(slot)).unlink(missing_ok=True)
+        try:
+            os.unlink(self._files[slot].marker)
+        except FileNotFoundError:
+            pass
         if self._held is not None:
             self._held.pop(slot, None)
         self._verified.pop(slot, None)
 
-    def _layout(self, tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]]) -> tuple[Any, list[_Entry], int]:
-        key = tuple((path, t.dtype, t.shape, is_d, t.device) for path, t, is_d in tensors)
-        if self._plan is not None and self._plan[0] == key:
+    def _layout(self, tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]]) -> _Plan:
+        if self._plan is not None and self._plan.matches(tensors):
             return self._plan
-        entries, offset = [], 0
-        for path, dtype, shape, is_d, device in key:
-            nbytes = _numel(shape) * dtype.itemsize
-            entries.append(_Entry(path, dtype, tuple(shape), is_d, str(device), offset, nbytes))
-            offset += -(-nbytes // ALIGN) * ALIGN
-        self._plan = (key, entries, offset)
-        self._reserve(offset)
-        return self._plan
+        plan = _Plan([(path, t.dtype, t.shape, is_d, t.device) for path, t, is_d in tensors])
+        self._reserve(plan.size)
+        self._plan = plan
+        return plan
 
     def _reserve(self, size: int) -> None:
         """Make both slot files ``size`` bytes (or more), with the room reserved, before any is mapped."""
@@ -521,17 +555,17 @@ class LocalSnapshots:
                 finally:
                     os.close(fd)
 
-    def _slot_views(self, slot: int, key: Any, entries: list[_Entry], size: int) -> list[torch.Tensor]:
+    def _slot_views(self, slot: int, plan: _Plan) -> list[torch.Tensor]:
         cached = self._views.get(slot)
-        if cached is not None and cached[0] is key:
+        if cached is not None and cached[0] is plan:
             return cached[1]
         buffer = self._buffers.get(slot)
         file_size = _file_size(self.root / _data_name(slot))
         if buffer is None or buffer.numel() != file_size:
             buffer = torch.from_file(str(self.root / _data_name(slot)), shared=True, size=file_size, dtype=torch.uint8)
             self._buffers[slot] = buffer
-        views = [_view(buffer, entry) for entry in entries]
-        self._views[slot] = (key, views)
+        views = [_view(buffer, entry) for entry in plan.entries]
+        self._views[slot] = (plan, views)
         return views
 
     def _copy(self, tensors: list[tuple[Any, torch.Tensor, bool]], views: list[torch.Tensor], ready: Any) -> None:
@@ -598,7 +632,8 @@ class LocalSnapshots:
 
     def _read(self, slot: int, marker: dict[str, Any], states: Mapping[str, Stateful]) -> dict[str, Any]:
         skeleton = _decode_skeleton(marker["skeleton"]["encoding"], (self.root / _skel_name(slot)).read_bytes())
-        paths = [tuple(path) for path in skeleton["paths"]]
+        listed = skeleton["paths"] if skeleton["paths"] is not None else [record["path"] for record in marker["tensors"]]
+        paths = [tuple(path) for path in listed]
         if len(paths) != len(marker["tensors"]):
             raise ValueError(f"local snapshot {self.root / _marker_name(slot)}: skeleton and marker disagree")
         live: dict[str, Any] = {}
@@ -717,23 +752,39 @@ def _plain(modules: list[tuple[str, torch.nn.Module]]) -> bool:
 
 
 def _split(value: Any, path: tuple[Any, ...], tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]]) -> Any:
-    """A copy of the tree with every strided tensor taken out (into ``tensors``, a None in its place)."""
+    """A copy of the tree with every strided tensor taken out (into ``tensors``, a None in its place).
+
+    This runs at every snapshot over every entry of the state: a container's plain values and DTensors are
+    handled in its own loop, without a call or a path per entry (half the time of recursing into each)."""
     kind = type(value)
-    if kind is torch.Tensor or kind is torch.nn.Parameter:  # the common case first: this runs on the hot path
-        if value.layout == torch.strided and not value.is_quantized and not value.is_meta:
-            tensors.append((path, value, False))
-            return None
-        return value.detach().clone()  # rare: kept whole in the skeleton
     if kind is dict or kind is OrderedDict:
         tree = kind()
         for key, item in value.items():
-            tree[key] = _split(item, (*path, key), tensors)
-        if hasattr(value, "_metadata"):  # nn.Module.state_dict()'s per-module versions
+            item_kind = type(item)
+            if item_kind in _IMMUTABLE_TYPES:
+                tree[key] = item
+            elif item_kind is DTensor:  # FSDP2's parameters and their optimizer state
+                tensors.append(((*path, key), item._local_tensor, True))
+                tree[key] = None
+            elif item_kind is torch.Tensor and _strided(item):  # e.g. an optimizer's step
+                tensors.append(((*path, key), item, False))
+                tree[key] = None
+            else:
+                tree[key] = _split(item, (*path, key), tensors)
+        if kind is OrderedDict and hasattr(value, "_metadata"):  # nn.Module.state_dict()'s per-module versions
             tree._metadata = value._metadata  # type: ignore[union-attr]
         return tree
-    if kind is DTensor:  # FSDP2's parameters and their optimizer state
-        tensors.append((path, value._local_tensor, True))
-        return None
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        if _strided(value):
+            tensors.append((path, value, False))
+            return None
+        return value.detach().clone()  # rare: kept whole in the skeleton
+    if kind is list or kind is tuple:
+        items = [
+            item if type(item) in _IMMUTABLE_TYPES else _split(item, (*path, index), tensors)
+            for index, item in enumerate(value)
+        ]
+        return items if kind is list else tuple(items)
     if kind in _IMMUTABLE_TYPES:
         return value
     if isinstance(value, DTensor):
@@ -741,14 +792,23 @@ def _split(value: Any, path: tuple[Any, ...], tensors: list[tuple[tuple[Any, ...
         return None
     if isinstance(value, torch.Tensor):
         return _split(value.as_subclass(torch.Tensor), path, tensors)
-    if isinstance(value, dict):
-        return _split(dict(value), path, tensors)
+    if isinstance(value, dict):  # a subclass: kept as the plain container it extends
+        ordered = isinstance(value, OrderedDict)
+        tree = _split(OrderedDict(value) if ordered else dict(value), path, tensors)
+        if ordered and hasattr(value, "_metadata"):
+            tree._metadata = value._metadata
+        return tree
     if isinstance(value, (list, tuple)):
         items = [_split(item, (*path, index), tensors) for index, item in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
     if isinstance(value, _IMMUTABLE):
         return value
     return copy.deepcopy(value)  # never alias what training may change before the snapshot is written
+
+
+def _strided(tensor: torch.Tensor) -> bool:
+    """Whether a tensor's elements can go into the slot as they are (else it stays whole in the skeleton)."""
+    return tensor.layout is torch.strided and not tensor.is_quantized and not tensor.is_meta
 
 
 def _join(tree: Any, path: tuple[Any, ...], values: dict[tuple[Any, ...], torch.Tensor]) -> Any:
@@ -840,7 +900,7 @@ def _file_sums(path: Path, size: int, algorithm: str) -> list[str]:
 
 def _marker_problem(marker: Any, slot: int) -> str:
     """Why a marker is malformed ('' when it is well formed)."""
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+    if not isinstance(marker, dict) or marker.get("format") not in FORMATS_READ:
         return f"unknown format {marker.get('format') if isinstance(marker, dict) else marker!r}"
     try:
         assert isinstance(marker["step"], int) and isinstance(marker["rank"], int)
@@ -854,6 +914,7 @@ def _marker_problem(marker: Any, slot: int) -> str:
             numel = _numel(record["shape"])
             assert numel >= 0 and record["nbytes"] == numel * _dtype(record["dtype"]).itemsize
             assert 0 <= record["offset"] and record["offset"] + record["nbytes"] <= size
+            assert isinstance(record.get("path", []), list)
     except (AssertionError, KeyError, TypeError, ValueError) as exc:
         return f"malformed marker ({type(exc).__name__}: {exc})"
     return ""
@@ -919,15 +980,14 @@ def _remove_if_empty(directory: Path) -> None:
         pass
 
 
-def _replace(path: Path, content: bytes) -> None:
-    """Write ``path`` atomically (tmp + rename). No fsync: on tmpfs there is no disk, and the tier does not
+def _replace(path: str, content: bytes, tmp: str) -> None:
+    """Write ``path`` atomically (``tmp`` + rename). No fsync: on tmpfs there is no disk, and the tier does not
     claim to survive the machine."""
-    tmp = path.with_name(path.name + ".tmp")
     _overwrite(tmp, content)
     os.replace(tmp, path)
 
 
-def _overwrite(path: Path, content: bytes) -> None:
+def _overwrite(path: str, content: bytes) -> None:
     """Write ``path`` in place: for a file only a marker written after it vouches for. os-level calls, as this
     runs at every snapshot (half the time of ``open()``'s buffered file object)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -962,6 +1022,16 @@ def _file_size(path: Path) -> int:
 
 def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
+
+
+class _SlotFiles:
+    """A slot's file names as strings, made once: ``Path`` arithmetic costs microseconds at every snapshot."""
+
+    def __init__(self, root: Path, slot: int) -> None:
+        self.data = str(root / _data_name(slot))
+        self.skeleton = str(root / _skel_name(slot))
+        self.marker = str(root / _marker_name(slot))
+        self.marker_tmp = self.marker + ".tmp"
 
 
 def _data_name(slot: int) -> str:
