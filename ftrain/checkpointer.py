@@ -41,7 +41,7 @@ from ftrain.checkpoint.local_tier import (
 )
 from ftrain.checkpoint.lock import LockedError, RunLock
 from ftrain.checkpoint.manager import CheckpointManager, SaveStats
-from ftrain.config import CheckpointConfig, Config, ConfigError, validate
+from ftrain.config import MODE_ASYNC_PROCESS, CheckpointConfig, Config, ConfigError, validate
 from ftrain.distributed import DistContext, max_over_ranks, sum_over_ranks
 from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
 from ftrain.interval import LocalSchedule, SaveSchedule
@@ -118,6 +118,11 @@ class Checkpointer:
             if name in _RESERVED_NAMES or not name or "." in name:
                 raise ValueError(f"extra state name {name!r} is reserved or not a plain name (no '.')")
         self.ctx = dist_context or DistContext.current(_model_device(model), self.options.timeout_s)
+        if self.options.mode == MODE_ASYNC_PROCESS and self.ctx.process_group is None:
+            raise ValueError(
+                "checkpoint.mode=async_process needs torch.distributed initialized (DCP's writer process joins the "
+                "job's process group): run under torchrun or call init_process_group first, or use mode='async'"
+            )
         self._own_group = dist_context is None and self.ctx.process_group is not None  # made here: close() ends it
         self.step = 0
         self.preempted: str | None = None  # the signal that stopped the run, once maybe_save returned True

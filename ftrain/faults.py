@@ -7,6 +7,8 @@ reaches ``point`` for checkpoint ``step``. Points:
     after_commit    the marker is written; retention has not yet run
     after_local_snapshot   the local snapshot of this step is handed to its background copy (the training
                     thread pauses; the copy and its marker finish)
+    while_writing   a rank's writer (thread or process) has this step's staged data and has written none of it;
+                    training goes on
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 import time
 
 logger = logging.getLogger("ftrain.faults")
+
+WHILE_WRITING = "while_writing"
 
 
 def pause_point(point: str, step: int) -> None:

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import ftrain
-from ftrain import tags
+from ftrain import faults, tags
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.reader import read_tensors
 from ftrain.checkpoint.local_tier import LocalSnapshots
 from ftrain.checkpoint.staging import BufferStager
-from ftrain.checkpoint.writer import CheckpointWriter
 
 from conftest import REPO, TORCHRUN, assert_same_tensors, kill_job, scalars
 
@@ -82,6 +82,10 @@ def test_options_are_checked_like_the_config(tmp_path):
         ftrain.Checkpointer(tmp_path, model=model, optimizer=torch.optim.AdamW(model.parameters()), mode="sometimes")
     with pytest.raises(TypeError, match="intervall"):
         ftrain.Checkpointer(tmp_path, model=model, optimizer=torch.optim.AdamW(model.parameters()), intervall=5)
+    # DCP's writer process joins the job's process group: without one it would fail deep inside DCP
+    with pytest.raises(ValueError, match="^checkpoint.mode=async_process needs torch.distributed initialized") as info:
+        ftrain.Checkpointer(tmp_path, model=model, optimizer=torch.optim.AdamW(model.parameters()), mode="async_process")
+    assert "\n" not in str(info.value)
     assert not tmp_path.joinpath("LOCK").exists() and not tmp_path.joinpath("checkpoints").exists()
 
 
@@ -130,23 +134,30 @@ def test_no_staging_call_needed_the_next_step_never_tears_the_saved_state(tmp_pa
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["as shipped", "lent slot not kept (control)"])
-def test_a_save_writes_from_the_local_snapshot_whose_slot_is_kept_until_it_is_written(tmp_path, monkeypatch, kept):
-    """With the local tier on, a durable save stages nothing: it writes the snapshot of its step. The writer is
-    slowed to 1 s while the loop goes on snapshotting at every step; the saved state must still be the state at
-    the save. The control lets later snapshots reuse the lent slot and must see a torn state."""
-    original = CheckpointWriter.write_data
-
-    def slow_write(self, *args, **kwargs):
-        time.sleep(1.0)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(CheckpointWriter, "write_data", slow_write)
+@pytest.mark.parametrize("mode", ["async", "async_process"])
+def test_a_save_writes_from_the_local_snapshot_whose_slot_is_kept_until_it_is_written(tmp_path, monkeypatch, kept, mode):
+    """With the local tier on, a durable save stages nothing: it writes the snapshot of its step (the writer
+    process of async_process maps the same pages). The writer waits 1 s before writing while the loop goes on
+    snapshotting at every step; the saved state must still be the state at the save. The control lets later
+    snapshots reuse the lent slot and must see a torn state."""
+    monkeypatch.setenv("FTRAIN_FAULT", f"{faults.WHILE_WRITING}@5")  # the writer thread or process pauses there
+    monkeypatch.setenv("FTRAIN_FAULT_SECONDS", "1")
     if not kept:
         monkeypatch.setattr(LocalSnapshots, "_lent_slot", lambda self: None)
+    if mode == "async_process":  # DCP's writer process joins the job's process group: a one-rank one here
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        _write_from_the_snapshot_while_training_goes_on(tmp_path, mode, kept)
+    finally:
+        if mode == "async_process":
+            dist.destroy_process_group()
+
+
+def _write_from_the_snapshot_while_training_goes_on(tmp_path: Path, mode: str, kept: bool) -> None:
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     ckpt = ftrain.Checkpointer(
-        tmp_path / "run", model=model, optimizer=optimizer, mode="async", interval=5, local_interval=1,
+        tmp_path / "run", model=model, optimizer=optimizer, mode=mode, interval=5, local_interval=1,
         local_dir=str(tmp_path / "local"),
     )
     try:

@@ -562,7 +562,7 @@ class LocalSnapshots:
         buffer = self._buffers.get(slot)
         file_size = _file_size(self.root / _data_name(slot))
         if buffer is None or buffer.numel() != file_size:
-            buffer = torch.from_file(str(self.root / _data_name(slot)), shared=True, size=file_size, dtype=torch.uint8)
+            buffer = _map(self._files[slot].data, file_size)
             self._buffers[slot] = buffer
         views = [_view(buffer, entry) for entry in plan.entries]
         self._views[slot] = (plan, views)
@@ -848,6 +848,19 @@ def _as_dtensor(local: torch.Tensor, live: Any, path: tuple[Any, ...]) -> DTenso
         shape=live.shape,
         stride=live.stride(),
     )
+
+
+def _map(path: str, size: int) -> torch.Tensor:
+    """The file's bytes as a tensor written through a shared mapping that keeps its file descriptor: torch's
+    multiprocessing then hands views of it to another process by descriptor (``async_process``'s writer maps the
+    same pages, no copy). ``torch.from_file`` closes its descriptor, and torch would copy such a tensor into new
+    shared memory instead (replacing this mapping in place)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        storage = torch.UntypedStorage._new_shared_fd_cpu(fd, size)  # maps a dup of fd, kept open with the map
+    finally:
+        os.close(fd)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)
 
 
 def _view(buffer: torch.Tensor, entry: _Entry) -> torch.Tensor:

@@ -175,9 +175,10 @@ class CheckpointManager:
 
     @property
     def takes_prestaged(self) -> bool:
-        """Whether ``save`` can write from copies made elsewhere (``async``: the writer thread reads them in this
-        process; the writer process of ``async_process`` needs its own shared buffers)."""
-        return self.mode == MODE_ASYNC
+        """Whether ``save`` can write from copies made elsewhere: the writer thread of ``async`` reads them in
+        this process; the writer process of ``async_process`` maps the same pages (the local tier's slots are
+        shared file mappings it receives by descriptor)."""
+        return self.mode in (MODE_ASYNC, MODE_ASYNC_PROCESS)
 
     def in_flight(self, step: int) -> bool:
         """True while the save of ``step`` has not finished (its data may still be read)."""

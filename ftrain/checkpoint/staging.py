@@ -46,6 +46,27 @@ class Prestaged(Protocol):
         ...
 
 
+def _rebuild_dtensor(local: torch.Tensor, spec: Any, requires_grad: bool) -> DTensor:
+    return DTensor(local, spec, requires_grad=requires_grad)
+
+
+def _reduce_dtensor(tensor: DTensor) -> tuple[Any, tuple[Any, ...]]:
+    return _rebuild_dtensor, (tensor._local_tensor, tensor._spec, tensor.requires_grad)
+
+
+def send_dtensors_by_local_tensor() -> None:
+    """Make multiprocessing send a DTensor as its local tensor (shared memory, by descriptor) and its spec.
+
+    torch's own pickling of a DTensor breaks when the local tensor is a view at a nonzero offset (the local tier's
+    slot views, handed to ``async_process``'s writer): since pytorch/pytorch#167597 the wrapper carries that
+    offset, so ``Tensor._reduce_ex_internal`` no longer sees a storage-less wrapper (``data_ptr() == 0``) and
+    pickles the wrapper's null storage: "invalid python storage", or a segfault. The receiver builds the same
+    DTensor. Registered for the whole process (multiprocessing has one reducer table); idempotent."""
+    from multiprocessing.reduction import ForkingPickler
+
+    ForkingPickler.register(DTensor, _reduce_dtensor)
+
+
 class BufferStager(AsyncStager):
     """An ``AsyncStager`` for ``dcp.async_save`` that copies into reused host buffers in a background thread."""
 
@@ -54,6 +75,8 @@ class BufferStager(AsyncStager):
     def __init__(self, *, pin_memory: bool = False, share_memory: bool = False) -> None:
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.share_memory = share_memory
+        if share_memory:
+            send_dtensors_by_local_tensor()
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self._used: set[tuple[Any, ...]] = set()  # the keys the current stage has copied
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftrain-stage")

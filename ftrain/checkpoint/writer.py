@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from ftrain import faults
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.integrity import CHECKSUMS, file_sum
 from ftrain.checkpoint.sums import Summer
@@ -112,6 +113,9 @@ class CheckpointWriter(FileSystemWriter):
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        step = layout.parse_step(Path(self.path))
+        if step is not None:
+            faults.pause_point(faults.WHILE_WRITING, step)
         checked = _FiniteChecking(planner)
         results = super().write_data(plan, checked).wait()
         files = sorted({result.storage_data.relative_path for result in results})
