@@ -89,6 +89,20 @@ class _PendingSave:
 _PLAN_CACHE_KEYS = itertools.count()
 
 
+def _stop_writer_process() -> None:
+    """Stop DCP's writer process (``async_process``) the way DCP itself would at garbage collection: DCP keeps it
+    in a module global for the life of the interpreter, so a trainer that leaves with ``os._exit`` (as ftrain's
+    do) left it to find a closed pipe and print an ``EOFError`` traceback at the end of every run. The next
+    ``async_process`` save in this process starts a new one."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
+    if process is None:
+        return
+    executor._CHECKPOINT_PROCESS = None
+    process.__del__()  # sends TERMINATE and joins (SIGTERM after 5 s); a second call at collection does nothing
+
+
 class CachedPlanSavePlanner(DefaultSavePlanner):
     """DCP's default planner with plan caching: when no rank's local plan changed since the previous save
     (the usual case: same model, same optimizer), the ranks skip exchanging and re-validating plans.
@@ -468,4 +482,6 @@ class CheckpointManager:
         if self._stager is not None:
             self._stager.close()
             self._stager = None
+        if self.mode == MODE_ASYNC_PROCESS:
+            _stop_writer_process()
         return stats
