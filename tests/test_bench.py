@@ -259,3 +259,15 @@ def test_goodput_target_rows_say_when_missed_or_not_measured(monkeypatch: pytest
     assert identical["met"] is False and "uninterrupted, on vs off" in identical["note"]
     assert rows[("auto_overhead_vs_budget", "interval=auto")]["met"] is True
     assert rows[("health_cost_vs_noise", "health check")]["met"] is True
+
+
+def test_local_tier_benchmark_runs_and_reports_every_phase(tmp_path):
+    """tools/bench_local_tier.py reads the tier's internals (its plan's size): it must keep up with them."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "bench_local_tier.py"), "--repeats", "3", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    for phase in ("snapshot() returns after", "complete_steps() (sums both)", "resume's check", "restore()"):
+        assert proc.stdout.count(phase) == 2, (phase, proc.stdout)
+    assert list(tmp_path.iterdir()) == [], "the benchmark left snapshot files behind"

@@ -83,7 +83,7 @@ def main() -> None:
                     call.append(returned - started)
                     copy.append(copied - started)
                     whole.append(done - started)
-            size = tier._plan[2] if tier._plan else 0
+            size = tier._plan.size if tier._plan else 0
             print(f"\n{name}: {size / 1e6:.1f} MB per snapshot")
             print(f"  snapshot() returns after        {median_us(call)}")
             print(f"  copy done (wait() returns) after {median_us(copy)}")

@@ -60,10 +60,12 @@ next optimizer step anyway). Device state is copied device-to-host on a side str
 ``wait`` waits for that copy only. The skeleton is a bare pickle (``_encode_skeleton``), read back by torch's
 weights_only unpickler. Measured here by ``tools/bench_local_tier.py`` (recipe model 0.48M parameters + AdamW +
 TrainProgress = 5.8 MB in 118 tensors, one rank, medians of 50): ``snapshot()`` with the ``Local*State`` adapters
-0.7 ms (state dicts and walk 0.16 ms, copy 0.2 ms, skeleton 0.02 ms, sums 0.06 ms, files 0.06 ms); with
-``ftrain.state``'s states 2.9 ms, whose ``get_model_state_dict``/``get_optimizer_state_dict`` take 0.7 ms each
+0.57 ms; with ``ftrain.state``'s states 2.6 ms, whose ``get_model_state_dict``/``get_optimizer_state_dict`` take 0.7 ms each
 (vs 0.04/0.01 ms for the modules' own) and ``TrainProgress`` 0.18 ms for its torch.save blobs. The ``Local*State``
-adapters restore the same objects (same model, same rank), so they suffice here. With 256 MB more state the copy
+adapters restore the same objects (same model, same rank), so they suffice here. Inside the running recipe (2
+ranks on 2 cores, the step's data evicting everything between snapshots) the same call takes 1.3 ms per rank
+(2.9 MB): copy 0.30, state dicts 0.34, walk ~0.15, layout check 0.06, slot choice 0.06 (the marker's unlink),
+skeleton 0.09, sums 0.09, files 0.08. With 256 MB more state the copy
 takes 20-55 ms (5-14 GB/s) and the sums 0.01-0.02 s with xxh3 (0.1-0.2 s with CRC-32). With 512 MB more:
 ``complete_steps()`` (sums both slots) 0.16 s, a resume's ``complete_steps(verify_data=False)`` + ``verify(step)``
 0.06 s; ``restore`` 0.2-0.4 s (mostly the first touch of the fresh tensors).
