@@ -39,3 +39,39 @@ def test_pinned_staging_waits_for_queued_work_and_reuses_buffers():
         assert second.data_ptr() == first.data_ptr() and bool((second == 4.0).all())
     finally:
         stager.close()
+
+
+def test_local_snapshot_of_device_state_is_pinned_waits_for_queued_work_and_restores(tmp_path):
+    """The tier copies device state on a side stream of the state's own device into page-locked slots, after
+    the work the training stream had queued (a fill behind a long GPU spin), and restores it bit for bit."""
+    from ftrain.checkpoint.local_tier import LocalSnapshots
+
+    class State:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def state_dict(self):
+            return {"w": self.tensor}
+
+        def load_state_dict(self, state):
+            self.tensor = state["w"]
+
+    device = torch.device("cuda", torch.cuda.device_count() - 1)  # not necessarily the first GPU
+    with torch.cuda.device(device):
+        weight = torch.zeros(16 << 20, device=device)
+        tier = LocalSnapshots(tmp_path, 0, 1, {"run": "gpu"})
+        try:
+            torch.cuda._sleep(200_000_000)
+            weight.fill_(3.0)
+            tier.snapshot(1, {"t": State(weight)})
+            tier.wait()
+            tier._finish()
+            assert tier.disabled is None, tier.disabled
+            buffers = list(tier._buffers.values())
+            assert buffers and all(buffer.is_pinned() for buffer in buffers)
+            assert tier._stream.device == device
+            restored = State(None)
+            tier.restore(1, {"t": restored})
+            assert restored.tensor.device == device and bool((restored.tensor == 3.0).all())
+        finally:
+            tier.close()

@@ -85,6 +85,7 @@ import shutil
 import stat
 import threading
 import time
+import weakref
 import zlib
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -413,8 +414,13 @@ class LocalSnapshots:
             # training for the cores and the GIL, and training waits for it before the next optimizer step anyway.
             self._take(step, tree, tensors, None, self._taking)
             return
+        device = next(tensor.device for _, tensor, _ in tensors if tensor.is_cuda)
+        if self._stream is None:
+            # made here, on the state's device: a new thread's current device is 0, and a stream made there would
+            # put every rank's copies (and a CUDA context) on the node's first GPU
+            self._stream = torch.cuda.Stream(device=device)
         ready = torch.cuda.Event()  # device state: copied device-to-host on a side stream, in the background
-        ready.record()
+        ready.record(torch.cuda.current_stream(device))
         self._job = self._executor.submit(self._take, step, tree, tensors, ready, self._taking)
 
     def wait(self) -> None:
@@ -454,7 +460,7 @@ class LocalSnapshots:
             try:
                 slot = self._choose_slot(step)
                 plan = self._layout(tensors)
-                views = self._slot_views(slot, plan)
+                views = self._slot_views(slot, plan, pin=ready is not None)
                 self._copy(tensors, views, ready)
                 taking.slot, taking.views = slot, views
                 paths = None if plan.paths_in_marker else [entry.path for entry in plan.entries]
@@ -557,7 +563,7 @@ class LocalSnapshots:
                 finally:
                     os.close(fd)
 
-    def _slot_views(self, slot: int, plan: _Plan) -> list[torch.Tensor]:
+    def _slot_views(self, slot: int, plan: _Plan, pin: bool = False) -> list[torch.Tensor]:
         cached = self._views.get(slot)
         if cached is not None and cached[0] is plan:
             return cached[1]
@@ -565,6 +571,8 @@ class LocalSnapshots:
         file_size = _file_size(self.root / _data_name(slot))
         if buffer is None or buffer.numel() != file_size:
             buffer = _map(self._files[slot].data, file_size)
+            if pin:
+                _page_lock(buffer, self._files[slot].data)
             self._buffers[slot] = buffer
         views = [_view(buffer, entry) for entry in plan.entries]
         self._views[slot] = (plan, views)
@@ -576,12 +584,11 @@ class LocalSnapshots:
                 # one call for all tensors: 0.08 ms instead of 0.13 ms for the recipe's 118 (per-call overhead)
                 torch._foreach_copy_(views, [tensor for _, tensor, _ in tensors])
                 return
-            if self._stream is None:
-                self._stream = torch.cuda.Stream()
+            assert self._stream is not None
             with torch.cuda.device(self._stream.device), torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)  # every update the training stream had queued at snapshot()
                 for (_, tensor, _), view in zip(tensors, views):
-                    view.copy_(tensor)
+                    view.copy_(tensor, non_blocking=True)  # asynchronous into the pinned slot (else synchronous)
                 self._stream.synchronize()
 
     # ------------------------------------------------------------------------------------------------ reading
@@ -863,6 +870,22 @@ def _map(path: str, size: int) -> torch.Tensor:
     finally:
         os.close(fd)
     return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+
+def _page_lock(buffer: torch.Tensor, name: str) -> None:
+    """Page-lock a slot's mapping for the device-to-host copies (``cudaHostRegister``, as DCP's stager and ours pin
+    shared buffers): asynchronous copies at full speed on the side stream, instead of synchronous ones through a
+    pageable bounce buffer. Unlocked when the mapping's tensor goes. If it cannot be locked, the copies still work."""
+    if not buffer.nbytes:
+        return
+    from torch.cuda import _pin_memory_utils
+
+    try:
+        _pin_memory_utils.pin_memory(buffer.data_ptr(), buffer.nbytes)
+    except RuntimeError as exc:
+        logger.warning("local snapshots: cannot page-lock %s (%s); device copies go through pageable memory", name, exc)
+        return
+    weakref.finalize(buffer, _pin_memory_utils.unpin_memory, buffer.data_ptr())
 
 
 def _view(buffer: torch.Tensor, entry: _Entry) -> torch.Tensor:
