@@ -132,3 +132,49 @@ def test_auto_write_threads_share_the_cores_among_local_ranks(monkeypatch):
     assert writer.auto_write_threads() == 1  # training fills every core: one writer per rank
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert writer.auto_write_threads() == max(1, min(writer.MAX_AUTO_WRITE_THREADS, cores))
+
+
+_SEND_DTENSOR = r"""
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor, DeviceMesh, Shard
+from ftrain.checkpoint.staging import send_dtensors_by_local_tensor
+
+def child(queue, answers):
+    tensor = queue.get()
+    answers.put((type(tensor).__name__, tensor.to_local().tolist(), str(tensor.placements), tensor.shape))
+    tensor.to_local()[0] = 42.0  # the same pages: the sender sees it
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if sys.argv[1] == "registered":
+        send_dtensors_by_local_tensor()
+    base = torch.zeros(64).share_memory_()
+    local = base[16:20]  # a view at an offset, like the local tier's slot views
+    local.copy_(torch.arange(4.0))
+    tensor = DTensor.from_local(local, DeviceMesh("cpu", [0]), [Shard(0)], run_check=False)
+    from multiprocessing.reduction import ForkingPickler
+    ForkingPickler.dumps(tensor)  # what a queue does before sending (without the reducer: an error or a segfault)
+    context = mp.get_context("spawn")
+    queue, answers = context.Queue(), context.Queue()
+    process = context.Process(target=child, args=(queue, answers))
+    process.start()
+    queue.put(tensor)
+    print(answers.get(timeout=60), flush=True)
+    process.join()
+    print("sender sees", base[16].item(), flush=True)
+    os._exit(0)
+"""
+
+
+def test_a_dtensor_over_an_offset_view_goes_to_another_process_by_its_local_tensor(tmp_path):
+    """async_process hands the writer process DTensors whose local tensors are views into the local tier's slot
+    at an offset; torch's own pickling of such a DTensor fails (or segfaults). With ftrain's reducer the other
+    process gets the same DTensor over the same shared pages. The control, without it, must fail."""
+    script = tmp_path / "send_dtensor.py"
+    script.write_text(_SEND_DTENSOR)
+    done = subprocess.run([sys.executable, str(script), "registered"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "('DTensor', [0.0, 1.0, 2.0, 3.0], '(Shard(dim=0),)', torch.Size([4]))" in done.stdout, done.stdout
+    assert "sender sees 42.0" in done.stdout
+    control = subprocess.run([sys.executable, str(script), "torch's own"], capture_output=True, text=True, timeout=120)
+    assert control.returncode != 0, "torch pickles such a DTensor itself now: the reducer may no longer be needed"

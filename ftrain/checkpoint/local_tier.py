@@ -764,7 +764,8 @@ def _split(value: Any, path: tuple[Any, ...], tensors: list[tuple[tuple[Any, ...
     """A copy of the tree with every strided tensor taken out (into ``tensors``, a None in its place).
 
     This runs at every snapshot over every entry of the state: a container's plain values and DTensors are
-    handled in its own loop, without a call or a path per entry (half the time of recursing into each)."""
+    handled in its own loop, without a call or a path per entry (the recipe's optimizer state: 37 instead of
+    46 us, isolated)."""
     kind = type(value)
     if kind is dict or kind is OrderedDict:
         tree = kind()
