@@ -572,7 +572,9 @@ class LocalSnapshots:
         if buffer is None or buffer.numel() != file_size:
             buffer = _map(self._files[slot].data, file_size)
             if pin:
-                _page_lock(buffer, self._files[slot].data)
+                assert self._stream is not None
+                with torch.cuda.device(self._stream.device):  # this thread's current device is 0 otherwise
+                    _page_lock(buffer, self._files[slot].data)
             self._buffers[slot] = buffer
         views = [_view(buffer, entry) for entry in plan.entries]
         self._views[slot] = (plan, views)
