@@ -111,3 +111,24 @@ def test_a_snapshot_of_a_deleted_run_under_the_same_path_is_never_loaded(referen
     check_ok(proc)
     assert "resumed from the local snapshot" not in proc.stderr and "starting fresh" in proc.stderr
     _assert_same_as(tmp_path, reference)
+
+
+def test_async_process_killed_while_its_writer_reads_the_lent_snapshot_resumes_bit_for_bit(reference, tmp_path):
+    """async_process writes step 10 from the snapshot it lends the writer process (the same pages, by descriptor);
+    that writer is held before its first byte while training goes on: snapshots 11-20 all go to the other slot,
+    and the save of step 20 waits for step 10's. SIGKILL the whole job there: no durable checkpoint is complete,
+    both slots are, and the run resumes from step 20 and ends bit for bit as the uninterrupted one."""
+    options = (*OPTIONS, "checkpoint.mode=async_process")
+    proc = start_train(tmp_path, *options, env={"FTRAIN_FAULT": "while_writing@10", "FTRAIN_FAULT_SECONDS": "600"})
+    rank_dirs = [default_directory(tmp_path) / f"rank-{rank}" for rank in (0, 1)]
+    wait_for(lambda: all(any('"step": 20' in p.read_text() for p in d.glob("slot-*.json")) for d in rank_dirs),
+             what="step 20's snapshot markers", proc=proc)
+    for rank_dir in rank_dirs:  # the lent slot still holds step 10
+        assert sorted(json.loads(p.read_text())["step"] for p in rank_dir.glob("slot-*.json")) == [10, 20]
+    kill_job(proc)
+    assert layout.latest_complete(tmp_path / "checkpoints") is None
+    resumed = run_train(tmp_path, *options)
+    check_ok(resumed)
+    assert "resumed from the local snapshot of step 20" in resumed.stderr, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr
+    _assert_same_as(tmp_path, reference)
