@@ -8,6 +8,9 @@
 
 ``convert --format safetensors`` writes the model's weights through ``ftrain.checkpoint.export``: an OUT ending in
 ``.safetensors`` is one file, any other OUT a directory in Hugging Face's layout (shards and index above 5 GB).
+An existing OUT is replaced only with ``--overwrite``, and only if it is an earlier output of the same kind (a
+torch.save file, a safetensors file, an export directory holding nothing but an export's files) that lies in no
+checkpoint and no run directory; anything else is refused in one line and left as it was.
 
 A run directory (or its ``checkpoints/`` folder) given where a checkpoint is expected means its latest complete
 checkpoint; the one picked is named on stderr. Exit codes: 0 ok; 1 the checkpoint is damaged or an operation
@@ -21,6 +24,7 @@ import datetime
 import json
 import os
 import sys
+import zipfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -29,11 +33,13 @@ import torch
 
 from ftrain.checkpoint import integrity, keys, layout
 from ftrain.checkpoint.errors import describe_error
-from ftrain.checkpoint.lock import LOCK_NAME, live_holder
+from ftrain.checkpoint.lock import DOOR_NAME, LOCK_NAME, live_holder
 from ftrain.checkpoint.reader import flatten, read_state, select, read_tensors
 from ftrain.checkpoint.safe_load import read_metadata_safely
 
 
+RUN_MARKS = (LOCK_NAME, DOOR_NAME, "RUN_ID")  # files only ftrain puts at the top of a run directory
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit on its JSON header
 
 
 class UsageError(Exception):
@@ -260,15 +266,85 @@ def nonfinite_tensors(path: Path) -> list[str]:
     ]
 
 
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output path that is a directory, lies under a file, or exists (unless ``overwrite``)."""
-    if out.is_dir():
-        raise UsageError(f"{out} is a directory; give the output file's name")
-    if out.exists() and not overwrite:
-        raise UsageError(f"{out} already exists (--overwrite to replace it)")
+def check_output(out: Path, overwrite: bool, kind: str = "torch") -> None:
+    """Refuse an output path that lies under a file, or that exists, unless ``overwrite`` and it is an earlier
+    output of the same ``kind`` ("torch", "safetensors": a file; "export": a directory) that convert may replace."""
     parent = next((p for p in [out.parent, *out.parent.parents] if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise UsageError(f"{out}: {parent} is not a directory")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if kind != "export" and out.is_dir():
+        raise UsageError(f"{out} is a directory; give the output file's name")
+    if kind == "export" and not out.is_dir():
+        raise UsageError(f"{out} is not a directory (a *.safetensors name writes one file)")
+    problem = why_not_replaceable(out, kind)
+    if problem:
+        raise UsageError(
+            f"{out} already exists and {problem}; --overwrite replaces only an earlier output of convert "
+            "(give another path)"
+        )
+    if not overwrite:
+        raise UsageError(f"{out} already exists (--overwrite to replace it)")
+
+
+def why_not_replaceable(out: Path, kind: str) -> str:
+    """Why the existing ``out`` is not an earlier output of this ``kind`` that convert may replace ("" if it is)."""
+    from ftrain.checkpoint import export
+
+    if out.is_symlink():
+        return "is a symbolic link"
+    owner = enclosing_run_or_checkpoint(out)
+    if owner is not None:
+        what, where = owner
+        return f"is a {what}" if where == out.resolve() else f"lies in the {what} {where}"
+    if kind == "torch" and not is_torch_file(out):
+        return "is not a torch.save file"
+    if kind == "safetensors" and not is_safetensors_file(out):
+        return "is not a safetensors file"
+    if kind == "export":
+        return export.replace_problem(out)
+    return ""
+
+
+def enclosing_run_or_checkpoint(path: Path) -> tuple[str, Path] | None:
+    """The nearest of ``path`` (resolved) and its parents that is a checkpoint, a run directory or a run's
+    ``checkpoints/`` folder, as (what, where); ``None`` if there is none."""
+    for candidate in [path.resolve(), *path.resolve().parents]:
+        if is_checkpoint(candidate):
+            return "checkpoint", candidate
+        if any((candidate / name).exists() for name in RUN_MARKS) or layout.scan(candidate / "checkpoints"):
+            return "run directory", candidate
+        if layout.scan(candidate):
+            return "checkpoints folder", candidate
+    return None
+
+
+def is_torch_file(path: Path) -> bool:
+    """``path`` is a torch.save archive: a zip file whose entries sit under one folder holding ``data.pkl``."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"PK\x03\x04":
+                return False
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+    roots = {name.split("/", 1)[0] for name in names}
+    return len(roots) == 1 and f"{roots.pop()}/data.pkl" in names
+
+
+def is_safetensors_file(path: Path) -> bool:
+    """``path`` starts as a safetensors file does: an 8-byte little-endian length, then that much JSON object."""
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= MAX_SAFETENSORS_HEADER or size + 8 > os.fstat(handle.fileno()).st_size:
+                return False
+            header = json.loads(handle.read(size))
+    except (OSError, ValueError):
+        return False
+    return isinstance(header, dict)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -302,12 +378,7 @@ def convert_to_safetensors(args: argparse.Namespace, out: Path) -> int:
     from ftrain.checkpoint.errors import CheckpointError
 
     single = out.name.endswith(".safetensors")
-    if single:
-        check_output(out, args.overwrite)
-    elif (out.exists() or out.is_symlink()) and not args.overwrite:
-        raise UsageError(f"{out} already exists (--overwrite to replace it)")
-    elif out.exists() and not out.is_dir():
-        raise UsageError(f"{out} is not a directory (a *.safetensors name writes one file)")
+    check_output(out, args.overwrite, "safetensors" if single else "export")
     path = checkpoint_dir(args.checkpoint)
     read_marker(path)  # a missing, malformed or too new marker: exit 1 with its reason
     try:
@@ -390,10 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("convert", help="to one torch.save file, or the model's weights to safetensors")
     p.add_argument("checkpoint", type=Path, help=checkpoint_help)
-    p.add_argument("out", type=Path, help="output file (must not exist unless --overwrite)")
+    p.add_argument(
+        "out", type=Path, help="output file; for --format safetensors without a .safetensors name, a directory"
+    )
     p.add_argument("--model-only", action="store_true", help="only the model's weights")
     p.add_argument("--format", choices=("torch", "safetensors"), default="torch", help="output format (default torch)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier output of convert of the same format (never a checkpoint, a run directory, "
+        "anything in one, or a directory holding other files)",
+    )
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="safetensors: cast floating-point weights")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("prune", help="delete old checkpoints by the trainer's retention rules")

@@ -130,3 +130,85 @@ def test_prune_follows_retention_rules(run_copy):
     left = [(d.step, d.complete) for d in layout.scan(run_copy / "checkpoints")]
     assert left == [(20, True), (25, False)]  # the newest complete stays; a newer unfinished one is spared
     assert ckpt("prune", run_copy, "--keep-last", "0").returncode == 2
+
+
+# ------------------------------------------------ issue 28 item 2: --overwrite replaces only convert's own output
+def ckpt_process(*args, cwd=REPO):
+    """The real command in a process of its own, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "ftrain.ckpt_cli", *map(str, args)], capture_output=True, text=True, timeout=180, cwd=cwd
+    )
+
+
+def tree_hashes(root):
+    """Every file, link and directory under ``root``: a file by the hash of its bytes."""
+    import hashlib
+
+    found = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if path.is_symlink():
+            found[name] = f"link {path.readlink()}"
+        else:
+            found[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return found
+
+
+@pytest.fixture
+def workspace(reference_run, tmp_path):
+    """A copy of the reference run, a directory of someone else's files and a file convert did not write."""
+    shutil.copytree(reference_run, tmp_path / "run")
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("not ftrain's\n")
+    (tmp_path / "theirs" / "model.safetensors").write_bytes(b"an older file of theirs")
+    (tmp_path / "notes.pt").write_bytes(b"keep me")
+    return tmp_path
+
+
+OVERWRITE_REFUSED = {
+    "a directory of others' files": ("run", "theirs", "--format", "safetensors"),
+    "the checkpoint being converted": ("run/checkpoints/step_00000020", "run/checkpoints/step_00000020", "--format", "safetensors"),
+    "the run directory": ("run", "run", "--format", "safetensors"),
+    "the run's checkpoints folder": ("run", "run/checkpoints", "--format", "safetensors"),
+    "a data file of a checkpoint": ("run", "run/checkpoints/step_00000010/__0_0.distcp"),
+    "a run directory's own file": ("run", "run/config.yaml"),
+    "a file convert did not write": ("run", "notes.pt"),
+    "a .safetensors name of others'": ("run", "theirs/model.safetensors", "--format", "safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERWRITE_REFUSED))
+def test_convert_overwrite_refuses_what_convert_did_not_write(case, workspace):
+    """Issue 28 #2: --overwrite deleted a directory's files, a checkpoint's marker, a whole run. Now: one line,
+    exit 2, and every byte under the workspace as it was."""
+    before = tree_hashes(workspace)
+    proc = ckpt_process("convert", *OVERWRITE_REFUSED[case], "--overwrite", cwd=workspace)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ftrain-ckpt: error:") and "already exists" in lines[0], proc.stderr
+    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    assert tree_hashes(workspace) == before
+
+
+def test_convert_overwrite_replaces_its_own_earlier_output(workspace):
+    """The control: an earlier torch file, safetensors file and export directory of convert are replaced,
+    and a sharded export with its index gives way to a one-file export; nothing else is touched."""
+    from safetensors.torch import save_file
+
+    run = workspace / "run"
+    shards = workspace / "hf"
+    shards.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        save_file({"x": torch.zeros(2)}, str(shards / name))
+    (shards / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": {}}')
+    for out, fmt in (("full.pt", "torch"), ("model.safetensors", "safetensors")):
+        first = ckpt("convert", run, workspace / out, "--format", fmt)  # in this process: only the setup
+        assert first.returncode == 0, first.stderr
+    others = {k: v for k, v in tree_hashes(workspace).items() if not k.startswith(("full.pt", "model.safetensors", "hf"))}
+    for out, fmt in (("full.pt", "torch"), ("model.safetensors", "safetensors"), ("hf", "safetensors")):
+        again = ckpt_process("convert", run, out, "--format", fmt, "--model-only", "--overwrite", cwd=workspace)
+        assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in shards.iterdir()) == ["ftrain_export.json", "model.safetensors"]
+    assert "head.weight" in torch.load(workspace / "full.pt", weights_only=True)
+    assert {k: v for k, v in tree_hashes(workspace).items() if k in others} == others
+    assert not any(p.name.startswith(".") for p in workspace.iterdir())  # no temporary or set-aside copy left

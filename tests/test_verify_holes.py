@@ -704,7 +704,11 @@ def test_convert_output_paths(good, tmp_path):
     existing = tmp_path / "model.pt"
     existing.write_bytes(b"keep me")
     assert "already exists" in one_line_error(ckpt("convert", good, existing), 2)
-    assert existing.read_bytes() == b"keep me"
+    assert "is not a torch.save file" in one_line_error(ckpt("convert", good, existing, "--overwrite"), 2)
+    assert existing.read_bytes() == b"keep me"  # --overwrite replaces only convert's own earlier output
+    existing.unlink()
+    assert ckpt("convert", good, existing, "--model-only").returncode == 0
+    assert "already exists (--overwrite" in one_line_error(ckpt("convert", good, existing), 2)
     assert ckpt("convert", good, existing, "--overwrite").returncode == 0
     assert "net" in torch.load(existing, weights_only=True)
     assert "is not a directory" in one_line_error(ckpt("convert", good, existing / "x.pt"), 2)

@@ -13,12 +13,15 @@ parent fsynced. ``out_dir`` therefore exists only whole and durable, and the too
 (``transformers``, ``safetensors``, ``warm_start``) need no marker of ours to know that. ``ftrain_export.json``
 records sizes and CRC-32s for checking, not for committing. Replacing an existing export renames it aside first:
 a crash in between leaves no ``out_dir`` (never a mixed one), and the aside copy is removed by the next export.
+Only an export is replaced: an existing ``out_dir`` must be empty or hold nothing but this layout's files
+(``is_export_dir``); anything else is refused before anything is written, and left exactly as it was.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,11 +41,50 @@ INFO_FILE = "ftrain_export.json"
 EXPORTS_DIR = "exports"  # under the run directory
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # Hugging Face's default max_shard_size ("5GB")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 def export_dir(run_dir: Path, step: int) -> Path:
     """Where the recipe puts the export of ``step``: ``{run_dir}/exports/step_{step:08d}``."""
     return Path(run_dir) / EXPORTS_DIR / f"step_{step:08d}"
+
+
+def is_export_file(name: str) -> bool:
+    """``name`` is one of the files an export writes (weights, shards, index, ``ftrain_export.json``)."""
+    return name in (SINGLE_FILE, INDEX_FILE, INFO_FILE) or bool(_SHARD_NAME.match(name))
+
+
+def is_export_dir(path: Path) -> bool:
+    """``path`` is a real directory (not a link) that holds only an export's files, at least one of them."""
+    path = Path(path)
+    return not path.is_symlink() and path.is_dir() and any(path.iterdir()) and not _foreign_entries(path)
+
+
+def _foreign_entries(path: Path) -> list[str]:
+    """Names in directory ``path`` that are not an export's plain files (others' files, folders, links)."""
+    return sorted(p.name for p in path.iterdir() if not (is_export_file(p.name) and p.is_file() and not p.is_symlink()))
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """An existing ``out_dir`` may be replaced only if it is an earlier export or an empty directory; anything
+    else (a checkpoint, a run directory, others' files, a link) is a one-line ``CheckpointError``."""
+    problem = replace_problem(Path(out_dir))
+    if problem:
+        raise CheckpointError(f"{out_dir} {problem}; an export replaces only an earlier export")
+
+
+def replace_problem(out_dir: Path) -> str:
+    """Why the existing ``out_dir`` is no earlier export (nor empty), e.g. "holds files an export does not write
+    (notes.txt)"; "" if it may be replaced or does not exist."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        return ""
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        return "is a symbolic link" if out_dir.is_symlink() else "is not a directory"
+    foreign = _foreign_entries(out_dir)
+    if not foreign:
+        return ""
+    more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+    return f"holds files an export does not write ({', '.join(foreign[:3])}{more})"
 
 
 def parse_dtype(name: str) -> torch.dtype | None:
@@ -113,9 +155,11 @@ def export_safetensors(
     info: dict[str, Any] | None = None,
 ) -> Path:
     """Write the tensors of ``model_state`` to ``out_dir`` in the Hugging Face layout and commit it (the rename,
-    see the module docstring). An existing ``out_dir`` is replaced. Returns ``out_dir``."""
+    see the module docstring). An existing ``out_dir`` is replaced if it is an earlier export or empty, and
+    refused otherwise (``check_replaceable``). Returns ``out_dir``."""
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, not {max_shard_bytes}")
+    check_replaceable(Path(out_dir))
     save_file = _save_file()
     tensors = prepare(model_state, dtype)
     if not tensors:
