@@ -25,6 +25,7 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
     if getattr(cfg.data, "format", "text") == "text":
         check_text_data(cfg.data.path, cfg.model.seq_len, cfg.train.batch_size * world_size)
     _data_module_checks(cfg)
+    check_initial_load(cfg.checkpoint.initial_load)
     check_run_dir(Path(cfg.run.dir))
 
 
@@ -86,6 +87,22 @@ def _text_files(path: str) -> list[Path]:
     if not files:
         raise ConfigError(f"data.path {path} holds no text files ({', '.join(sorted(TEXT_SUFFIXES))})")
     return files
+
+
+def check_initial_load(path: str) -> None:
+    """``checkpoint.initial_load`` names a source a warm start can read (recognised without reading a tensor).
+    Checked at every start: the run may have a checkpoint of its own today, but a bad path is a bad config."""
+    if not path:
+        return
+    from ftrain.checkpoint.errors import CheckpointError  # noqa: PLC0415 - torch only when a warm start is asked for
+    from ftrain.checkpoint.warm_start import check_source  # noqa: PLC0415
+
+    try:
+        check_source(Path(path).expanduser())
+    except (CheckpointError, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        when = "checked at every start, even when the run has a checkpoint of its own and would not use it"
+        raise ConfigError(f"checkpoint.initial_load: {reason} ({when})") from None
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -163,6 +163,68 @@ def test_bad_input_under_torchrun_is_said_once_and_touches_nothing(finished_run,
     assert tree_hashes(finished_run) == before
 
 
+# ------------------------------------------------------------- issue 28 item 16: a bad checkpoint.initial_load
+def _not_a_source(tmp: Path, name: str) -> Path:
+    """A path that checkpoint.initial_load cannot start from."""
+    if name == "missing path":
+        return tmp / "no_such_checkpoint"
+    if name == "a text file":
+        (tmp / "notes.txt").write_text("not weights\n")
+        return tmp / "notes.txt"
+    if name == "a .safetensors that is none":
+        (tmp / "model.safetensors").write_bytes(b"\xff" * 64)
+        return tmp / "model.safetensors"
+    (tmp / "folder").mkdir()  # "a directory that is no checkpoint"
+    (tmp / "folder" / "readme.md").write_text("hello\n")
+    return tmp / "folder"
+
+
+INITIAL_LOAD_CASES = ["missing path", "a text file", "a .safetensors that is none", "a directory that is no checkpoint"]
+
+
+def _refused_as_config(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-3000:])
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ftrain: config error: "), proc.stderr
+    assert needle in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("case", INITIAL_LOAD_CASES)
+def test_bad_initial_load_is_one_line_exit_2_and_creates_no_run_directory(case, tmp_path):
+    """Issue 28 #16: it took the lock and wrote RUN_ID, config.yaml and checkpoints/, then exited 1."""
+    source = _not_a_source(tmp_path, case)
+    run_dir = tmp_path / "runs" / "new"
+    before = tree_hashes(tmp_path)
+    proc = subprocess.run(
+        train_cmd(run_dir, f"checkpoint.initial_load={source}", nproc=0), capture_output=True, text=True, cwd=tmp_path,
+        timeout=180,
+    )
+    _refused_as_config(proc, f"checkpoint.initial_load: warm start from {source}")
+    assert not run_dir.exists() and tree_hashes(tmp_path) == before
+
+
+def test_bad_initial_load_is_refused_even_when_the_run_resumes_its_own(finished_run, tmp_path):
+    """The finished run would resume its own checkpoint and never read initial_load; a bad path is still refused,
+    and the run directory stays byte for byte as it was."""
+    before = tree_hashes(finished_run)
+    proc = subprocess.run(
+        train_cmd(finished_run, "train.max_steps=12", f"checkpoint.initial_load={tmp_path / 'gone'}", nproc=0),
+        capture_output=True, text=True, cwd=tmp_path, timeout=180,
+    )
+    _refused_as_config(proc, "even when the run has a checkpoint of its own")
+    assert tree_hashes(finished_run) == before
+
+
+def test_a_good_initial_load_starts_the_run_from_it(finished_run, tmp_path):
+    """The control: a run directory as initial_load passes the check and the new run starts from its weights."""
+    run_dir = tmp_path / "warm"
+    proc = run_train(run_dir, "train.max_steps=2", f"checkpoint.initial_load={finished_run}", nproc=0)
+    check_ok(proc)
+    assert "warm start: model from ftrain checkpoint" in proc.stdout + proc.stderr
+    assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+
+
 # ------------------------------------------------------------------------------------------------------ logging
 def test_setup_logging_leaves_the_programs_own_handlers_alone():
     root = logging.getLogger()

@@ -10,7 +10,8 @@
 Every key of the model must be there with its shape, and every model key the source holds must exist in the
 model, except keys under an ``exclude`` prefix: those are neither loaded nor required and keep the values the
 model was initialised with. Any mismatch is one ``CheckpointError`` line naming the first keys. DCP checkpoints
-are read through the safe loader (no code runs from them); safetensors never holds code.
+are read through the safe loader (no code runs from them); safetensors never holds code. ``check_source(path)``
+recognises a source without reading a tensor (the recipe's preflight runs it before anything is written).
 """
 
 from __future__ import annotations
@@ -95,6 +96,25 @@ def load_initial(
 
 
 # ----------------------------------------------------------------------------------------- finding it
+def check_source(path: Path) -> Source:
+    """What ``path`` is, checked without reading a tensor: ``find_source``, then the safetensors headers or DCP's
+    ``.metadata`` (through the restricted unpickler). Anything ``load_initial`` cannot start from is a one-line
+    ``CheckpointError``; the config's preflight calls this before anything is written."""
+    source = find_source(Path(path))
+    if source.kind == "safetensors":
+        safetensors_shapes(source.files)
+        return source
+    try:
+        with open(source.path / layout.DCP_METADATA, "rb") as stream:
+            read_metadata_safely(stream)
+    except OSError as exc:
+        where = f"warm start from {source.describe()}: cannot read its {layout.DCP_METADATA}"
+        raise CheckpointError(f"{where}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # UnsafeCheckpointError included
+        raise CheckpointError(f"warm start from {source.describe()}: {' '.join(str(exc).split())}") from None
+    return source
+
+
 def find_source(path: Path) -> Source:
     """Classify ``path``; anything that is none of the supported kinds is a one-line ``CheckpointError``."""
     if not path.exists():
