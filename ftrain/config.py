@@ -98,7 +98,7 @@ class TrainConfig:
     timeout_s: float = _key(300.0, "a collective waiting longer (a stalled or lost rank) is an error, not a hang")
     gc_interval: int = _key(50, "Python GC at every N-th step boundary instead of mid-step (0 = automatic)")
     on_unhealthy: str = _key("rollback", "a step with a non-finite loss or grad norm (or a spike): rollback | stop | ignore", ("rollback", "stop", "ignore"))
-    spike_factor: float = _key(0.0, "a loss above this many times the median of the last 50 healthy ones is unhealthy (0 = off)")
+    spike_factor: float = _key(0.0, "a loss more than max((factor - 1) x |median|, 6 robust std) above the median of the last 50 healthy ones is unhealthy: for an ordinary positive loss, one above factor x the median (0 = off)")
     max_rollbacks: int = _key(3, "rollbacks allowed in one process; one more unhealthy step stops the run")
     rollback_skip_batches: int = _key(-1, "batches skipped after a rollback; -1 = those since the restored checkpoint + 10%")
 
@@ -139,6 +139,7 @@ class LogConfig:
 class DebugConfig:
     nan_at_steps: list[int] = _key([], "TEST HOOK: rank 0's loss is NaN at these steps (once per process)")
     poison_param_at_steps: list[int] = _key([], "TEST HOOK: rank 0 writes a NaN into a parameter after these steps' update (once per process)")
+    spike_at_steps: list[int] = _key([], "TEST HOOK: rank 0's loss is 100 times larger at these steps (once per process)")
 
 
 @dataclass

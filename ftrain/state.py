@@ -2,7 +2,8 @@
 
 * ``ModelState`` and ``OptimizerState``: through ``get_model_state_dict``/``get_optimizer_state_dict`` and their
   ``set_`` counterparts (sharded DTensors under FSDP2, plain names under DDP).
-* ``TrainProgress``: step, LR scheduler, and per rank the RNG states and the data loader position.
+* ``TrainProgress``: step, LR scheduler, and per rank the RNG states, the data loader position and the spike
+  detector's window of recent healthy losses.
 * ``ModelOptimizerState``: model and optimizer under one name, as checkpoints of ``format_version`` 1 hold them.
 
 Per-rank entries are keyed by rank (``rank_3``): DCP writes one copy of a non-tensor value per key, so a key
@@ -28,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+
+from ftrain.health import HealthMonitor
 
 
 class ModelState(Stateful):
@@ -113,18 +116,27 @@ def seed_rank_rngs(seed: int, rank: int, step: int) -> None:
 
 
 class TrainProgress(Stateful):
-    """The loop's own state: step, scheduler, the global data position, and this rank's RNG and loader state.
+    """The loop's own state: step, scheduler, the global data position, and this rank's RNG and loader state
+    and the window of its ``health`` monitor (the losses a spike is judged against).
 
-    ``scheduler`` and ``dataloader`` are optional. A loader whose sampler keeps a global position (``advance``
-    and ``load_state_dict`` of ``{"epoch", "cursor"}``, as the recipe's does) can resume on another world size:
-    a checkpoint from another world size has no per-rank entries for this rank, so the loader continues from
-    the global data position (every sample of the epoch still read exactly once) and the RNGs are re-seeded.
+    ``scheduler``, ``dataloader`` and ``health`` are optional. A loader whose sampler keeps a global position
+    (``advance`` and ``load_state_dict`` of ``{"epoch", "cursor"}``, as the recipe's does) can resume on another
+    world size: a checkpoint from another world size has no per-rank entries for this rank, so the loader
+    continues from the global data position (every sample of the epoch still read exactly once), the RNGs are
+    re-seeded and the health window starts empty (as from a checkpoint saved before the window was).
     """
 
-    OPTIONAL_PREFIXES = ("train.rng.", "train.data.")
+    OPTIONAL_PREFIXES = ("train.rng.", "train.data.", "train.health.")
 
     def __init__(
-        self, scheduler: Any, dataloader: Any, rank: int, world_size: int, device: torch.device, seed: int
+        self,
+        scheduler: Any,
+        dataloader: Any,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+        health: HealthMonitor | None = None,
     ) -> None:
         self.step = 0
         self.scheduler = scheduler
@@ -136,6 +148,7 @@ class TrainProgress(Stateful):
         self.world_size = world_size
         self.device = device
         self.seed = seed
+        self.health = health
         self.resharded_from: int | None = None
 
     def advance(self) -> None:
@@ -159,7 +172,12 @@ class TrainProgress(Stateful):
             "scheduler": to_blob(self.scheduler.state_dict() if self.scheduler is not None else None),
             "rng": {key: to_blob(capture_rng(self.device))},
             "data": {key: to_blob(self.dataloader.state_dict() if self.dataloader is not None else None)},
+            "health": {key: to_blob(self.health_state())},
         }
+
+    def health_state(self) -> dict[str, Any] | None:
+        """This rank's health window as plain data (None without a monitor), the ``health`` entry's content."""
+        return self.health.state_dict() if self.health is not None else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         key = f"rank_{self.rank}"
@@ -175,12 +193,25 @@ class TrainProgress(Stateful):
             if self.dataloader is not None and data_state is not None:
                 self.dataloader.load_state_dict(data_state)
             restore_rng(from_blob(rng_blob), self.device)
+            self._restore_health(state_dict.get("health", {}).get(key))
             return
         # Another world size: per-rank states do not map onto these ranks; continue from the global position.
         self.resharded_from = saved_world_size
+        self._restore_health(None)
         if self.sampler is not None:
             self.sampler.load_state_dict(self.data_position)
         seed_rank_rngs(self.seed, self.rank, self.step)
+
+    def _restore_health(self, blob: bytes | None) -> None:
+        """The saved window, or an empty one where none was saved for this rank (the restored timeline's window is
+        unknown: no spike verdict until enough healthy losses again, as in a fresh run)."""
+        if self.health is None:
+            return
+        state = from_blob(blob) if blob else None
+        if state is None:
+            self.health.clear()
+        else:
+            self.health.load_state_dict(state)
 
     def for_loading(self) -> Stateful:
         """The object to hand to ``dcp.load``: its per-rank entries start empty, so an entry the checkpoint does
@@ -203,6 +234,7 @@ class _ProgressLoader(Stateful):
             "scheduler": b"",
             "rng": {key: b""},
             "data": {key: b""},
+            "health": {key: b""},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

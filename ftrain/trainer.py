@@ -20,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from ftrain import tags
 from ftrain.checkpoint import layout
 from ftrain.checkpointer import Checkpointer
-from ftrain.config import Config, to_yaml
+from ftrain.config import Config, DebugConfig, to_yaml
 from ftrain.data import build_dataloader
 from ftrain.distributed import close_distributed, init_distributed, max_over_ranks, sum_over_ranks
 from ftrain.gc_policy import StepGarbageCollector
@@ -74,18 +74,23 @@ class SampleRecorder:
 
 
 class DebugFaults:
-    """The ``debug.*`` test hooks: make rank 0's loss NaN, or write a NaN into a parameter, at given steps, once
-    per process. For seeing rollback and the commit rule at work; never on in a real run."""
+    """The ``debug.*`` test hooks: make rank 0's loss NaN or 100 times larger, or write a NaN into a parameter, at
+    given steps, once per process. For seeing rollback and the commit rule at work; never on in a real run."""
 
-    def __init__(self, nan_at_steps: list[int], poison_at_steps: list[int], is_main: bool) -> None:
-        self.nan_at = set(nan_at_steps) if is_main else set()
-        self.poison_at = set(poison_at_steps) if is_main else set()
+    def __init__(self, debug: DebugConfig, is_main: bool) -> None:
+        self.nan_at = set(debug.nan_at_steps) if is_main else set()
+        self.poison_at = set(debug.poison_param_at_steps) if is_main else set()
+        self.spike_at = set(debug.spike_at_steps) if is_main else set()
 
     def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         if step in self.nan_at:
             self.nan_at.discard(step)
             logger.warning("debug.nan_at_steps: the loss of step %d is made NaN on rank 0", step)
             return loss * float("nan")
+        if step in self.spike_at:
+            self.spike_at.discard(step)
+            logger.warning("debug.spike_at_steps: the loss of step %d is made 100 times larger on rank 0", step)
+            return loss * 100
         return loss
 
     def after_update(self, model: torch.nn.Module, step: int) -> None:
@@ -153,7 +158,7 @@ class Trainer:
                 rollback_skip_batches=cfg.train.rollback_skip_batches,
             ),
         )
-        self._faults = DebugFaults(cfg.debug.nan_at_steps, cfg.debug.poison_param_at_steps, self.env.is_main)
+        self._faults = DebugFaults(cfg.debug, self.env.is_main)
         try:
             self._write_config()
             self.checkpointer.load()
