@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TORCHRUN, check_ok, run_train, train_cmd, wait_for
+from conftest import FAST, REPO, TORCHRUN, check_ok, run_train, train_cmd, wait_for
 from ftrain.__main__ import COMMANDS
 from ftrain.config import keys
 from ftrain.metrics import Progress, setup_logging
@@ -223,6 +223,76 @@ def test_a_good_initial_load_starts_the_run_from_it(finished_run, tmp_path):
     check_ok(proc)
     assert "warm start: model from ftrain checkpoint" in proc.stdout + proc.stderr
     assert (run_dir / "checkpoints" / "step_00000002" / "COMPLETE").is_file()
+
+
+# ------------------------------------------------------------- issue 28 item 17: an over-long run.name or run.dir
+def _path_of_length(base: Path, length: int) -> Path:
+    """A path under ``base`` of exactly ``length`` bytes, in components of at most 200 bytes."""
+    path = base
+    while len(str(path)) < length:
+        room = length - len(str(path)) - 1  # after the separator
+        size = room if room <= 200 else (150 if room - 200 < 2 else 200)
+        path = path / ("d" * size)
+    assert len(str(path)) == length
+    return path
+
+
+def _run_dir_at_the_path_limit(tmp: Path, extra: int = 0) -> Path:
+    """The longest run.dir whose deepest file fits the path limit (4096 bytes with the final NUL), plus ``extra``."""
+    from ftrain.preflight import run_dir_deepest
+
+    tail = max(run_dir_deepest(), key=len)
+    return _path_of_length(tmp / "deep", os.pathconf(tmp, "PC_PATH_MAX") - 1 - len(tail) - 1 + extra)
+
+
+def _too_long(tmp: Path, case: str, finished_run: Path) -> tuple[list[str], str]:
+    """(the arguments after the recipe, a word the one-line error must hold)."""
+    over = "x" * (os.pathconf(tmp, "PC_NAME_MAX") + 1)
+    if case == "run.name over the file-name limit":
+        return [*FAST, f"run.name={over}"], "run.name is"
+    if case == "a run.dir component over the file-name limit":
+        return [*FAST, f"run.dir={tmp / 'runs' / over / 'r'}"], "run.dir's component"
+    if case == "run.dir over the path limit":
+        return [*FAST, f"run.dir={_path_of_length(tmp / 'deep', 4200)}"], "run.dir is too long"
+    if case == "run.dir one byte too deep for its deepest file":
+        return [*FAST, f"run.dir={_run_dir_at_the_path_limit(tmp, extra=1)}"], "run.dir is too long"
+    return [*FAST, f"run.dir={finished_run}", f"checkpoint.local_dir={tmp / over}"], "checkpoint.local_dir's component"
+
+
+TOO_LONG_CASES = [
+    "run.name over the file-name limit", "a run.dir component over the file-name limit", "run.dir over the path limit",
+    "run.dir one byte too deep for its deepest file", "checkpoint.local_dir over the file-name limit",
+]
+
+
+@pytest.mark.parametrize("case", TOO_LONG_CASES)
+def test_an_over_long_run_name_or_dir_is_one_line_exit_2_and_writes_nothing(case, finished_run, tmp_path):
+    """Issue 28 #17: a 17-32-line traceback and exit 1, after creating runs/. Now: one line naming the key and the
+    limit, exit 2, nothing created (cwd and the finished run byte for byte as they were)."""
+    args, needle = _too_long(tmp_path, case, finished_run)
+    before, run_before = tree_hashes(tmp_path), tree_hashes(finished_run)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "train.py"), *args], capture_output=True, text=True, cwd=tmp_path,
+        timeout=180,
+    )
+    _refused_as_config(proc, needle)
+    assert "limit of" in proc.stderr and "Traceback" not in proc.stderr
+    assert tree_hashes(tmp_path) == before and tree_hashes(finished_run) == run_before
+
+
+def test_a_run_dir_right_at_the_limits_trains(tmp_path):
+    """The control: a run.name of the longest file name allowed, and a run.dir whose deepest file needs exactly the
+    path limit, both train and commit checkpoints."""
+    longest = "n" * os.pathconf(tmp_path, "PC_NAME_MAX")
+    named = subprocess.run(
+        [sys.executable, str(REPO / "recipes" / "train.py"), *FAST, "train.max_steps=5", f"run.name={longest}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    check_ok(named)
+    assert (tmp_path / "runs" / longest / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
+    deep = _run_dir_at_the_path_limit(tmp_path)
+    check_ok(run_train(deep, "train.max_steps=5", nproc=0))
+    assert (deep / "checkpoints" / "step_00000005" / "COMPLETE").is_file()
 
 
 # ------------------------------------------------------------------------------------------------------ logging
