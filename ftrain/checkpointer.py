@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ftrain import faults, processes, tags
-from ftrain.checkpoint import keys, layout
+from ftrain.checkpoint import keys, layout, safe_types
 from ftrain.checkpoint.compat import RunSignature, model_fingerprint
 from ftrain.checkpoint.errors import CheckpointError, describe_error
 from ftrain.checkpoint.local_tier import (
@@ -39,6 +39,7 @@ from ftrain.checkpoint.local_tier import (
     agree_on_step,
     default_directory,
 )
+from ftrain.checkpoint.local_dir import Owner
 from ftrain.checkpoint.lock import LockedError, RunLock
 from ftrain.checkpoint.manager import CheckpointManager, SaveStats
 from ftrain.config import MODE_ASYNC_PROCESS, CheckpointConfig, Config, ConfigError, validate
@@ -46,14 +47,15 @@ from ftrain.distributed import DistContext, max_over_ranks, sum_over_ranks
 from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
 from ftrain.interval import LocalSchedule, SaveSchedule
 from ftrain.preemption import EXIT_PREEMPTED, PreemptionFlag
+from ftrain.preflight import check_path_limits
 from ftrain.run_status import RunStatus, StatusWriter, read_status
-from ftrain.state import ModelOptimizerState, ModelState, OptimizerState, TrainProgress
+from ftrain.state import OPTIMIZER_FRESH, ModelOptimizerState, ModelState, OptimizerState, TrainProgress
 
 logger = logging.getLogger("ftrain")
 
 CHECKPOINTS_DIR = "checkpoints"  # under the run directory
 TENSORBOARD_DIR = "tb"  # under the run directory, when the checkpointer opens its own writer
-RUN_ID_NAME = "RUN_ID"  # under the run directory: a random id made at its first use
+RUN_ID_NAME = layout.RUN_ID_NAME  # under the run directory: a random id made at its first use
 PREEMPTED_NAME = "PREEMPTED"  # under the run directory: {"step", "signal", "time"} after a preemption save
 _RESERVED_NAMES = ("app", *keys.DEFAULT_STATE_KEYS.values())
 
@@ -110,6 +112,7 @@ class Checkpointer:
     ) -> None:
         self.options = _checkpoint_options(options)
         self.run_dir = Path(run_dir)
+        check_path_limits(self.run_dir, self.options.local_dir)  # one line, before any lock or directory
         self.model = model
         self.optimizer = optimizer
         self.dataloader = dataloader
@@ -149,6 +152,7 @@ class Checkpointer:
             self.ctx.world_size,
             self.ctx.device,
             torch.initial_seed() if seed is None else seed,
+            health=self._monitor,  # its window of recent losses is saved with the progress
         )
         self.lock = self._take_lock()  # before anything under run_dir is written
         try:
@@ -168,6 +172,7 @@ class Checkpointer:
             **self.extra,
         }
         self._finished = False
+        self._extra_checked = False
         self._snapshot_call_s = 0.0
         self._export: Any = None  # the safetensors export in flight
         self._hooks = [optimizer.register_step_pre_hook(self._before_update)]
@@ -202,6 +207,7 @@ class Checkpointer:
         rank's RNGs and data position, removes what interrupted saves left, and sets newer checkpoints aside
         when resuming an older one. Collective: every rank calls it.
         """
+        self._require_open("load")
         if self._loaded:
             raise CheckpointError("Checkpointer.load() was already called")
         self.manager.start_writer()  # async_process: the writer process starts while we load
@@ -209,6 +215,7 @@ class Checkpointer:
         tier = self._load_local()
         result = None
         if tier is None:
+            self._start_timeline()
             if self.manager.enabled or self.options.resume != "auto":
                 result = self.manager.load(self._states_for_marker, optional_prefixes=TrainProgress.OPTIONAL_PREFIXES)
                 self._warn_if_resharded()
@@ -350,14 +357,32 @@ class Checkpointer:
         return self.step
 
     def save(self, step: int) -> None:
-        """Start a checkpoint of ``step`` now (asynchronous in the async modes). Collective."""
+        """Start a checkpoint of ``step`` now (asynchronous in the async modes). Collective. A step that is
+        already committed (or being saved) is refused: a committed checkpoint is never rewritten."""
         self._require_loaded("save")
         self._advance_to(step)
+        if self.manager.enabled and self._already_saved(step):
+            raise CheckpointError(
+                f"step {step} is already saved in {layout.step_dir(self.manager.root, step)}: a committed "
+                "checkpoint is never rewritten"
+            )
         self._save(step, from_snapshot=False)
+
+    def _already_saved(self, step: int) -> bool:
+        """Whether ``step`` is committed or being saved (rank 0 decides for every rank). Collective."""
+        mine = self.manager.in_flight(step) or (
+            self.ctx.is_main and (layout.step_dir(self.manager.root, step) / layout.MARKER).exists()
+        )
+        return bool(max_over_ranks([1.0 if mine else 0.0], self.ctx.device)[0])
 
     def _save(self, step: int, from_snapshot: bool) -> None:
         """``from_snapshot``: the local snapshot of ``step`` was just taken, with no change to the state since."""
         if not self.manager.enabled:
+            return
+        self._check_extra_state()
+        if self._already_saved(step):  # e.g. the last step of a run whose final checkpoint exists already
+            if self.ctx.is_main:
+                logger.info("step %d is already saved; not saving it again", step)
             return
         self._metrics.flush()  # the curve up to this step must be on disk before its checkpoint can commit
         self.schedule.saved(step)
@@ -366,10 +391,17 @@ class Checkpointer:
             lent = self.local.lend(step, in_use=lambda: self.manager.in_flight(step))
         # The marker records the health this step was committed with (its tensors are finite: the writer checks).
         health = {**self._health_record, "healthy": self.healthy, "finite_tensors": True}
-        self._log_save(self.manager.save(step, self._states(), marker_fields={"health": health}, prestaged=lent))
+        fields: dict[str, Any] = {"health": health}
+        if not self.optimizer.state:  # it is saved as having no state (see ftrain.state.OptimizerState)
+            fields[OPTIMIZER_FRESH] = True
+        staging = _state_bytes(self.model, self.optimizer) if self.manager.mode == MODE_ASYNC_PROCESS else 0
+        self._log_save(
+            self.manager.save(step, self._states(), marker_fields=fields, prestaged=lent, staging_bytes=staging)
+        )
 
     def wait(self) -> SaveStats | None:
         """Wait until the checkpoint in flight is committed; a failed save raises ``CheckpointError``."""
+        self._require_open("wait")
         stats = self.manager.wait()
         self._log_save(stats)
         if self._metrics is not None:
@@ -383,18 +415,29 @@ class Checkpointer:
         if self._closed:
             return
         try:
-            self._finish_export()
+            export_failed = self._finish_export()
             stats = self.manager.close()
             self._log_save(stats)
             if stats is not None and not stats.ok:
                 raise CheckpointError(
                     f"final checkpoint of step {stats.step} failed: {stats.error or 'on another rank'}"
                 )
-            if self.local is not None and self._finished:
-                self.local.remove()  # finished and committed: nothing left to resume
+            if export_failed:  # the promised artifact does not exist: as for a failed final save
+                raise CheckpointError(f"safetensors export failed: {export_failed}")
+            if self.local is not None and self._snapshots_redundant():
+                self.local.remove()  # finished and committed, or nothing newer than the durable checkpoint
         finally:
             self._shut()
             self._release_group()
+
+    def _snapshots_redundant(self) -> bool:
+        """Whether the local snapshots can go at a clean close: the run finished, or (not preempted: those keep
+        them, to resume from memory) its latest committed checkpoint is of the current step, e.g. a run started
+        again after its final commit, which has nothing to do."""
+        if self._finished:
+            return True
+        latest = layout.latest_complete(self.manager.root) if self.manager.enabled else None
+        return self.preempted is None and latest is not None and latest.step >= self.step
 
     def _release_group(self) -> None:
         """Destroy the checkpoint process group this Checkpointer made (never one it was given), once nothing uses
@@ -435,13 +478,29 @@ class Checkpointer:
         """What to load a checkpoint into: its marker says where the model and the optimizer are."""
         if keys.state_keys(marker) == keys.LEGACY_STATE_KEYS:  # format_version 1: one "app" state
             return {"app": ModelOptimizerState(self.model, self.optimizer), "train": self.progress.for_loading(), **self.extra}
-        return {**self._states(), keys.DEFAULT_STATE_KEYS[keys.PROGRESS]: self.progress.for_loading()}
+        optimizer = OptimizerState(self.model, self.optimizer, fresh=bool(marker.get(OPTIMIZER_FRESH)))
+        return {
+            **self._states(),
+            keys.DEFAULT_STATE_KEYS[keys.OPTIMIZER]: optimizer,
+            keys.DEFAULT_STATE_KEYS[keys.PROGRESS]: self.progress.for_loading(),
+        }
+
+    def _check_extra_state(self) -> None:
+        """Refuse ``extra`` state that no resume could load (the safe loader reads tensors, numbers, strings,
+        bytes, None and containers of them; a numpy array or a datetime would need code to load)."""
+        for name, state in self.extra.items():
+            problem = safe_types.unloadable_entry(state.state_dict())
+            if problem:
+                raise CheckpointError(f"extra state {name!r}: {problem}")
 
     def _snapshot(self, step: int) -> bool:
         """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval. True if taken."""
         assert self.local is not None
         if self.local.disabled:
             return False
+        if not self._extra_checked:  # before the first snapshot, as before the first save
+            self._check_extra_state()
+            self._extra_checked = True
         if self.local.background_cpu_s is not None:  # the previous snapshot's background work is done by now
             self.local_schedule.observe_snapshot(self._snapshot_call_s + self.local.background_cpu_s)
         called = time.perf_counter()
@@ -506,10 +565,11 @@ class Checkpointer:
             info={"step": step},
         )
 
-    def _finish_export(self) -> None:
+    def _finish_export(self) -> str:
+        """Wait for the export in flight; returns why it failed ('' if it did not, or there was none)."""
         pending, self._export = self._export, None
         if pending is None:
-            return
+            return ""
         try:
             path = pending.result(timeout=self.options.timeout_s)
         except Exception as exc:  # like a failed background save: logged, counted, on_failure decides
@@ -517,20 +577,26 @@ class Checkpointer:
             logger.error("safetensors export failed: %s", describe_error(exc))
             if self.options.on_failure == "abort":
                 raise CheckpointError(f"safetensors export failed: {describe_error(exc)}") from None
-            return
+            return describe_error(exc)
         if path is not None:
             logger.info("exported the model's weights to %s", path)
+        return ""
 
     def _open_local_tier(self, signature: RunSignature) -> LocalSnapshots | None:
         if str(self.options.local_interval).strip() == "0" or not self.manager.enabled:
             return None
         directory = Path(self.options.local_dir) if self.options.local_dir else default_directory(self.run_dir)
+        run_id = (self.run_dir / RUN_ID_NAME).read_text().strip()  # a deleted and re-made run is another run
         fields = {
             **signature.marker_fields(),
-            "run_id": (self.run_dir / RUN_ID_NAME).read_text().strip(),  # a deleted and re-made run is another run
+            "run_id": run_id,
+            "timeline": _read_timeline(self.run_dir),
             "states": sorted([*keys.DEFAULT_STATE_KEYS.values(), *self.extra]),
         }
-        return LocalSnapshots(directory, self.ctx.rank, self.ctx.world_size, fields)
+        owner = Owner(run_id, str(self.run_dir.resolve()))
+        return LocalSnapshots(
+            directory, self.ctx.rank, self.ctx.world_size, fields, owner=owner, default=not self.options.local_dir
+        )
 
     def _load_local(self) -> str | None:
         """Resume from the local tier when every rank holds a snapshot newer than the latest durable checkpoint
@@ -559,6 +625,20 @@ class Checkpointer:
         if self.ctx.is_main:
             logger.info("resumed from the local snapshot of step %d (%s)", step, self.local.root.parent)
         return "local"
+
+    def _start_timeline(self) -> None:
+        """This attempt does not continue the local snapshots' timeline (a durable resume, a rewind, a fresh start):
+        a new timeline begins, recorded in the run directory before anything else changes, so that no snapshot of
+        the old one is ever resumed, whatever the local tier setting of this attempt. Collective."""
+        if not self.manager.enabled:
+            return
+        timeline = [uuid.uuid4().hex if self.ctx.is_main else ""]
+        if self.ctx.is_main:
+            layout.write_text_durably(self.run_dir / layout.TIMELINE_NAME, timeline[0] + "\n")
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(timeline, src=0, group=self.ctx.process_group)
+        if self.local is not None:
+            self.local.set_signature({**self.local.signature, "timeline": timeline[0]})
 
     def _start_status(self, load_s: float, tier: str) -> None:
         """Rank 0: read what the previous attempt left in STATUS (what the failure cost), then start ours."""
@@ -631,7 +711,15 @@ class Checkpointer:
             self.progress.advance()
         self.step = step
 
+    def _require_open(self, what: str) -> None:
+        if self._closed:
+            raise CheckpointError(
+                f"Checkpointer.{what}() after close() or abort(): this checkpointer no longer holds the run "
+                "directory; make a new one to go on"
+            )
+
     def _require_loaded(self, what: str) -> None:
+        self._require_open(what)
         if not self._loaded:
             raise CheckpointError(f"call Checkpointer.load() before {what}(): it restores the latest checkpoint")
 
@@ -763,6 +851,7 @@ def _checkpoint_options(options: dict[str, Any]) -> CheckpointConfig:
     section = CheckpointConfig(**options)
     section.interval = str(section.interval)
     section.local_interval = str(section.local_interval)
+    section.resume = str(section.resume)  # resume=5 means the step, as "5" does
     if isinstance(section.signals, str):
         section.signals = [section.signals]
     section.signals = list(section.signals)
@@ -781,6 +870,13 @@ def _ensure_run_id(run_dir: Path) -> None:
         layout.write_text_durably(path, uuid.uuid4().hex + "\n")
 
 
+def _read_timeline(run_dir: Path) -> str:
+    try:
+        return (run_dir / layout.TIMELINE_NAME).read_text().strip()
+    except OSError:
+        return ""
+
+
 def _blank_status() -> RunStatus:
     return RunStatus(attempt_started=0.0, resumed_from=0, tier="fresh", ready_at=0.0, step=0, step_at=0.0)
 
@@ -790,6 +886,15 @@ def _model_device(model: nn.Module) -> torch.device:
         local = getattr(tensor, "_local_tensor", tensor)  # DTensor (FSDP2): the shard's device
         return local.device
     return torch.device("cpu")
+
+
+def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """This rank's bytes of model and optimizer state (an optimizer with no state yet: as much as Adam's)."""
+    local = [getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers())]
+    size = sum(t.nbytes for t in local)
+    optim = [getattr(v, "_local_tensor", v) for state in optimizer.state.values() for v in state.values()]
+    tensors = [t for t in optim if isinstance(t, torch.Tensor)]
+    return size + (sum(t.nbytes for t in tensors) if tensors else 2 * size)
 
 
 def _has_persistent_buffers(model: nn.Module) -> bool:

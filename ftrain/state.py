@@ -45,15 +45,33 @@ class ModelState(Stateful):
 
 
 class OptimizerState(Stateful):
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer through ``get_optimizer_state_dict``/``set_optimizer_state_dict``.
+
+    An optimizer that has not stepped yet has no state; ``get_optimizer_state_dict`` makes one by a step with zero
+    gradients and a zero LR (Adam's step count becomes 1), which would change every later update. So that state is
+    dropped again once taken, and a checkpoint of it is loaded back as no state (``fresh``: the commit marker's
+    ``OPTIMIZER_FRESH`` field)."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, fresh: bool = False) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.fresh = fresh
 
     def state_dict(self) -> dict[str, Any]:
-        return get_optimizer_state_dict(self.model, self.optimizer)
+        fresh = not self.optimizer.state
+        state = get_optimizer_state_dict(self.model, self.optimizer)
+        if fresh:
+            self.optimizer.state.clear()  # the saved dict keeps its tensors; the optimizer is as it was
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+        if self.fresh:
+            self.optimizer.state.clear()
+
+
+# Commit marker field: the optimizer had no state when its step was saved (see ``OptimizerState``).
+OPTIMIZER_FRESH = "optimizer_fresh"
 
 
 class ModelOptimizerState(Stateful):

@@ -179,7 +179,7 @@ def test_round_trip_is_bit_identical_into_fresh_objects(tmp_path, local_adapters
         assert [fresh.step() for _ in range(2)] == expected_losses
         other.close()
         assert sorted(p.name for p in (directory / "rank-0").iterdir()) == [
-            "slot-0.data", "slot-0.json", "slot-0.skel", "slot-1.data"  # both slots are reserved up front
+            "OWNER", "slot-0.data", "slot-0.json", "slot-0.skel", "slot-1.data"  # both slots reserved up front
         ]
     finally:
         tier.remove()

@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any
 
 MARKER = "COMPLETE"
+# Under the run directory (beside ``checkpoints/``): the run's identity, made at its first use, and the timeline the
+# current attempt trains on (local snapshots of another timeline are never resumed).
+RUN_ID_NAME = "RUN_ID"
+TIMELINE_NAME = "TIMELINE"
 MARKER_TMP = "COMPLETE.tmp"
 DCP_METADATA = ".metadata"  # DCP's index of every stored item; the marker must list it
 DATA_SUFFIX = ".distcp"  # DCP's data files (one or more per rank); the rest of a checkpoint is small

@@ -82,7 +82,6 @@ import mmap
 import os
 import pickle
 import shutil
-import stat
 import threading
 import time
 import weakref
@@ -98,6 +97,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+from ftrain.checkpoint.local_dir import NotUsable, Owner, RankDir
 from ftrain.state import from_blob, to_blob
 
 logger = logging.getLogger("ftrain.checkpoint")
@@ -200,13 +200,17 @@ class LocalModelState(Stateful):
 
 
 class LocalOptimizerState(Stateful):
-    """An optimizer through its own ``state_dict``/``load_state_dict``. A fresh optimizer's state is initialized
-    first (as ``get_optimizer_state_dict`` does), so a restore finds the DTensor layout of every entry."""
+    """An optimizer through its own ``state_dict``/``load_state_dict``. An optimizer with no state yet is
+    snapshotted as such (initializing it would change its next update); a restore initializes the fresh
+    optimizer first (``layout_state_dict``), so that it finds the DTensor layout of every entry."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def layout_state_dict(self) -> dict[str, Any]:
         if not self.optimizer.state:
             from torch.distributed.checkpoint.state_dict import _init_optim_state
 
@@ -236,11 +240,13 @@ class LocalProgressState(Stateful):
             "scheduler": progress.scheduler.state_dict() if progress.scheduler is not None else None,
             "rng": {key: capture_rng(progress.device)},
             "data": {key: progress.dataloader.state_dict() if progress.dataloader is not None else None},
+            "health": {key: progress.health_state()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
 
-        blobs = {name: {key: to_blob(value) for key, value in state_dict[name].items()} for name in ("rng", "data")}
+        names = [name for name in ("rng", "data", "health") if name in state_dict]  # older snapshots lack "health"
+        blobs = {name: {key: to_blob(value) for key, value in state_dict[name].items()} for name in names}
         self.progress.load_state_dict({**state_dict, "scheduler": to_blob(state_dict["scheduler"]), **blobs})
 
 
@@ -356,10 +362,21 @@ class LocalSnapshots:
         signature: what identifies the run and its model (JSON-serializable, e.g. the durable marker's signature
             fields); a snapshot with another signature is never used.
         max_bytes: the most this rank's two slots may take (default: whatever the directory's filesystem has free).
+        owner: the run the directory is claimed for (``local_dir.Owner``); default: one derived from ``signature``
+            (never taken over). A directory of another run that still exists turns the tier off.
+        default: ``directory`` is the run's default one (``default_directory``): it must be private, and it is
+            removed once empty.
     """
 
     def __init__(
-        self, directory: Path, rank: int, world_size: int, signature: dict[str, Any], max_bytes: int | None = None
+        self,
+        directory: Path,
+        rank: int,
+        world_size: int,
+        signature: dict[str, Any],
+        max_bytes: int | None = None,
+        owner: Owner | None = None,
+        default: bool = False,
     ) -> None:
         try:
             self.signature = json.loads(json.dumps(signature))
@@ -385,11 +402,23 @@ class LocalSnapshots:
         self._lent: tuple[_Taking, Callable[[], bool]] | None = None  # a snapshot a durable save reads, while in use
         self._verified: dict[int, tuple[Any, ...]] = {}  # slot -> file identity of the last snapshot verified
         self._stream = None
+        if owner is None:  # no run directory to tell whether the owner still exists: never taken over
+            owner = Owner(hashlib.sha256(json.dumps(self.signature, sort_keys=True).encode()).hexdigest()[:32])
+        self._dir: RankDir | None = None
         try:
-            _make_private_dir(Path(directory))
-            _make_private_dir(self.root)
-        except (_Disabled, OSError) as exc:
-            self._disable(f"cannot use {self.root}: {exc}")
+            self._dir = RankDir(Path(directory), rank, owner, default=default)
+        except NotUsable as exc:
+            self._disable(f"local snapshots off, {directory} not used: {exc}")
+        except OSError as exc:
+            self._disable(f"local snapshots off, cannot use {self.root}: {exc}")
+
+    def set_signature(self, signature: dict[str, Any]) -> None:
+        """From now on, snapshots are taken (and used) under ``signature``: e.g. a new timeline after a durable
+        resume; snapshots of the old one no longer count."""
+        self._finish()
+        self.signature = json.loads(json.dumps(signature))
+        self._held = None
+        self._verified.clear()
 
     # ------------------------------------------------------------------------------------------------ taking
     def snapshot(self, step: int, states: Mapping[str, Stateful]) -> None:
@@ -523,6 +552,8 @@ class LocalSnapshots:
         return None
 
     def _invalidate(self, slot: int) -> None:
+        if self._dir is None:  # not this run's directory: never touched
+            return
         try:
             os.unlink(self._files[slot].marker)
         except FileNotFoundError:
@@ -635,7 +666,10 @@ class LocalSnapshots:
 
     def drop_after(self, step: int) -> None:
         """Remove this rank's snapshots of steps after ``step``: the run goes on from ``step``, and those belong to
-        a timeline it has left (call after resuming from a durable checkpoint)."""
+        a timeline it has left (call after resuming from a durable checkpoint). Nothing, when the directory is not
+        this run's (the tier is off)."""
+        if self._dir is None:
+            return
         self._finish()
         for slot, marker in self._markers(match=False).items():
             if marker["step"] > step:
@@ -652,9 +686,14 @@ class LocalSnapshots:
         with open(self.root / _data_name(slot), "rb", buffering=0) as data:
             for path, record in zip(paths, marker["tensors"]):
                 tensor = _read_tensor(data, record)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    # a poisoned state (NaN written into a parameter while the loss still looked finite) is never
+                    # resumed: the durable tier, whose writer refuses such tensors, takes over
+                    raise ValueError(f"local snapshot of step {marker['step']}: {record['key']} holds NaN or Inf")
                 if record["dtensor"]:
                     if path[0] not in live:
-                        live[path[0]] = states[path[0]].state_dict()
+                        state = states[path[0]]
+                        live[path[0]] = getattr(state, "layout_state_dict", state.state_dict)()
                     tensor = _as_dtensor(tensor, _at(live[path[0]], path[1:]), path)
                 values[path] = tensor
         return {name: _join(skeleton["tree"][name], (name,), values) for name in marker["states"]}
@@ -713,25 +752,26 @@ class LocalSnapshots:
         """Delete this rank's snapshots (the run finished cleanly), and the directories once empty."""
         self._finish()
         self._unmap()
-        shutil.rmtree(self.root, ignore_errors=True)
-        try:
-            self.root.parent.rmdir()
-        except OSError:
-            pass  # other ranks' snapshots are still there
+        if self._dir is not None:
+            self._dir.remove()  # ftrain's own files only; directories only once empty
+            self._dir.close()
+            self._dir = None
         self._held = None
         self.disabled = self.disabled or "removed"
 
     def close(self) -> None:
-        """Finish the snapshot in flight and let go of the mappings; the files stay (directories this process
-        made and left empty go). Idempotent."""
+        """Finish the snapshot in flight and let go of the mappings; the snapshots stay (a directory that never
+        held one goes). Idempotent."""
         try:
             self._finish()
         finally:
             self._executor.shutdown(wait=True)
             self._unmap()
             self.disabled = self.disabled or "closed"
-            _remove_if_empty(self.root)
-            _remove_if_empty(self.root.parent)
+            if self._dir is not None:
+                self._dir.remove_if_unused()
+                self._dir.close()
+                self._dir = None
 
     def _unmap(self) -> None:
         self._views.clear()
@@ -1014,13 +1054,6 @@ def _numel(shape: Any) -> int:
     return count
 
 
-def _remove_if_empty(directory: Path) -> None:
-    try:
-        directory.rmdir()  # fails unless empty: another rank's snapshots, or this rank's, stay
-    except OSError:
-        pass
-
-
 def _replace(path: str, content: bytes, tmp: str) -> None:
     """Write ``path`` atomically (``tmp`` + rename). No fsync: on tmpfs there is no disk, and the tier does not
     claim to survive the machine."""
@@ -1038,20 +1071,6 @@ def _overwrite(path: str, content: bytes) -> None:
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
-
-
-def _make_private_dir(path: Path) -> None:
-    """Create ``path`` (mode 0700) or accept it if it is a real directory of ours: /dev/shm is shared by every
-    user of the node, and a snapshot holds the whole training state."""
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode):
-        raise _Disabled(f"{path} is not a directory")
-    if info.st_uid != os.getuid():
-        raise _Disabled(f"{path} belongs to another user")
 
 
 def _file_size(path: Path) -> int:

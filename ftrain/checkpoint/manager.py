@@ -103,6 +103,17 @@ def _stop_writer_process() -> None:
     process.__del__()  # sends TERMINATE and joins (SIGTERM after 5 s); a second call at collection does nothing
 
 
+SHARED_MEMORY = "/dev/shm"  # where async_process stages tensors for its writer process
+
+
+def _writer_process_alive() -> bool:
+    """Whether DCP's writer process of this rank is running (True when none was started yet)."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
+    return process is None or process._save_process.is_alive()
+
+
 class CachedPlanSavePlanner(DefaultSavePlanner):
     """DCP's default planner with plan caching: when no rank's local plan changed since the previous save
     (the usual case: same model, same optimizer), the ranks skip exchanging and re-validating plans.
@@ -138,6 +149,7 @@ class CheckpointManager:
         self.timeout_s = options.timeout_s
         self.write_threads = options.write_threads or auto_write_threads()
         self.failures = 0
+        self.writer_restarts = 0  # async_process: writer processes replaced after one was lost or a save failed
         self._pending: _PendingSave | None = None
         self._stager: BufferStager | None = None
         # Never id(self): a manager created after another was freed may get its id, and its first save would then
@@ -205,16 +217,20 @@ class CheckpointManager:
         states: dict[str, Any],
         marker_fields: dict[str, Any] | None = None,
         prestaged: Prestaged | None = None,
+        staging_bytes: int = 0,
     ) -> SaveStats | None:
         """Start checkpointing ``states`` as step ``step``; returns the previous save's stats, if any.
         ``marker_fields`` go into this checkpoint's commit marker. ``prestaged`` (with ``takes_prestaged``): copies
         of the live tensors made at this step, written instead of staging them again; they must stay unchanged
-        while ``in_flight(step)``."""
+        while ``in_flight(step)``. ``staging_bytes``: what staging this save would need in shared memory without
+        ``prestaged`` (``async_process`` checks there is room)."""
         if not self.enabled:
             return None
         called = time.perf_counter()
         self._wait_for_writer_start()
         previous = self._finish_pending(charge_wait=False)  # this wait is charged to the new save instead
+        if self.mode == MODE_ASYNC_PROCESS:
+            self._check_writer_process(previous, 0 if prestaged is not None else staging_bytes)
         started = time.perf_counter()
         pending = _PendingSave(
             step=step, path=layout.step_dir(self.root, step), started=started, marker_fields=dict(marker_fields or {})
@@ -226,6 +242,46 @@ class CheckpointManager:
             self._save_async(pending, states, prestaged if self.takes_prestaged else None)
         pending.blocking_s += time.perf_counter() - called
         return previous
+
+    def _check_writer_process(self, previous: SaveStats | None, staging_bytes: int) -> None:
+        """``async_process``, before each save, agreed by every rank (the ranks' writer processes form a process
+        group of their own, so all ranks act together). Collective.
+
+        * Too little shared memory for staging on any rank: every rank saves with the thread writer from now on
+          (``async``), with one warning; staging into shared memory would fail every save.
+        * A rank's writer process is gone (killed, crashed) or the previous save failed: every rank stops its
+          writer process, so that this save starts new ones; otherwise every later save would fail."""
+        free = shutil.disk_usage(SHARED_MEMORY).free if staging_bytes and os.path.isdir(SHARED_MEMORY) else None
+        node_bytes = staging_bytes * int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # the node's ranks share it
+        short = free is not None and node_bytes * 1.25 > free
+        # a save that failed for want of shared memory says so (torch: "unable to allocate shared memory")
+        short = 1.0 if short or (previous is not None and "shared memory" in previous.error) else 0.0
+        dead = 0.0 if _writer_process_alive() else 1.0
+        failed = 1.0 if previous is not None and not previous.ok else 0.0
+        short, dead, failed = max_over_ranks([short, dead, failed], self.device)
+        if short:
+            if self.rank == 0:
+                logger.warning(
+                    "checkpoint.mode=async_process: too little room in %s to stage %.1f MB per rank for the writer "
+                    "process; saving with the writer thread (checkpoint.mode=async) from now on",
+                    SHARED_MEMORY,
+                    staging_bytes / 1e6,
+                )
+            self.mode = MODE_ASYNC
+            if self._stager is not None:  # its buffers were meant to be shared with the writer process
+                self._stager.close()
+                self._stager = None
+            _stop_writer_process()
+            return
+        if not (dead or failed):
+            return
+        if self.rank == 0:
+            logger.warning(
+                "starting a new checkpoint writer process on every rank: %s",
+                "a writer process is gone" if dead else f"the save of step {previous.step if previous else '?'} failed",
+            )
+        self.writer_restarts += 1
+        _stop_writer_process()
 
     def _save_sync(self, pending: _PendingSave, states: dict[str, Any]) -> None:
         try:
