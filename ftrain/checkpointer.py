@@ -144,6 +144,8 @@ class Checkpointer:
         self._metrics: Any = None
         self._status = StatusWriter(self.run_dir, False, _blank_status())
         self._recovery: dict[str, float] | None = None
+        _require_stateful_loader(dataloader)
+        _show_ftrain_logs(self.ctx.is_main)
         _give_loader_a_generator(dataloader)
         self.progress = TrainProgress(
             scheduler,
@@ -215,10 +217,10 @@ class Checkpointer:
         tier = self._load_local()
         result = None
         if tier is None:
-            self._start_timeline()
             if self.manager.enabled or self.options.resume != "auto":
                 result = self.manager.load(self._states_for_marker, optional_prefixes=TrainProgress.OPTIONAL_PREFIXES)
                 self._warn_if_resharded()
+            self._start_timeline()  # after the load: a refused start changes nothing
             if result is not None:
                 tier = "durable"
             elif self.options.initial_load:  # no checkpoint of its own: start from these weights
@@ -242,9 +244,11 @@ class Checkpointer:
             self._metrics.log({tags.CKPT_LOAD_S: load_s}, self.step)
         self._start_status(load_s if tier != "fresh" else 0.0, tier)
         self.schedule.start(self.step)
+        self.local_schedule.start(self.step)
         if self.schedule.auto and self.manager.enabled:
             self._announce_interval("starts at")
         self._loaded = True
+        self._loaded_at = time.perf_counter()
         return self.step
 
     def maybe_save(
@@ -261,6 +265,8 @@ class Checkpointer:
         self._require_loaded("maybe_save")
         self._advance_to(step)
         now = time.perf_counter()
+        if not self._metrics.logged(tags.STEP_TIME_S, step):  # the loop did not log it: ftrain-report needs it
+            self._metrics.log({tags.STEP_TIME_S: now - (self._last_call or self._loaded_at)}, step)
         if self._last_call is not None:
             # a background write that ran during any part of this step slowed it, even if it has finished since
             self.schedule.observe_step(now - self._last_call, save_in_flight=self.manager.busy_since(self._last_call))
@@ -342,6 +348,7 @@ class Checkpointer:
         if self.local is not None:
             self.local.drop_after(self.step)  # newer snapshots hold the steps that went bad
         self.schedule.start(self.step)
+        self.local_schedule.start(self.step)
         skipped = self._skip_batches(self.health.batches_to_skip(failed_step, self.step))
         if hasattr(self._metrics, "restart_from"):
             self._metrics.restart_from(self.step)  # the curve continues from the restored step
@@ -831,10 +838,15 @@ class _WriterAdapter:
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
+        self._last_step: dict[str, int] = {}
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
+            self._last_step[name] = step
+
+    def logged(self, tag: str, step: int) -> bool:
+        return self._last_step.get(tag) == step
 
     def flush(self) -> None:
         self.writer.flush()
@@ -900,6 +912,30 @@ def _state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 def _has_persistent_buffers(model: nn.Module) -> bool:
     buffers = {name for name, _ in model.named_buffers()}
     return bool(buffers & set(model.state_dict().keys()))
+
+
+def _show_ftrain_logs(is_main: bool) -> None:
+    """Make the library's own lines ("resumed from ...", "checkpoint step N committed ...") visible in a loop
+    that configured no logging (Python shows only warnings then): a handler on the ``ftrain`` logger, INFO on
+    rank 0 and warnings elsewhere. A program that configured logging itself keeps its own setup."""
+    library = logging.getLogger("ftrain")
+    if library.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s [ftrain] %(message)s", "%H:%M:%S"))
+    library.addHandler(handler)
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def _require_stateful_loader(dataloader: Any) -> None:
+    """A loader whose position cannot be saved would resume at its start: refuse it before anything is taken."""
+    if dataloader is not None and not (hasattr(dataloader, "state_dict") and hasattr(dataloader, "load_state_dict")):
+        raise ValueError(
+            f"dataloader={type(dataloader).__name__} cannot save its position (no state_dict/load_state_dict): use "
+            "torchdata.stateful_dataloader.StatefulDataLoader (a drop-in DataLoader), or save your own position "
+            "with extra="
+        )
 
 
 def _give_loader_a_generator(dataloader: Any) -> None:

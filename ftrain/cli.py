@@ -6,7 +6,7 @@
 
 Exit codes: 0 finished, 75 preempted after saving (run again to resume), 65 stopped on an unhealthy step
 (train.on_unhealthy=stop, or max_rollbacks spent), 1 error, 2 bad configuration (nothing
-written). A run that stopped for a preemption signal also leaves ``RUN_DIR/PREEMPTED`` (torchrun itself exits 1
+written), 130 interrupted by Ctrl-C (SIGINT; nothing damaged, run again to resume). A run that stopped for a preemption signal also leaves ``RUN_DIR/PREEMPTED`` (torchrun itself exits 1
 when it is signalled, so a scheduler can look for this file instead); the next start of the run removes it.
 """
 
@@ -21,6 +21,7 @@ from ftrain.config import Config, ConfigError, keys, load_config, format_value, 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
 
 logger = logging.getLogger("ftrain")
 
@@ -40,7 +41,7 @@ options:
 exit codes: 0 finished; 75 preempted by a signal after saving (run the same command again to resume; the run
 directory holds a PREEMPTED file); 65 stopped on an unhealthy step (NaN/Inf loss or grad norm, or a spike); 1 error;
 2 bad configuration, data or run directory (one line on stderr,
-nothing written)."""
+nothing written); 130 interrupted by Ctrl-C (nothing damaged: run the same command again to resume)."""
 
 
 def help_text() -> str:
@@ -93,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(cfg: Config) -> int:
     from ftrain.checkpoint import CheckpointError
+    from ftrain.checkpoint.errors import ResumeRefused
     from ftrain.health import EXIT_UNHEALTHY, UnhealthyError
     from ftrain.metrics import setup_logging
     from ftrain.trainer import Trainer, is_peer_failure
@@ -107,6 +109,13 @@ def _train(cfg: Config) -> int:
     except UnhealthyError as exc:
         print(f"ftrain: stopped: {exc}", file=sys.stderr)
         code = EXIT_UNHEALTHY
+    except ResumeRefused as exc:  # found before anything in the run directory changed
+        if _local_rank() == 0:
+            print(f"ftrain: config error: {exc}", file=sys.stderr)
+        code = EXIT_CONFIG
+    except KeyboardInterrupt:
+        print(f"ftrain: interrupted (SIGINT) on rank {_rank()}; run the same command again to resume", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except (CheckpointError, ValueError) as exc:
         print(f"ftrain: error: {exc}", file=sys.stderr)
         code = EXIT_ERROR

@@ -88,6 +88,9 @@ class LocalSchedule:
     re-evaluated only at fixed steps and agreed by the caller (``propose`` then ``set``)."""
 
     REVIEW_EVERY = 50  # steps between re-evaluations of an auto interval (the same steps on every rank)
+    # The first review comes this many steps after a start, once three snapshots and three steps are measured, so
+    # a large state is not snapshotted at every step until the first regular review whatever it costs.
+    FIRST_REVIEW_AFTER = 4
     MAX_AUTO_INTERVAL = 100
 
     def __init__(self, interval: str | int, overhead_budget: float = 0.01) -> None:
@@ -96,12 +99,17 @@ class LocalSchedule:
         self.budget = overhead_budget
         self._costs: deque[float] = deque(maxlen=20)
         self._steps: deque[float] = deque(maxlen=200)
+        self._first_review: int | None = None
+
+    def start(self, step: int) -> None:
+        """The run (re)starts at ``step`` (the same on every rank): the first review follows shortly."""
+        self._first_review = step + self.FIRST_REVIEW_AFTER
 
     def due(self, step: int) -> bool:
         return self.interval > 0 and step % self.interval == 0
 
     def review_due(self, step: int) -> bool:
-        return self.auto and step % self.REVIEW_EVERY == 0
+        return self.auto and (step % self.REVIEW_EVERY == 0 or step == self._first_review)
 
     def observe_step(self, seconds: float) -> None:
         self._steps.append(seconds)

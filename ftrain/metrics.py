@@ -56,12 +56,15 @@ class Metrics:
         self.writer: ScalarWriter | None = None
         self.enabled = enabled
         self.broken = False
+        self._last_step: dict[str, int] = {}  # tag -> the last step it was logged at (on every rank)
         if enabled:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             # purge_step drops events at or after it that an earlier, killed attempt of this run logged
             self.writer = _summary_writer(self.log_dir, purge_step=start_step + 1 if start_step else None)
 
     def log(self, scalars: dict[str, float], step: int) -> None:
+        for name in scalars:
+            self._last_step[name] = step
         if self.writer is None:
             return
         try:
@@ -69,6 +72,10 @@ class Metrics:
                 self.writer.add_scalar(name, value, step)
         except OSError as exc:
             self._pause(exc)
+
+    def logged(self, tag: str, step: int) -> bool:
+        """Whether ``tag`` was logged for ``step`` already (e.g. by the training loop)."""
+        return self._last_step.get(tag) == step
 
     def flush(self) -> None:
         if self.broken and self.enabled:

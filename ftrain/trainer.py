@@ -160,8 +160,8 @@ class Trainer:
         )
         self._faults = DebugFaults(cfg.debug, self.env.is_main)
         try:
-            self._write_config()
             self.checkpointer.load()
+            self._write_config()  # after the load: a refused start (another model, no such step) writes nothing
         except BaseException:
             self.checkpointer.abort()
             raise

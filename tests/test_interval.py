@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import ftrain
 from ftrain import tags
-from ftrain.interval import FIRST_AUTO_INTERVAL, SaveSchedule
+from ftrain.interval import FIRST_AUTO_INTERVAL, LocalSchedule, SaveSchedule
 
 from conftest import check_ok, run_train, scalars
 
@@ -69,11 +69,13 @@ def test_recipe_with_auto_interval_logs_its_choice(tmp_path):
     assert "checkpoint.interval=auto starts at 10 steps" in proc.stderr
     logged = scalars(tmp_path / "tb", tags.CKPT_INTERVAL)
     assert logged[0] == FIRST_AUTO_INTERVAL and len(logged) >= 2 and all(v >= 1 for v in logged.values())
-    # the local tier (on by default, local_interval=auto) logs its interval and snapshot cost at each review
+    # the local tier (on by default, local_interval=auto) logs its interval and snapshot cost at each review: the
+    # first a few steps after the start, from the first snapshots measured, then every 50 steps
     local = scalars(tmp_path / "tb", tags.LOCAL_INTERVAL)
     cost = scalars(tmp_path / "tb", tags.LOCAL_SNAPSHOT_S)
-    assert list(local) == [50] and 1 <= local[50] <= 100
-    assert list(cost) == [50] and 0 < cost[50] < 0.5
+    first = LocalSchedule.FIRST_REVIEW_AFTER
+    assert list(local) == [first, 50] and all(1 <= local[step] <= 100 for step in local)
+    assert list(cost) == [first, 50] and all(0 < cost[step] < 0.5 for step in cost)
 
 
 def test_checkpointer_accepts_an_integer_or_auto_interval(tmp_path):
@@ -95,3 +97,19 @@ def test_local_interval_auto_is_the_fewest_steps_whose_snapshot_cost_fits_the_bu
     assert schedule.propose() == 3 and schedule.cost_s == 0.0025
     assert schedule.set(3) and schedule.due(9) and not schedule.due(10)
     assert LocalSchedule("0").interval == 0 and not LocalSchedule("0").due(5)
+
+
+def test_local_interval_auto_is_first_reviewed_a_few_steps_after_each_start():
+    """A large state is not snapshotted at every step until step 50 whatever it costs: the first review comes
+    FIRST_REVIEW_AFTER steps after a start (the same step on every rank), from the first measured snapshots."""
+    from ftrain.interval import LocalSchedule
+
+    schedule = LocalSchedule("auto", overhead_budget=0.01)
+    schedule.start(120)
+    first = 120 + LocalSchedule.FIRST_REVIEW_AFTER
+    assert [step for step in range(121, 160) if schedule.review_due(step)] == [first, 150]
+    for _ in range(3):
+        schedule.observe_step(0.1)
+        schedule.observe_snapshot(0.02)  # 20% of a step: every 20th step fits 1%
+    assert schedule.propose() == 20
+    assert not LocalSchedule("5").review_due(LocalSchedule.FIRST_REVIEW_AFTER)  # a fixed interval is never reviewed

@@ -11,6 +11,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or loaded; the message says which and why."""
 
 
+class ResumeRefused(CheckpointError):
+    """The run cannot resume as configured (a checkpoint of another model or a newer format, a ``resume`` that
+    names no complete checkpoint, a refused world size): a configuration error, found before anything changed."""
+
+
 def describe_error(exc: BaseException) -> str:
     """One line with the root cause: DCP wraps each rank's exception and its traceback in one big message."""
     failures = getattr(exc, "failures", None)

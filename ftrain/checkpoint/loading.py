@@ -18,7 +18,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.stateful import Stateful
 
 from ftrain.checkpoint import integrity, layout
-from ftrain.checkpoint.errors import CheckpointError, describe_diff, describe_error
+from ftrain.checkpoint.errors import CheckpointError, ResumeRefused, describe_diff, describe_error
 from ftrain.checkpoint.safe_load import ChecksumMismatch, SafeFileSystemReader, SafeLoadPlanner
 from ftrain.distributed import max_over_ranks
 
@@ -57,13 +57,13 @@ def find_candidates(root: Path, resume: str) -> list[layout.StepDir]:
         path = layout.step_dir(root, step)
         if not (path / layout.MARKER).is_file():
             have = ", ".join(str(d.step) for d in layout.complete_steps(root)) or "none"
-            raise CheckpointError(f"checkpoint.resume={resume}: no complete checkpoint {path} (complete steps: {have})")
+            raise ResumeRefused(f"checkpoint.resume={resume}: no complete checkpoint {path} (complete steps: {have})")
         return [layout.StepDir(step, path, True)]
     path = Path(resume).expanduser()
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint.resume={resume}: no such checkpoint directory")
+        raise ResumeRefused(f"checkpoint.resume={resume}: no such checkpoint directory")
     if not (path / layout.MARKER).is_file():
-        raise CheckpointError(f"checkpoint.resume={resume}: not a complete checkpoint (no {layout.MARKER} marker)")
+        raise ResumeRefused(f"checkpoint.resume={resume}: not a complete checkpoint (no {layout.MARKER} marker)")
     return [layout.StepDir(layout.parse_step(path) or -1, path, True)]
 
 
@@ -130,16 +130,16 @@ def check(path: Path, expect: Expectations, rank: int, world_size: int, verify_c
     try:
         marker = layout.read_marker(path)
     except layout.NewerFormatError as exc:
-        raise CheckpointError(f"{exc}: resume it with that ftrain, or use another run.dir") from None
+        raise ResumeRefused(f"{exc}: resume it with that ftrain, or use another run.dir") from None
     except ValueError as exc:
         return str(exc)
     if expect.model is not None and marker.get("model") != expect.model:
-        raise CheckpointError(
+        raise ResumeRefused(
             f"checkpoint {path} was saved for a different model ({describe_diff(marker.get('model'), expect.model)}); "
             f"use a matching config or another run.dir"
         )
     if marker.get("world_size") != expect.world_size and not expect.allow_world_size_change:
-        raise CheckpointError(
+        raise ResumeRefused(
             f"checkpoint {path} was saved with {marker.get('world_size')} ranks, this run has {expect.world_size}, "
             f"and checkpoint.on_world_size_change=refuse"
         )
