@@ -20,10 +20,11 @@ and resumed bit for bit. ``help(ftrain.Checkpointer)`` lists every option. The r
 (``torchrun recipes/train.py``) runs on the same class.
 
 Public names:
-    Checkpointer     checkpoints a run and resumes it
-    CheckpointError  a checkpoint could not be saved or no usable one could be loaded
-    LockedError      another live job holds the run directory
-    EXIT_PREEMPTED   the exit code (75) for "saved after a preemption signal; run again to resume"
+    Checkpointer       checkpoints a run and resumes it
+    CheckpointOptions  every checkpoint option (interval, mode, keep_last, ...) with its default and meaning
+    CheckpointError    a checkpoint could not be saved or no usable one could be loaded
+    LockedError        another live job holds the run directory
+    EXIT_PREEMPTED     the exit code (75) for "saved after a preemption signal; run again to resume"
 """
 
 from __future__ import annotations
@@ -35,15 +36,17 @@ from ftrain._version import __version__
 if TYPE_CHECKING:
     from ftrain.checkpoint.errors import CheckpointError
     from ftrain.checkpoint.lock import LockedError
+    from ftrain.checkpoint.options import CheckpointOptions
     from ftrain.checkpointer import Checkpointer
     from ftrain.preemption import EXIT_PREEMPTED
 
-__all__ = ["Checkpointer", "CheckpointError", "EXIT_PREEMPTED", "LockedError", "__version__"]
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointOptions", "EXIT_PREEMPTED", "LockedError", "__version__"]
 
 # Imported on first use, so that ``import ftrain.config`` (a command's --help) does not pay for torch.
 _PUBLIC = {
     "Checkpointer": "ftrain.checkpointer",
     "CheckpointError": "ftrain.checkpoint.errors",
+    "CheckpointOptions": "ftrain.checkpoint.options",
     "LockedError": "ftrain.checkpoint.lock",
     "EXIT_PREEMPTED": "ftrain.preemption",
 }

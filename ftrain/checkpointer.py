@@ -16,6 +16,7 @@ The recipe's ``Trainer`` runs on this same class.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 import uuid
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from ftrain import faults, processes, tags
 from ftrain.checkpoint import keys, layout, safe_types
+from ftrain.checkpoint.collectives import DistContext, max_over_ranks, sum_over_ranks
 from ftrain.checkpoint.compat import RunSignature, model_fingerprint
 from ftrain.checkpoint.errors import CheckpointError, describe_error
 from ftrain.checkpoint.local_tier import (
@@ -42,12 +44,17 @@ from ftrain.checkpoint.local_tier import (
 from ftrain.checkpoint.local_dir import Owner
 from ftrain.checkpoint.lock import LockedError, RunLock
 from ftrain.checkpoint.manager import CheckpointManager, SaveStats
-from ftrain.config import MODE_ASYNC_PROCESS, CheckpointConfig, Config, ConfigError, validate
-from ftrain.distributed import DistContext, max_over_ranks, sum_over_ranks
+from ftrain.checkpoint.options import (
+    MODE_ASYNC_PROCESS,
+    CheckpointOptions,
+    describe_options,
+    option_names,
+    option_parameters,
+)
+from ftrain.checkpoint.path_limits import check_path_limits
 from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
 from ftrain.interval import LocalSchedule, SaveSchedule
 from ftrain.preemption import EXIT_PREEMPTED, PreemptionFlag
-from ftrain.preflight import check_path_limits
 from ftrain.run_status import RunStatus, StatusWriter, read_status
 from ftrain.state import OPTIMIZER_FRESH, ModelOptimizerState, ModelState, OptimizerState, TrainProgress
 
@@ -85,9 +92,13 @@ class Checkpointer:
         dist_context: rank, device and checkpoint process group; default: found from ``torch.distributed``.
         health: what an unhealthy step is and what to do about it (``ftrain.health.HealthPolicy``); steps are
             judged from the ``loss``/``grad_norm`` given to ``maybe_save``.
-        **options: every key of the ``checkpoint`` config section (``interval``, ``mode``, ``keep_last``,
-            ``keep_every``, ``resume``, ``on_failure``, ``on_world_size_change``, ``verify``, ``signals``,
-            ``timeout_s``, ``write_threads``), with the same meaning and defaults.
+        options: a ``ftrain.CheckpointOptions`` with every option below; keyword options given as well replace
+            its fields.
+
+    Options, as keywords or fields of ``options`` (the ``checkpoint.*`` keys of the recipe's config, with the same
+    meaning and defaults; an impossible value is a one-line ``ValueError`` naming the key):
+
+        [every field of CheckpointOptions: filled in from it when this module loads]
 
     Saved under these names: ``model``, ``optimizer``, ``train`` (step, scheduler, every rank's RNGs and data
     position) and the names of ``extra``. The commit marker records them (``state_keys``).
@@ -108,9 +119,10 @@ class Checkpointer:
         run_name: str = "",
         dist_context: DistContext | None = None,
         health: HealthPolicy | None = None,
-        **options: Any,
+        options: CheckpointOptions | None = None,
+        **option_values: Any,  # every field of CheckpointOptions by name: see the signature made below the class
     ) -> None:
-        self.options = _checkpoint_options(options)
+        self.options = _checkpoint_options(options, option_values)
         self.run_dir = Path(run_dir)
         check_path_limits(self.run_dir, self.options.local_dir)  # one line, before any lock or directory
         self.model = model
@@ -182,9 +194,10 @@ class Checkpointer:
             self._hooks.append(model.register_forward_pre_hook(self._before_update))
 
     @classmethod
-    def from_config(cls, cfg: CheckpointConfig, run_dir: str | Path, **kwargs: Any) -> "Checkpointer":
-        """Build from the ``checkpoint`` config section; ``kwargs`` as for the constructor."""
-        return cls(run_dir, **dataclasses.asdict(cfg), **kwargs)
+    def from_config(cls, cfg: CheckpointOptions, run_dir: str | Path, **kwargs: Any) -> "Checkpointer":
+        """Build from the ``checkpoint`` config section (a ``CheckpointOptions``); ``kwargs`` as for the
+        constructor (an option among them replaces the section's)."""
+        return cls(run_dir, options=cfg, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- public
     @property
@@ -855,23 +868,34 @@ class _WriterAdapter:
         self.writer.flush()
 
 
-def _checkpoint_options(options: dict[str, Any]) -> CheckpointConfig:
-    known = {f.name for f in dataclasses.fields(CheckpointConfig)}
-    unknown = sorted(set(options) - known)
+def _checkpoint_options(given: CheckpointOptions | None, values: dict[str, Any]) -> CheckpointOptions:
+    """The options ``given`` (or the defaults) with the keyword ``values`` in place of their fields, checked."""
+    names = option_names()
+    unknown = sorted(set(values) - set(names))
     if unknown:
-        raise TypeError(f"Checkpointer got unknown option(s) {', '.join(unknown)}; options are {', '.join(sorted(known))}")
-    section = CheckpointConfig(**options)
-    section.interval = str(section.interval)
-    section.local_interval = str(section.local_interval)
-    section.resume = str(section.resume)  # resume=5 means the step, as "5" does
-    if isinstance(section.signals, str):
-        section.signals = [section.signals]
-    section.signals = list(section.signals)
-    try:
-        validate(Config(checkpoint=section))
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from None
-    return section
+        raise TypeError(f"Checkpointer got unknown option(s) {', '.join(unknown)}; options are {', '.join(sorted(names))}")
+    if given is None:
+        given = CheckpointOptions()
+    elif not isinstance(given, CheckpointOptions):
+        if not dataclasses.is_dataclass(given):
+            raise TypeError(f"options must be a ftrain.CheckpointOptions, not {type(given).__name__}")
+        given = CheckpointOptions(**dataclasses.asdict(given))
+    chosen = dataclasses.replace(given, **values)  # a copy: the caller's object is never changed
+    chosen.validate()
+    return chosen
+
+
+def _show_options_in_signature(cls: type) -> None:
+    """Give ``cls.__init__`` a signature and docstring with every option as a keyword parameter, made from the
+    fields of ``CheckpointOptions`` (``help()``, ``inspect.signature`` and editors' call tips show them)."""
+    init = cls.__init__
+    params = [p for p in inspect.signature(init).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    init.__signature__ = inspect.Signature([*params, *option_parameters()], return_annotation=None)
+    marker = "        [every field of CheckpointOptions: filled in from it when this module loads]"
+    cls.__doc__ = cls.__doc__.replace(marker, describe_options(indent=" " * 8))
+
+
+_show_options_in_signature(Checkpointer)
 
 
 def _ensure_run_id(run_dir: Path) -> None:

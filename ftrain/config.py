@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
-import math
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,20 +18,32 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-# checkpoint.mode: the names every module compares against
-MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_SYNC, MODE_OFF = "async", "async_process", "sync", "off"
-CHECKPOINT_MODES = (MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_SYNC, MODE_OFF)
-ON_SAVE_FAILURE = ("continue", "abort")
-ON_WORLD_SIZE_CHANGE = ("reshard", "refuse")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-EXPORT_FORMATS = ("none", "safetensors")
-EXPORT_DTYPES = ("", "float32", "bfloat16", "float16")
+# The checkpoint section is the checkpoint package's own options type (its words, defaults and checks live there).
+from ftrain.checkpoint.options import (  # noqa: F401 - re-exported: the mode and option words, the limits
+    AUTO,
+    CHECKPOINT_MODES,
+    EXPORT_DTYPES,
+    EXPORT_FORMATS,
+    EXPORT_NONE,
+    EXPORT_SAFETENSORS,
+    MAX_INT,
+    MAX_TIMEOUT_S,
+    MODE_ASYNC,
+    MODE_ASYNC_PROCESS,
+    MODE_OFF,
+    MODE_SYNC,
+    ON_SAVE_FAILURE,
+    ON_WORLD_SIZE_CHANGE,
+    RESUME_NEVER,
+    UNCATCHABLE_SIGNALS,
+    CheckpointOptions,
+    value_problem,
+)
+from ftrain.checkpoint.options import option as _key
 
-MAX_INT = 2**31 - 1  # every integer key fits a 32-bit signed int (steps, sizes, counts)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_SEED = 2**32 - 1  # (seed * 1_000_003 + step) * 1009 + rank + 1 must stay below torch.manual_seed's 2**63
 MAX_SEQ_LEN = 1_000_000
-MAX_TIMEOUT_S = 30 * 86400.0  # 30 days; threading and timedelta overflow long before inf
-UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 
 DEFAULTS_HEADER = """\
 # ftrain default run: a tiny byte-level GPT on the Python standard library's own source, 2 ranks on CPU.
@@ -49,14 +58,6 @@ DEFAULTS_HEADER = """\
 
 class ConfigError(ValueError):
     """A problem with the user's configuration; its message is one line."""
-
-
-def _key(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:  # noqa: A002 - "help" as in argparse
-    """A config field: its default, the one-line comment users see, and (for choice keys) the allowed words."""
-    metadata = {"help": help, "choices": choices}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -103,30 +104,7 @@ class TrainConfig:
     rollback_skip_batches: int = _key(-1, "batches skipped after a rollback; -1 = those since the restored checkpoint + 10%")
 
 
-@dataclass
-class CheckpointConfig:
-    interval: str = _key("50", "save every N steps, or auto: the fewest steps whose measured cost fits overhead_budget; the last step is always saved")
-    overhead_budget: float = _key(0.01, "interval=auto: the share of training time checkpoints may cost (blocked + slowed steps)")
-    max_interval_s: float = _key(1800.0, "interval=auto: a durable checkpoint is never older than this (wall seconds)")
-    mode: str = _key("async", "async | async_process | sync | off", CHECKPOINT_MODES)
-    keep_last: int = _key(3, "complete checkpoints kept; older ones go only after a newer one commits")
-    keep_every: int = _key(0, "also save and keep every K-th step forever, whatever the interval (0 = none)")
-    resume: str = _key("auto", "auto (latest complete) | never | a step number | a checkpoint path")
-    on_failure: str = _key("continue", "a failed background save: continue (warn, count) or abort the run", ON_SAVE_FAILURE)
-    on_world_size_change: str = _key(
-        "reshard", "resume on another rank count: reshard (data read exactly once) or refuse", ON_WORLD_SIZE_CHANGE
-    )
-    verify: str = _key("checksums", "check the checkpoint's files when resuming: sizes (before loading), or also checksums (xxh3-64; CRC-32 in older checkpoints), verified as the data loads", ("sizes", "checksums"))
-    signals: list[str] = _key(["SIGTERM", "SIGUSR1"], "these save a checkpoint at the next step and exit with code 75")
-    timeout_s: float = _key(600.0, "a save (or its staging) that takes longer is an error, not a hang")
-    write_threads: int = _key(0, "files each rank writes in parallel; 0 = auto (cores per local rank, at most 4)")
-    local_interval: str = _key("auto", "every N steps each rank also snapshots its state in node-local memory (0 = off); auto: the fewest steps whose measured cost fits overhead_budget")
-    local_dir: str = _key("", "where the local snapshots live; '' = /dev/shm/ftrain-<hash of run.dir>")
-    export: str = _key("none", "also write the model as Hugging Face safetensors at the last step and keep_every steps", EXPORT_FORMATS)
-    export_dtype: str = _key("", "the export's floating-point dtype: '' = as trained, float32, bfloat16 or float16", EXPORT_DTYPES)
-    initial_load: str = _key("", "warm start a run with no checkpoint yet from: an ftrain checkpoint or run dir, DCP, or safetensors")
-    initial_load_model_only: bool = _key(True, "initial_load: weights only (optimizer, schedule, step, data start fresh); false: optimizer too")
-    exclude_from_loading: list[str] = _key([], "initial_load: key prefixes left at their initial values, e.g. [head.]")
+CheckpointConfig = CheckpointOptions  # the checkpoint section: every key, default and help in ftrain.checkpoint.options
 
 
 @dataclass
@@ -197,8 +175,8 @@ def defaults_yaml() -> str:
 _BOOL_WORDS = {"off": False, "no": False, "false": False, "on": True, "yes": True, "true": True}
 _BOOL_ALIASES = {
     "checkpoint.mode": {False: MODE_OFF, True: MODE_ASYNC},
-    "checkpoint.resume": {False: "never", True: "auto"},
-    "checkpoint.export": {False: "none", True: "safetensors"},
+    "checkpoint.resume": {False: RESUME_NEVER, True: AUTO},
+    "checkpoint.export": {False: EXPORT_NONE, True: EXPORT_SAFETENSORS},
 }
 
 
@@ -370,8 +348,7 @@ def validate(cfg: Config) -> None:
     require(cfg.train.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
     require(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     require(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    for key in ("train.timeout_s", "checkpoint.timeout_s"):
-        require(0 < _get(cfg, key) <= MAX_TIMEOUT_S, key, f"must be positive and at most {MAX_TIMEOUT_S:.0f} s (30 days)")
+    require(0 < cfg.train.timeout_s <= MAX_TIMEOUT_S, "train.timeout_s", f"must be positive and at most {MAX_TIMEOUT_S:.0f} s (30 days)")
     require(1 <= cfg.model.vocab_size, "model.vocab_size", "must be at least 1")
     if getattr(cfg.data, "format", "text") == "text":
         require(cfg.model.vocab_size >= 256, "model.vocab_size", "byte-level text has token ids 0..255: needs at least 256")
@@ -382,41 +359,25 @@ def validate(cfg: Config) -> None:
     require(cfg.model.d_model % max(cfg.model.n_head, 1) == 0, "model.d_model", "must be divisible by model.n_head")
     require(0 <= cfg.model.dropout < 1, "model.dropout", "must be in [0, 1)")
     require(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    interval = str(cfg.checkpoint.interval).strip()
-    require(interval == "auto" or (interval.isdigit() and int(interval) >= 1), "checkpoint.interval", "must be auto or a number of steps >= 1")
-    require(0 < cfg.checkpoint.overhead_budget < 1, "checkpoint.overhead_budget", "must be a share of time in (0, 1), e.g. 0.01")
-    require(cfg.checkpoint.max_interval_s > 0, "checkpoint.max_interval_s", "must be positive")
-    local = str(cfg.checkpoint.local_interval).strip()
-    require(local == "auto" or local.isdigit(), "checkpoint.local_interval", "must be auto or a number of steps >= 0 (0 turns local snapshots off)")
-    require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be at least 1 (the latest is never deleted)")
-    require(cfg.checkpoint.keep_every >= 0, "checkpoint.keep_every", "must be >= 0 (0 keeps none permanently)")
     require(cfg.train.gc_interval >= 0, "train.gc_interval", "must be >= 0 (0 = Python's automatic collection)")
     require(cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1, "train.spike_factor", "must be 0 (off) or above 1")
     require(cfg.train.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0")
     require(cfg.train.rollback_skip_batches >= -1, "train.rollback_skip_batches", "must be >= 0, or -1 for automatic")
-    require(cfg.checkpoint.write_threads >= 0, "checkpoint.write_threads", "must be >= 0 (0 = one per free core, up to 4)")
     require(cfg.log.interval >= 1, "log.interval", "must be at least 1")
-    require(bool(cfg.checkpoint.resume.strip()), "checkpoint.resume", "must be auto, never, a step number or a path")
-    has_safetensors = importlib.util.find_spec("safetensors") is not None
-    require(cfg.checkpoint.export != "safetensors" or has_safetensors, "checkpoint.export", "needs the safetensors package (pip install safetensors)")
-    require("\0" not in cfg.checkpoint.initial_load, "checkpoint.initial_load", "must not contain a NUL byte")
-    require(all(str(p).strip() for p in cfg.checkpoint.exclude_from_loading), "checkpoint.exclude_from_loading", "an empty prefix would exclude every key")
-    for name in cfg.checkpoint.signals:
-        require(name not in UNCATCHABLE_SIGNALS, "checkpoint.signals", f"{name} cannot be caught, so it cannot trigger a save")
-        known = isinstance(getattr(signal, str(name), None), signal.Signals)
-        require(known, "checkpoint.signals", f"unknown signal {name!r} (use names like SIGTERM, SIGUSR1)")
+    try:
+        cfg.checkpoint.validate()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _validate_generic(cfg: Config, require: Any) -> None:
-    """Rules every key of a kind obeys: choices, finite floats, integers that fit 32 bits."""
+    """Rules every key of a kind obeys: choices, finite floats, integers that fit 32 bits (the checkpoint section
+    checks its own, in ``CheckpointOptions.validate``)."""
     for info in keys():
-        value = _get(cfg, info.key)
-        if info.choices:
-            require(value in info.choices, info.key, f"must be one of {', '.join(info.choices)}")
-        if isinstance(value, float):
-            require(math.isfinite(value), info.key, "must be a finite number")
-        if isinstance(value, int) and not isinstance(value, bool) and info.key != "train.seed":
-            require(abs(value) <= MAX_INT, info.key, f"must be at most {MAX_INT} (2**31 - 1)")
+        if info.key.startswith("checkpoint."):
+            continue
+        problem = value_problem(_get(cfg, info.key), info.choices, limit_int=info.key != "train.seed")
+        require(problem is None, info.key, problem or "")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from ftrain.checkpoint import integrity, layout
 from ftrain.checkpoint.errors import CheckpointError, ResumeRefused, describe_diff, describe_error
 from ftrain.checkpoint.safe_load import ChecksumMismatch, SafeFileSystemReader, SafeLoadPlanner
-from ftrain.distributed import max_over_ranks
+from ftrain.checkpoint.collectives import max_over_ranks
 
 logger = logging.getLogger("ftrain.checkpoint")
 

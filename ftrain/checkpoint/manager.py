@@ -33,13 +33,13 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType,
 
 from ftrain import faults
 from ftrain.checkpoint import integrity, layout, loading
+from ftrain.checkpoint.collectives import DistContext, max_over_ranks
 from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
 from ftrain.checkpoint.loading import LoadResult, StatesFor
+from ftrain.checkpoint.options import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointOptions
 from ftrain.checkpoint.staging import BufferStager, Prestaged
 from ftrain.checkpoint.writer import CheckpointWriter, NonFiniteStateError, auto_write_threads
-from ftrain.config import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointConfig
-from ftrain.distributed import DistContext, max_over_ranks
 
 logger = logging.getLogger("ftrain.checkpoint")
 
@@ -136,7 +136,7 @@ class CheckpointManager:
     models, data or the trainer.
     """
 
-    def __init__(self, root: Path, options: CheckpointConfig, ctx: DistContext, signature: RunSignature) -> None:
+    def __init__(self, root: Path, options: CheckpointOptions, ctx: DistContext, signature: RunSignature) -> None:
         self.root = Path(root)
         self.options = options
         self.mode = options.mode
