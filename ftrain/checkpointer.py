@@ -33,15 +33,15 @@ from ftrain.checkpoint import keys, layout, safe_types
 from ftrain.checkpoint.collectives import DistContext, max_over_ranks, sum_over_ranks
 from ftrain.checkpoint.compat import RunSignature, model_fingerprint
 from ftrain.checkpoint.errors import CheckpointError, describe_error
-from ftrain.checkpoint.local_tier import (
+from ftrain.checkpoint.local import (
     LocalModelState,
     LocalOptimizerState,
     LocalProgressState,
     LocalSnapshots,
+    Owner,
     agree_on_step,
     default_directory,
 )
-from ftrain.checkpoint.local_dir import Owner
 from ftrain.checkpoint.lock import LockedError, RunLock
 from ftrain.checkpoint.manager import CheckpointManager, SaveStats
 from ftrain.checkpoint.options import (

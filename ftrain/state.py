@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import random
 from array import array
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -97,6 +97,10 @@ def to_blob(obj: Any) -> bytes:
 
 def from_blob(blob: bytes) -> Any:
     return torch.load(io.BytesIO(blob), weights_only=True)
+
+
+def _as_is(value: Any) -> Any:
+    return value
 
 
 def capture_rng(device: torch.device) -> dict[str, Any]:
@@ -198,20 +202,32 @@ class TrainProgress(Stateful):
         return self.health.state_dict() if self.health is not None else None
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Entries as ``state_dict()`` makes them (the durable format): scheduler, RNG, loader and health as
+        ``torch.save`` blobs; an empty blob is a rank's entry the checkpoint does not have."""
+        self._load(state_dict, from_blob, lambda entries, key: bool(entries.get(key)))
+
+    def load_objects(self, state_dict: dict[str, Any]) -> None:
+        """The same entries with the objects themselves in place of their blobs (a local snapshot's
+        ``LocalProgressState``): no encoding round trip. A rank's entry is there when its key is."""
+        self._load(state_dict, _as_is, lambda entries, key: key in entries)
+
+    def _load(
+        self, state_dict: dict[str, Any], decode: Callable[[Any], Any], held: Callable[[dict[str, Any], str], bool]
+    ) -> None:
         key = f"rank_{self.rank}"
         self.step = int(state_dict["step"])
         self.data_position = {k: int(v) for k, v in state_dict["data_position"].items()}
-        scheduler_state = from_blob(state_dict["scheduler"])
+        scheduler_state = decode(state_dict["scheduler"])
         if self.scheduler is not None and scheduler_state is not None:
             self.scheduler.load_state_dict(scheduler_state)
         saved_world_size = int(state_dict["world_size"])
-        rng_blob, data_blob = state_dict["rng"].get(key), state_dict["data"].get(key)
-        if saved_world_size == self.world_size and rng_blob and data_blob:
-            data_state = from_blob(data_blob)
+        rng, data, health = state_dict["rng"], state_dict["data"], state_dict.get("health", {})
+        if saved_world_size == self.world_size and held(rng, key) and held(data, key):
+            data_state = decode(data[key])
             if self.dataloader is not None and data_state is not None:
                 self.dataloader.load_state_dict(data_state)
-            restore_rng(from_blob(rng_blob), self.device)
-            self._restore_health(state_dict.get("health", {}).get(key))
+            restore_rng(decode(rng[key]), self.device)
+            self._restore_health(decode(health[key]) if held(health, key) else None)
             return
         # Another world size: per-rank states do not map onto these ranks; continue from the global position.
         self.resharded_from = saved_world_size
@@ -220,12 +236,11 @@ class TrainProgress(Stateful):
             self.sampler.load_state_dict(self.data_position)
         seed_rank_rngs(self.seed, self.rank, self.step)
 
-    def _restore_health(self, blob: bytes | None) -> None:
+    def _restore_health(self, state: dict[str, Any] | None) -> None:
         """The saved window, or an empty one where none was saved for this rank (the restored timeline's window is
         unknown: no spike verdict until enough healthy losses again, as in a fresh run)."""
         if self.health is None:
             return
-        state = from_blob(blob) if blob else None
         if state is None:
             self.health.clear()
         else:

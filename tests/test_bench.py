@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from ftrain.checkpoint.local_tier import default_directory
+from ftrain.checkpoint.local import default_directory
 
 TOOL = REPO / "tools" / "bench_checkpoint.py"
 MODES = ("sync", "async", "async_process")

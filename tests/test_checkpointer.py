@@ -18,7 +18,7 @@ import ftrain
 from ftrain import faults, tags
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.reader import read_tensors
-from ftrain.checkpoint.local_tier import LocalSnapshots
+from ftrain.checkpoint.local import LocalSnapshots
 from ftrain.checkpoint.staging import BufferStager
 
 from conftest import REPO, TORCHRUN, assert_same_tensors, kill_job, scalars

@@ -44,7 +44,7 @@ def test_pinned_staging_waits_for_queued_work_and_reuses_buffers():
 def test_local_snapshot_of_device_state_is_pinned_waits_for_queued_work_and_restores(tmp_path):
     """The tier copies device state on a side stream of the state's own device into page-locked slots, after
     the work the training stream had queued (a fill behind a long GPU spin), and restores it bit for bit."""
-    from ftrain.checkpoint.local_tier import LocalSnapshots
+    from ftrain.checkpoint.local import LocalSnapshots
 
     class State:
         def __init__(self, tensor):
@@ -67,7 +67,7 @@ def test_local_snapshot_of_device_state_is_pinned_waits_for_queued_work_and_rest
             tier.wait()
             tier._finish()
             assert tier.disabled is None, tier.disabled
-            buffers = list(tier._buffers.values())
+            buffers = list(tier._slots.buffers.values())
             assert buffers and all(buffer.is_pinned() for buffer in buffers)
             assert tier._stream.device == device
             restored = State(None)

@@ -15,7 +15,7 @@ import pytest
 
 from ftrain import tags
 from ftrain.checkpoint import layout
-from ftrain.checkpoint.local_tier import default_directory
+from ftrain.checkpoint.local import default_directory
 from ftrain.run_status import read_status
 
 from conftest import (

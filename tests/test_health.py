@@ -16,7 +16,7 @@ import torch.nn as nn
 import ftrain
 from ftrain import tags
 from ftrain.checkpoint import layout
-from ftrain.checkpoint.local_tier import default_directory
+from ftrain.checkpoint.local import default_directory
 from ftrain.checkpoint.reader import differing_tensors
 from ftrain.health import EXIT_UNHEALTHY, HealthMonitor, HealthPolicy, UnhealthyError, spike_limit
 

@@ -12,7 +12,7 @@ import pytest
 
 from ftrain import tags
 from ftrain.checkpoint import layout
-from ftrain.checkpoint.local_tier import default_directory
+from ftrain.checkpoint.local import default_directory
 
 from conftest import (
     REPO,

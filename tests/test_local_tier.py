@@ -1,4 +1,4 @@
-"""The local snapshot tier (ftrain/checkpoint/local_tier.py): round trip, A/B slots, kills, damage, foreign
+"""The local snapshot tier (ftrain/checkpoint/local/): round trip, A/B slots, kills, damage, foreign
 snapshots, no room, and agreeing on a step across ranks."""
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from ftrain.checkpoint import local_tier
-from ftrain.checkpoint.local_tier import (
+from ftrain.checkpoint import local
+from ftrain.checkpoint.local import reading
+from ftrain.checkpoint.local import (
     LocalModelState,
     LocalOptimizerState,
     LocalProgressState,
@@ -28,6 +29,7 @@ from ftrain.checkpoint.local_tier import (
     common_step,
     default_directory,
 )
+from ftrain.checkpoint.sums import buffer_sum
 from ftrain.state import ModelState, OptimizerState, TrainProgress
 
 REPO = Path(__file__).resolve().parent.parent
@@ -256,7 +258,7 @@ def test_restore_and_drop_after_remove_later_steps_of_the_old_timeline(tmp_path)
 CHILD = r"""
 import sys, time, torch
 from pathlib import Path
-from ftrain.checkpoint.local_tier import LocalSnapshots
+from ftrain.checkpoint.local import LocalSnapshots
 directory = Path(sys.argv[1])
 
 def slow_copy(self, tensors, views, ready):  # a big state: the copy takes a while, tensor by tensor
@@ -395,7 +397,7 @@ def test_tensor_paths_go_in_the_marker_when_json_keeps_them_else_in_the_skeleton
     blob = pickle.dumps(skeleton, protocol=2)
     skel_path.write_bytes(blob)
     marker["format"] = 2
-    marker["skeleton"].update(size=len(blob), checksum=local_tier._sum(blob, marker["checksum"]["algorithm"]))
+    marker["skeleton"].update(size=len(blob), checksum=buffer_sum(blob, marker["checksum"]["algorithm"]))
     marker_path.write_text(json.dumps(marker))
     three = Filled(0)
     tier_at(tmp_path).restore(3, {"t": three})
@@ -412,8 +414,6 @@ def test_a_crafted_skeleton_with_a_valid_checksum_is_refused_without_running_it(
     an unpickler that builds plain values only, so the payload is refused, not run."""
     import pickle
 
-    from ftrain.checkpoint import local_tier
-
     monkeypatch.chdir(tmp_path)
     tier = tier_at(tmp_path)
     take(tier, 1)
@@ -422,7 +422,7 @@ def test_a_crafted_skeleton_with_a_valid_checksum_is_refused_without_running_it(
     evil = pickle.dumps({"tree": {"t": _Boom()}, "paths": []}, protocol=2)
     (rank_dir / f"slot-{slot}.skel").write_bytes(evil)
     marker = json.loads((rank_dir / f"slot-{slot}.json").read_text())
-    marker["skeleton"].update(size=len(evil), checksum=local_tier._sum(evil, marker["checksum"]["algorithm"]))
+    marker["skeleton"].update(size=len(evil), checksum=buffer_sum(evil, marker["checksum"]["algorithm"]))
     marker["tensors"] = []
     (rank_dir / f"slot-{slot}.json").write_text(json.dumps(marker))
     reader = tier_at(tmp_path)
@@ -472,8 +472,8 @@ def test_a_resume_sums_only_the_snapshot_it_uses(tmp_path, monkeypatch, damage):
     take(tier, 2)
     tier.close()
     summed = []
-    real_file_sums = local_tier._file_sums
-    monkeypatch.setattr(local_tier, "_file_sums", lambda path, *a: summed.append(path.name) or real_file_sums(path, *a))
+    real_file_sums = reading.file_sums
+    monkeypatch.setattr(reading, "file_sums", lambda path, *a: summed.append(path.name) or real_file_sums(path, *a))
     reader = tier_at(tmp_path)
     assert reader.complete_steps(verify_data=False) == [1, 2] and summed == []
     assert reader.verify(2) and summed == [f"slot-{_slot_of(tmp_path, 2)}.data"]
@@ -518,7 +518,7 @@ def test_checksum_algorithm_not_installed_here_is_excluded(tmp_path, caplog):
     tier.close()
     marker_path = tmp_path / "rank-0" / "slot-0.json"
     marker = json.loads(marker_path.read_text())
-    assert marker["checksum"]["algorithm"] == local_tier.ALGORITHM in ("xxh3_64", "crc32")
+    assert marker["checksum"]["algorithm"] == local.ALGORITHM in ("xxh3_64", "crc32")
     marker["checksum"]["algorithm"] = "xxh128-not-here"
     marker_path.write_text(json.dumps(marker))
     caplog.set_level(logging.DEBUG, logger="ftrain.checkpoint")
@@ -650,7 +650,7 @@ class _Tied(torch.nn.Module):
 def test_the_model_state_of_a_plain_model_is_its_state_dict_collected_directly():
     model = _Tied()
     state = LocalModelState(model)
-    assert local_tier.direct(model)
+    assert local.direct(model)
     expected, got = model.state_dict(keep_vars=True), state.state_dict()
     assert list(got) == list(expected) and "cache" not in got and "head.weight" in got
     assert all(got[key] is expected[key] for key in expected)
@@ -673,5 +673,5 @@ def test_a_model_that_changes_how_it_saves_takes_nn_modules_own_state_dict():
     hooked = torch.nn.Sequential(torch.nn.Linear(2, 2))
     hooked.register_state_dict_post_hook(lambda module, state, prefix, local_metadata: state.update(extra=torch.ones(1)))
     for model in (torch.nn.Sequential(Extra(2, 2)), hooked):
-        assert not local_tier.direct(model)
+        assert not local.direct(model)
         assert list(LocalModelState(model).state_dict()) == list(model.state_dict())

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ftrain.checkpoint import local_tier  # noqa: E402
-from ftrain.checkpoint.local_tier import LocalModelState, LocalOptimizerState, LocalProgressState, LocalSnapshots  # noqa: E402
+from ftrain.checkpoint import local  # noqa: E402
+from ftrain.checkpoint.local import LocalModelState, LocalOptimizerState, LocalProgressState, LocalSnapshots  # noqa: E402
 from ftrain.config import ModelConfig  # noqa: E402
 from ftrain.model import GPT  # noqa: E402
 from ftrain.state import ModelState, OptimizerState, TrainProgress  # noqa: E402
@@ -59,13 +59,13 @@ def main() -> None:
     extra = {"extra": Blob(torch.ones(args.extra_mb << 18))} if args.extra_mb else {}
     variants = {
         "ftrain.state (get_*_state_dict)": {"model": ModelState(model), "optimizer": OptimizerState(model, optimizer)},
-        "local_tier.Local*State (own state_dict, no blobs)": {
+        "local.Local*State (own state_dict, no blobs)": {
             "model": LocalModelState(model),
             "optimizer": LocalOptimizerState(optimizer),
             "train": LocalProgressState(progress),
         },
     }
-    print(f"checksum: {local_tier.ALGORITHM}; torch threads {torch.get_num_threads()}")
+    print(f"checksum: {local.ALGORITHM}; torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="ftrain-bench-") as directory:
         for name, states in variants.items():
             states = {"train": progress, **states, **extra}

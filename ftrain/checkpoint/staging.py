@@ -31,7 +31,8 @@ import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
-_IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+from ftrain._torch_compat import pin_host_memory, unpin_host_memory
+from ftrain.checkpoint.state_tree import IMMUTABLE
 
 
 class Prestaged(Protocol):
@@ -151,7 +152,7 @@ class BufferStager(AsyncStager):
         if isinstance(value, (list, tuple)):
             items = [self._copy(item, (*key, index)) for index, item in enumerate(value)]
             return items if isinstance(value, list) else type(value)(items)
-        if isinstance(value, _IMMUTABLE):
+        if isinstance(value, IMMUTABLE):
             return value
         return copy.deepcopy(value)  # anything else a Stateful returned: never alias what training may change
 
@@ -176,8 +177,6 @@ class BufferStager(AsyncStager):
             return torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
         buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu").share_memory_()
         if pin and buffer.nbytes:  # pin the shared pages in place, as DCP's own stager does
-            from torch.cuda import _pin_memory_utils
-
-            _pin_memory_utils.pin_memory(buffer.data_ptr(), buffer.nbytes)
-            weakref.finalize(buffer, _pin_memory_utils.unpin_memory, buffer.data_ptr())
+            pin_host_memory(buffer.data_ptr(), buffer.nbytes)
+            weakref.finalize(buffer, unpin_host_memory, buffer.data_ptr())
         return buffer

@@ -32,6 +32,16 @@ class Summer:
         return self._xxh.hexdigest() if self._xxh is not None else f"{self._crc:08x}"
 
 
+def buffer_sum(data: Any, algorithm: str = WRITE_SUM) -> str:
+    """The checksum of one buffer (bytes, a memoryview, a mapping's view), as ``Summer`` gives it for the same
+    bytes; ValueError for an algorithm not in ``SUM_KEYS``."""
+    if algorithm == XXH3:
+        return f"{xxhash.xxh3_64_intdigest(data):016x}"
+    if algorithm == CRC32:
+        return f"{zlib.crc32(data):08x}"
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+
+
 def file_sum(path: Path, algorithm: str = WRITE_SUM) -> str:
     summer = Summer(algorithm)
     buffer = bytearray(_CHUNK)  # one buffer, refilled: a fresh 8 MB bytes per read would fault in new pages each time

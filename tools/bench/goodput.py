@@ -32,7 +32,7 @@ from typing import Any
 
 from ftrain import tags
 from ftrain.harness.chaos import compare_runs, measure_goodput, run_chaos
-from ftrain.checkpoint.local_tier import default_directory
+from ftrain.checkpoint.local import default_directory
 from ftrain.config import load_config
 
 from .common import REPO, BenchError, ratio, remove, summarize

@@ -20,6 +20,7 @@ Whatever is refused stays exactly as it was; the caller turns the tier off with 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -28,18 +29,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ftrain.checkpoint.layout import RUN_ID_NAME
+from ftrain.checkpoint.local.marker import SLOTS, data_name, marker_name, skel_name
 
 logger = logging.getLogger("ftrain.checkpoint")
 
 OWNER_NAME = "OWNER"
 MADE_NAME = ".ftrain-made"  # in a top directory ftrain created: only such a directory is ever removed
-SLOT_SUFFIXES = (".data", ".skel", ".json", ".json.tmp")
-SLOT_COUNT = 2
 # Every name ftrain makes in a rank directory: nothing else is ever there, and nothing else is ever removed.
 OWN_NAMES = frozenset(
-    {f"slot-{slot}{suffix}" for slot in range(SLOT_COUNT) for suffix in SLOT_SUFFIXES} | {OWNER_NAME}
+    {name(slot) for slot in SLOTS for name in (data_name, skel_name, marker_name)}
+    | {marker_name(slot) + ".tmp" for slot in SLOTS}
+    | {OWNER_NAME}
 )
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def default_directory(run_dir: Path) -> Path:
+    """``/dev/shm/ftrain-<16 hex digits>``: node-local memory, one directory per (resolved) run directory."""
+    digest = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+    return Path("/dev/shm") / f"ftrain-{digest}"
 
 
 class NotUsable(Exception):
@@ -117,7 +125,10 @@ class RankDir:
         left = set(os.listdir(self._top_fd))
         if left == {MADE_NAME} or (self.default and left <= {MADE_NAME}):
             for name in left:
-                os.unlink(name, dir_fd=self._top_fd)
+                try:
+                    os.unlink(name, dir_fd=self._top_fd)
+                except FileNotFoundError:  # another rank removing the same top directory got there first
+                    pass
             _rmdir_if_empty(str(self.top), None)
 
     def remove_if_unused(self) -> None:

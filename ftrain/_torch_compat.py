@@ -1,0 +1,116 @@
+"""Every private torch symbol ftrain relies on, each behind one small function.
+
+torch may change or remove a private name in any release. Keeping them here makes an upgrade one place to look,
+and ``tests/test_torch_compat.py`` has a test per function that names the symbol that broke. A flat list of small
+functions: add one (with its docstring and its test) rather than reaching into torch elsewhere.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import IO, Any, Callable, Iterator
+
+import torch
+
+# ------------------------------------------------------------------------------------------------ storage and memory
+
+
+def shared_fd_storage(fd: int, size: int) -> torch.UntypedStorage:
+    """``UntypedStorage._new_shared_fd_cpu``: ``size`` bytes of the file ``fd`` as a CPU storage through a shared
+    mapping that keeps a duplicate of ``fd`` open. torch's multiprocessing then sends views of it to another
+    process by descriptor (no copy); ``torch.from_file`` closes its descriptor, and torch would copy such a tensor
+    into new shared memory instead."""
+    return torch.UntypedStorage._new_shared_fd_cpu(fd, size)
+
+
+def pin_host_memory(pointer: int, nbytes: int) -> None:
+    """``torch.cuda._pin_memory_utils.pin_memory``: page-lock existing host memory (``cudaHostRegister``) in place,
+    as DCP's own stager pins shared buffers. Raises ``RuntimeError`` if it cannot."""
+    from torch.cuda import _pin_memory_utils
+
+    _pin_memory_utils.pin_memory(pointer, nbytes)
+
+
+def unpin_host_memory(pointer: int) -> None:
+    """``torch.cuda._pin_memory_utils.unpin_memory``: undo ``pin_host_memory`` (``cudaHostUnregister``)."""
+    from torch.cuda import _pin_memory_utils
+
+    _pin_memory_utils.unpin_memory(pointer)
+
+
+def foreach_copy(destinations: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """``torch._foreach_copy_``: copy each source into its destination in one call (one dispatch for all tensors
+    instead of one per tensor)."""
+    torch._foreach_copy_(destinations, sources)
+
+
+# ------------------------------------------------------------------------------------------------ unpickling
+
+
+def weights_only_unpickle(stream: IO[bytes]) -> Any:
+    """``torch._weights_only_unpickler.Unpickler``: read a bare pickle (not torch.save's archive) with the
+    unpickler behind ``torch.load(weights_only=True)``, which builds containers, plain values and tensors only
+    and never runs code from the data. Its refusals raise ``pickle.UnpicklingError``."""
+    from torch import _weights_only_unpickler
+
+    return _weights_only_unpickler.Unpickler(stream).load()
+
+
+# ------------------------------------------------------------------------------------------------ DTensor
+
+#: ``DTensor._local_tensor``: this rank's shard of a DTensor as the plain tensor it wraps (no autograd function,
+#: unlike ``to_local()``, and no copy). An ``operator.attrgetter``: it runs at every snapshot for every DTensor.
+local_tensor: Callable[[Any], torch.Tensor] = operator.attrgetter("_local_tensor")
+
+
+# ------------------------------------------------------------------------------------------------ optimizers
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """``torch.distributed.checkpoint.state_dict._init_optim_state``: give an optimizer that has not stepped yet
+    its per-parameter state (without changing the parameters), so that its ``state_dict()`` shows every entry's
+    layout."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    _init_optim_state(optimizer)
+
+
+# ------------------------------------------------------------------------------------------------ nn.Module internals
+
+
+def saves_only_parameters_and_buffers(module: torch.nn.Module) -> bool:
+    """Whether ``module.state_dict()`` is exactly its own parameters and persistent buffers: no ``state_dict``,
+    ``_save_to_state_dict`` or ``get_extra_state`` of its own class, and no state-dict post-hooks
+    (``_state_dict_hooks``)."""
+    base = torch.nn.Module
+    kind = type(module)
+    return (
+        kind.state_dict is base.state_dict
+        and kind._save_to_state_dict is base._save_to_state_dict
+        and kind.get_extra_state is base.get_extra_state
+        and not module._state_dict_hooks
+    )
+
+
+def state_dict_pre_hooks(module: torch.nn.Module) -> Iterator[Callable[..., Any]]:
+    """``module._state_dict_pre_hooks``: the hooks ``state_dict()`` runs first, called as
+    ``hook(module, prefix, keep_vars)`` (FSDP2's make sure the parameters are the sharded ones)."""
+    return iter(module._state_dict_pre_hooks.values())
+
+
+def own_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """``module._parameters``: the module's own parameters (not its children's) in registration order, None
+    entries left out."""
+    return ((name, param) for name, param in module._parameters.items() if param is not None)
+
+
+def own_persistent_buffers(module: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``module._buffers`` less ``module._non_persistent_buffers_set``: the module's own buffers that
+    ``state_dict()`` saves, in registration order, None entries left out."""
+    skip = module._non_persistent_buffers_set
+    return ((name, buffer) for name, buffer in module._buffers.items() if buffer is not None and name not in skip)
+
+
+def module_version(module: torch.nn.Module) -> int:
+    """``module._version``: what ``state_dict()`` records in ``_metadata`` for the module."""
+    return module._version

@@ -1,0 +1,410 @@
+"""Per-rank snapshots of the full training state in node-local memory: ``LocalSnapshots``.
+
+    tier = LocalSnapshots(default_directory(run_dir), rank, world_size, signature)
+    step = agree_on_step(tier.complete_steps(verify_data=False), durable_step, group)   # at load, every rank
+    # ... then every rank tier.verify(step)s; if one fails, all agree again without that step
+    if step is not None:
+        tier.restore(step, states)            # bit-identical to loading a durable checkpoint of that step
+    else:
+        tier.drop_after(durable_step)         # snapshots of steps the run will now redo belong to another timeline
+    ...
+    tier.snapshot(step, states)               # after the optimizer step (host state: taken whole in the call;
+                                              # device state: copied to the host in the background)
+    tier.wait()                               # before the next optimizer step changes what is being copied
+    ...
+    tier.remove(); tier.close()               # the run finished cleanly
+
+Each rank uses ``{directory}/rank-{rank}/`` (claimed by ``directory.py``): two slots, each a data file (the
+tensors, ``memory.py``), a skeleton (the rest of the state, ``skeleton.py``) and a marker written last
+(``marker.py``). The slots alternate: the marker of the slot about to be written is removed before its first byte
+changes, so the other slot's snapshot stays complete while the new one is in flight. A snapshot counts only when
+its marker is valid, matches this run (signature, world size, rank) and its checksums verify; anything else is
+skipped (``complete_steps`` logs why at debug level). The files live in tmpfs: they survive anything that kills
+processes (SIGKILL, the OOM killer, a torchrun restart round, a relaunched job) but not a reboot or the loss of
+the node.
+
+The durable tier writes from the tier: a durable save comes with a snapshot of its step, and ``lend`` hands that
+snapshot's copies to the save (``staging.Prestaged``) instead of a second staging copy. The lent slot is not
+written again until the save is done; snapshots meanwhile all go to the other slot.
+
+Memory per rank: 2 x the per-rank tensor bytes plus 2 x the skeleton (a few KB), in /dev/shm. If the tier cannot
+get that room, or a snapshot fails, it says so once (a warning on ``ftrain.checkpoint``) and turns itself off:
+``snapshot`` does nothing, ``complete_steps`` is empty. The tier never stops training.
+
+Checksums: ``sums.py``'s xxh3-64 per 64 MiB chunk (the marker names the algorithm; CRC-32 markers are still read).
+
+Hot path: ``snapshot`` calls each state's ``state_dict()`` and walks the result (``state_tree.split``: tensors
+out, the rest into a new tree). Host state is then copied, summed and marked right there, in the training thread:
+a background thread would compete with training for the cores and the GIL, and training has to wait for the copy
+before the next optimizer step anyway. Device state is copied device-to-host on a side stream by a background
+thread, and ``wait`` waits for that copy only. What each part costs: ``tools/bench_local_tier.py`` and
+``docs/bench.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+
+from ftrain.checkpoint import state_tree
+from ftrain.checkpoint.local import memory, reading
+from ftrain.checkpoint.local.directory import NotUsable, Owner, RankDir
+from ftrain.checkpoint.local.marker import CHUNK, FORMAT, SLOTS, SnapshotMarker, data_name, marker_name, skel_name
+from ftrain.checkpoint.local.memory import Disabled, Slots
+from ftrain.checkpoint.local.plan import LentSnapshot, Plan, Taking
+from ftrain.checkpoint.local.skeleton import decode as decode_skeleton
+from ftrain.checkpoint.local.skeleton import encode as encode_skeleton
+from ftrain.checkpoint.sums import WRITE_SUM, buffer_sum
+
+logger = logging.getLogger("ftrain.checkpoint")
+
+ALGORITHM = WRITE_SUM  # what new snapshots are summed with
+
+
+class LocalSnapshots:
+    """Per-rank snapshots of the full training state in node-local memory (a directory on /dev/shm).
+
+    Args:
+        directory: the run's snapshot directory (``default_directory(run_dir)``); this rank uses ``rank-{rank}/``.
+        rank, world_size: this process's place in the job; a snapshot of another rank or world size is never used.
+        signature: what identifies the run and its model (JSON-serializable, e.g. the durable marker's signature
+            fields); a snapshot with another signature is never used.
+        max_bytes: the most this rank's two slots may take (default: whatever the directory's filesystem has free).
+        owner: the run the directory is claimed for (``directory.Owner``); default: one derived from ``signature``
+            (never taken over). A directory of another run that still exists turns the tier off.
+        default: ``directory`` is the run's default one (``default_directory``): it must be private, and it is
+            removed once empty.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        rank: int,
+        world_size: int,
+        signature: dict[str, Any],
+        max_bytes: int | None = None,
+        owner: Owner | None = None,
+        default: bool = False,
+    ) -> None:
+        try:
+            self.signature = json.loads(json.dumps(signature))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the local snapshot signature must be JSON-serializable: {exc}") from None
+        self.root = Path(directory) / f"rank-{rank}"
+        self.rank = rank
+        self.world_size = world_size
+        self.max_bytes = max_bytes
+        self._slots = Slots(self.root, rank, max_bytes)
+        self.disabled: str | None = None  # why the tier is off
+        # CPU time of the last snapshot's work in the background thread (device state only; 0 for host state,
+        # which snapshot() takes whole, so its cost is the call's own time)
+        self.background_cpu_s: float | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftrain-local")
+        self._job: Future[None] | None = None
+        self._copied: threading.Event | None = None
+        self._plan: Plan | None = None
+        self._held: dict[int, int] | None = None  # slot -> step of its complete snapshot, known to this process
+        self._taking: Taking | None = None  # the snapshot taken since the last wait(), which lend() can offer
+        self._lent: tuple[Taking, Callable[[], bool]] | None = None  # a snapshot a durable save reads, while in use
+        self._verified: dict[int, tuple[Any, ...]] = {}  # slot -> file identity of the last snapshot verified
+        self._stream = None
+        if owner is None:  # no run directory to tell whether the owner still exists: never taken over
+            owner = Owner(hashlib.sha256(json.dumps(self.signature, sort_keys=True).encode()).hexdigest()[:32])
+        self._dir: RankDir | None = None
+        try:
+            self._dir = RankDir(Path(directory), rank, owner, default=default)
+        except NotUsable as exc:
+            self._disable(f"local snapshots off, {directory} not used: {exc}")
+        except OSError as exc:
+            self._disable(f"local snapshots off, cannot use {self.root}: {exc}")
+
+    def set_signature(self, signature: dict[str, Any]) -> None:
+        """From now on, snapshots are taken (and used) under ``signature``: e.g. a new timeline after a durable
+        resume; snapshots of the old one no longer count."""
+        self._finish()
+        self.signature = json.loads(json.dumps(signature))
+        self._held = None
+        self._verified.clear()
+
+    # ------------------------------------------------------------------------------------------------ taking
+    def snapshot(self, step: int, states: Mapping[str, Stateful]) -> None:
+        """Take a snapshot of ``states`` after ``step``: their ``state_dict()`` now; host tensors are copied now
+        too, device tensors in the background.
+
+        The tensors must not change until ``wait()`` returns (call it before the next optimizer step, e.g. from
+        an optimizer step pre-hook); a snapshot still in flight is waited for first. Everything else is captured
+        now: containers are rebuilt, other mutable leaves deep-copied.
+        """
+        if self.disabled:
+            return
+        self.wait()
+        tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]] = []
+        tree = {name: state_tree.split(state.state_dict(), (name,), tensors) for name, state in states.items()}
+        self._copied = threading.Event()
+        self._taking = Taking(step, [tensor for _, tensor, _ in tensors], self._copied)
+        if not any(tensor.is_cuda for _, tensor, _ in tensors):
+            # Host state: taken here, in the training thread. A background thread's copy and Python work would
+            # compete with training for the cores and the GIL, and training waits for the copy before the next
+            # optimizer step anyway (docs/bench.md compares the two).
+            self._take(step, tree, tensors, None, self._taking)
+            return
+        device = next(tensor.device for _, tensor, _ in tensors if tensor.is_cuda)
+        if self._stream is None:
+            # made here, on the state's device: a new thread's current device is 0, and a stream made there would
+            # put every rank's copies (and a CUDA context) on the node's first GPU
+            self._stream = torch.cuda.Stream(device=device)
+        ready = torch.cuda.Event()  # device state: copied device-to-host on a side stream, in the background
+        ready.record(torch.cuda.current_stream(device))
+        self._job = self._executor.submit(self._take, step, tree, tensors, ready, self._taking)
+
+    def wait(self) -> None:
+        """Block until the copy of the snapshot in flight is done (its checksum and marker may still follow).
+        The live tensors may change after this, so the snapshot can no longer be lent."""
+        if self._copied is not None:
+            self._copied.wait()
+        self._taking = None
+
+    def lend(self, step: int, in_use: Callable[[], bool]) -> LentSnapshot | None:
+        """The snapshot of ``step`` taken by the last ``snapshot()``, for a durable save of the same step to write
+        from instead of copying the live tensors again (the tier's copy is the staging copy). Call before anything
+        changes the live tensors (``wait()`` ends the offer). Its slot is not overwritten while ``in_use()``: the
+        snapshots after it all go to the other slot. None if there is no such snapshot."""
+        taking = self._taking
+        if self.disabled or taking is None or taking.step != step:
+            return None
+        self._lent = (taking, in_use)
+        return LentSnapshot(taking)
+
+    def _finish(self) -> None:
+        """Block until the snapshot in flight is complete (marker written) or has failed."""
+        if self._job is not None:
+            self._job.result()
+            self._job = None
+
+    def _take(
+        self,
+        step: int,
+        tree: dict[str, Any],
+        tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]],
+        ready: Any,
+        taking: Taking,
+    ) -> None:
+        started = time.thread_time()
+        try:
+            try:
+                slot = self._choose_slot(step)
+                plan = self._layout(tensors)
+                views = self._slots.views(slot, plan, self._stream if ready is not None else None)
+                self._copy(tensors, views, ready)
+                taking.slot, taking.views = slot, views
+                paths = None if plan.paths_in_marker else [entry.path for entry in plan.entries]
+                encoding, skeleton = encode_skeleton({"tree": tree, "paths": paths})
+            finally:
+                taking.copied.set()  # the live tensors are no longer read
+            marker = SnapshotMarker(
+                format=FORMAT,
+                step=step,
+                rank=self.rank,
+                world_size=self.world_size,
+                signature=self.signature,
+                states=list(tree),
+                data_file=data_name(slot),
+                data_size=plan.size,
+                skeleton_file=skel_name(slot),
+                skeleton_encoding=encoding,
+                skeleton_size=len(skeleton),
+                skeleton_checksum=buffer_sum(skeleton, ALGORITHM),
+                algorithm=ALGORITHM,
+                chunk=CHUNK,
+                data_sums=reading.chunk_sums(self._slots.buffers[slot], plan.size, ALGORITHM),
+                tensors=[],  # encoded once per layout: plan.records_json
+            )
+            files = self._slots.files[slot]
+            memory.overwrite(files.skeleton, skeleton)  # the slot has no marker: no tmp + rename needed
+            memory.replace(files.marker, marker.to_json(plan.records_json).encode(), files.marker_tmp)
+            self._held[slot] = step  # type: ignore[index]  # set by _choose_slot
+            self.background_cpu_s = time.thread_time() - started if ready is not None else 0.0
+        except Disabled as exc:
+            self._disable(str(exc))
+        except Exception as exc:  # the tier is an optimization: it must never stop training
+            self._disable(f"a local snapshot of step {step} failed: {type(exc).__name__}: {exc}")
+
+    def _choose_slot(self, step: int) -> int:
+        """The slot to write: never the one holding the newest older snapshot. Snapshots of this step or later
+        (left by an earlier attempt that got further) are of another timeline and are dropped first."""
+        if self._held is None:
+            self._held = {slot: marker.step for slot, marker in self._markers().items()}
+        for slot, held in list(self._held.items()):
+            if held >= step:
+                self._invalidate(slot)
+        lent = self._lent_slot()
+        usable = [slot for slot in SLOTS if slot != lent]
+        free = [slot for slot in usable if slot not in self._held]
+        # With a slot lent to a durable save, the other one is rewritten at every snapshot until the save is done:
+        # a failure while it is being written finds the lent snapshot, a few steps older.
+        slot = free[0] if free else min(usable, key=self._held.__getitem__)
+        self._invalidate(slot)
+        return slot
+
+    def _lent_slot(self) -> int | None:
+        """The slot a durable save may still be reading: never written to."""
+        if self._lent is None:
+            return None
+        taking, in_use = self._lent
+        if taking.slot is not None and in_use():
+            return taking.slot
+        self._lent = None
+        return None
+
+    def _invalidate(self, slot: int) -> None:
+        if self._dir is None:  # not this run's directory: never touched
+            return
+        try:
+            os.unlink(self._slots.files[slot].marker)
+        except FileNotFoundError:
+            pass
+        if self._held is not None:
+            self._held.pop(slot, None)
+        self._verified.pop(slot, None)
+
+    def _layout(self, tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]]) -> Plan:
+        if self._plan is not None and self._plan.matches(tensors):
+            return self._plan
+        plan = Plan([(path, t.dtype, t.shape, is_d, t.device) for path, t, is_d in tensors])
+        self._slots.reserve(plan.size)
+        self._plan = plan
+        return plan
+
+    def _copy(self, tensors: list[tuple[Any, torch.Tensor, bool]], views: list[torch.Tensor], ready: Any) -> None:
+        memory.copy_into(views, [tensor for _, tensor, _ in tensors], ready, self._stream)
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def complete_steps(self, verify_data: bool = True) -> list[int]:
+        """Steps of this rank's complete snapshots that match this run, oldest first: marker, file sizes and
+        skeleton checksum checked, and with ``verify_data`` the data's checksums too (once per process per
+        snapshot). A resume passes False and then ``verify``s only the snapshot it is about to use: summing every
+        slot's data at each restart would read twice the state that is restored."""
+        if self.disabled:
+            return []
+        self._finish()
+        markers = self._markers().items()
+        return sorted({marker.step for slot, marker in markers if self._verify(slot, marker, data=verify_data)})
+
+    def verify(self, step: int) -> bool:
+        """Whether this rank holds a complete snapshot of ``step`` whose data matches its checksums."""
+        if self.disabled:
+            return False
+        self._finish()
+        return any(self._verify(slot, marker) for slot, marker in self._markers().items() if marker.step == step)
+
+    def restore(self, step: int, states: Mapping[str, Stateful]) -> None:
+        """Load the snapshot of ``step`` into ``states`` (same names as when it was taken) through their
+        ``load_state_dict``, as ``dcp.load`` would: fresh tensors, DTensors rebuilt on the live mesh and placements.
+        Snapshots of later steps are dropped (the run continues from ``step`` on another timeline). A state's
+        ``state_dict()`` is called only when its snapshot holds DTensors (for their mesh and placements), so a
+        progress object whose ``state_dict()`` would start a data loader iterator is safe to pass."""
+        self._finish()
+        found = [(slot, marker) for slot, marker in self._markers().items() if marker.step == step]
+        found = [(slot, marker) for slot, marker in found if self._verify(slot, marker)]
+        if not found:
+            raise ValueError(f"no complete local snapshot of step {step} on rank {self.rank} in {self.root}")
+        slot, marker = found[0]
+        if sorted(marker.states) != sorted(states):
+            raise ValueError(
+                f"local snapshot of step {step} holds states {marker.states}, asked to restore {sorted(states)}"
+            )
+        tree = decode_skeleton(marker.skeleton_encoding, (self.root / skel_name(slot)).read_bytes())
+        where = self.root / marker_name(slot)
+        for name, state_dict in reading.read_state(self.root / data_name(slot), marker, tree, states, where).items():
+            states[name].load_state_dict(state_dict)
+        self.drop_after(step)
+        self._held = {slot: held.step for slot, held in self._markers().items()}
+
+    def drop_after(self, step: int) -> None:
+        """Remove this rank's snapshots of steps after ``step``: the run goes on from ``step``, and those belong to
+        a timeline it has left (call after resuming from a durable checkpoint). Nothing, when the directory is not
+        this run's (the tier is off)."""
+        if self._dir is None:
+            return
+        self._finish()
+        for slot, marker in self._markers(match=False).items():
+            if marker.step > step:
+                self._invalidate(slot)
+
+    def _markers(self, match: bool = True) -> dict[int, SnapshotMarker]:
+        """slot -> its marker, for the slots whose marker is valid (and, with ``match``, of this run)."""
+        return reading.read_markers(self.root, self._foreign if match else None)
+
+    def _foreign(self, marker: SnapshotMarker) -> str:
+        """Why ``marker`` is not of this run ('' when it is)."""
+        if marker.world_size != self.world_size:
+            return f"taken with {marker.world_size} ranks, this run has {self.world_size}"
+        if marker.rank != self.rank:
+            return f"taken by rank {marker.rank}"
+        if marker.signature != self.signature:
+            return "taken by another run or model (signature differs)"
+        return ""
+
+    def _verify(self, slot: int, marker: SnapshotMarker, data: bool = True) -> bool:
+        """The snapshot's files are there, big enough, and match their checksums (the data's only with ``data``;
+        once per process per snapshot)."""
+        files = [self.root / data_name(slot), self.root / skel_name(slot), self.root / marker_name(slot)]
+        try:
+            identity = tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in map(os.stat, files))
+        except OSError as exc:
+            logger.debug("local snapshot %s not used: %s", files[2], exc)
+            return False
+        if self._verified.get(slot) == identity:
+            return True
+        problem = reading.data_problem(files[0], files[1], marker, data_sums=data)
+        if problem:
+            logger.debug("local snapshot %s not used: %s", files[2], problem)
+            return False
+        if data:
+            self._verified[slot] = identity
+        return True
+
+    # ------------------------------------------------------------------------------------------------ ending
+    def remove(self) -> None:
+        """Delete this rank's snapshots (the run finished cleanly), and the directories once empty."""
+        self._finish()
+        self._unmap()
+        if self._dir is not None:
+            self._dir.remove()  # ftrain's own files only; directories only once empty
+            self._dir.close()
+            self._dir = None
+        self._held = None
+        self.disabled = self.disabled or "removed"
+
+    def close(self) -> None:
+        """Finish the snapshot in flight and let go of the mappings; the snapshots stay (a directory that never
+        held one goes). Idempotent."""
+        try:
+            self._finish()
+        finally:
+            self._executor.shutdown(wait=True)
+            self._unmap()
+            self.disabled = self.disabled or "closed"
+            if self._dir is not None:
+                self._dir.remove_if_unused()
+                self._dir.close()
+                self._dir = None
+
+    def _unmap(self) -> None:
+        self._slots.unmap()
+
+    def _disable(self, reason: str) -> None:
+        if self.disabled is None:
+            logger.warning("%s", reason)
+        self.disabled = reason
+        self._unmap()
