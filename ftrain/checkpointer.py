@@ -45,13 +45,18 @@ from ftrain.checkpoint.local import (
 from ftrain.checkpoint.lock import LockedError, RunLock
 from ftrain.checkpoint.manager import CheckpointManager, SaveStats
 from ftrain.checkpoint.options import (
+    AUTO,
+    EXPORT_NONE,
+    LOCAL_OFF,
     MODE_ASYNC_PROCESS,
+    ON_FAILURE_ABORT,
     CheckpointOptions,
     describe_options,
     option_names,
     option_parameters,
 )
 from ftrain.checkpoint.path_limits import check_path_limits
+from ftrain import health as health_words
 from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
 from ftrain.interval import LocalSchedule, SaveSchedule
 from ftrain.preemption import EXIT_PREEMPTED, PreemptionFlag
@@ -230,7 +235,7 @@ class Checkpointer:
         tier = self._load_local()
         result = None
         if tier is None:
-            if self.manager.enabled or self.options.resume != "auto":
+            if self.manager.enabled or self.options.resume != AUTO:
                 result = self.manager.load(self._states_for_marker, optional_prefixes=TrainProgress.OPTIONAL_PREFIXES)
                 self._warn_if_resharded()
             self._start_timeline()  # after the load: a refused start changes nothing
@@ -301,7 +306,7 @@ class Checkpointer:
             ],
             self.ctx.device,
         )
-        if failed and self.options.on_failure == "abort":
+        if failed and self.options.on_failure == ON_FAILURE_ABORT:
             raise CheckpointError(
                 f"stopping because checkpoint.on_failure=abort and a background save failed: "
                 f"{self.manager.last_error or 'on another rank'}"
@@ -313,7 +318,7 @@ class Checkpointer:
         snapshotted = False
         if unhealthy:
             self._on_unhealthy(step, problem or "on another rank")
-            if self.health.on_unhealthy != "ignore":
+            if self.health.on_unhealthy != health_words.IGNORE:
                 return bool(stop)  # never save an unhealthy step
         else:
             self._monitor.record(loss)
@@ -334,7 +339,7 @@ class Checkpointer:
             return True
         if save_due:
             self._save(step, from_snapshot=snapshotted)
-        if self.options.export != "none" and (last or (self.options.keep_every and step % self.options.keep_every == 0)):
+        if self.options.export != EXPORT_NONE and (last or (self.options.keep_every and step % self.options.keep_every == 0)):
             self._export_weights(step)
         return False
 
@@ -595,7 +600,7 @@ class Checkpointer:
         except Exception as exc:  # like a failed background save: logged, counted, on_failure decides
             self.manager.failures += 1
             logger.error("safetensors export failed: %s", describe_error(exc))
-            if self.options.on_failure == "abort":
+            if self.options.on_failure == ON_FAILURE_ABORT:
                 raise CheckpointError(f"safetensors export failed: {describe_error(exc)}") from None
             return describe_error(exc)
         if path is not None:
@@ -603,7 +608,7 @@ class Checkpointer:
         return ""
 
     def _open_local_tier(self, signature: RunSignature) -> LocalSnapshots | None:
-        if str(self.options.local_interval).strip() == "0" or not self.manager.enabled:
+        if str(self.options.local_interval).strip() == LOCAL_OFF or not self.manager.enabled:
             return None
         directory = Path(self.options.local_dir) if self.options.local_dir else default_directory(self.run_dir)
         run_id = (self.run_dir / RUN_ID_NAME).read_text().strip()  # a deleted and re-made run is another run
@@ -621,7 +626,7 @@ class Checkpointer:
     def _load_local(self) -> str | None:
         """Resume from the local tier when every rank holds a snapshot newer than the latest durable checkpoint
         (``resume=auto`` only). Returns "local", or None for the durable path. Collective."""
-        if self.local is None or self.options.resume != "auto":
+        if self.local is None or self.options.resume != AUTO:
             return None
         latest = layout.latest_complete(self.manager.root)
         candidates = self.local.complete_steps(verify_data=False)
@@ -694,10 +699,10 @@ class Checkpointer:
 
     def _on_unhealthy(self, step: int, problem: str) -> None:
         self.unhealthy_reason = problem
-        if self.health.on_unhealthy == "stop":
+        if self.health.on_unhealthy == health_words.STOP:
             self._log_save(self.manager.wait())  # the newest healthy checkpoint finishes committing
             raise UnhealthyError(f"step {step} unhealthy: {problem} (train.on_unhealthy=stop)")
-        if self.health.on_unhealthy == "ignore" and self.ctx.is_main:
+        if self.health.on_unhealthy == health_words.IGNORE and self.ctx.is_main:
             logger.warning("step %d unhealthy (%s); going on (on_unhealthy=ignore)", step, problem)
 
     def _skip_batches(self, count: int) -> int:

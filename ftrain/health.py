@@ -16,7 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-ON_UNHEALTHY = ("rollback", "stop", "ignore")
+ROLLBACK, STOP, IGNORE = "rollback", "stop", "ignore"  # train.on_unhealthy / HealthPolicy.on_unhealthy
+ON_UNHEALTHY = (ROLLBACK, STOP, IGNORE)
 EXIT_UNHEALTHY = 65  # EX_DATAERR: stopped because a step's loss or gradients went bad (train.on_unhealthy=stop)
 
 
@@ -34,7 +35,7 @@ class HealthPolicy:
     after a rollback; -1 = those consumed since the restored checkpoint plus 10% (at least one more).
     """
 
-    on_unhealthy: str = "rollback"
+    on_unhealthy: str = ROLLBACK
     spike_factor: float = 0.0
     spike_window: int = 50
     max_rollbacks: int = 3

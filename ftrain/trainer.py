@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ftrain import tags
+from ftrain import health, tags
 from ftrain.checkpoint import layout
 from ftrain.checkpointer import Checkpointer
 from ftrain.config import Config, DebugConfig, to_yaml
@@ -247,7 +247,7 @@ class Trainer:
             if ckpt.maybe_save(step, last=step == cfg.train.max_steps, loss=mean_loss, grad_norm=grad_norm):
                 ckpt.close()
                 return EXIT_PREEMPTED if step < cfg.train.max_steps else EXIT_OK
-            if not ckpt.healthy and cfg.train.on_unhealthy == "rollback":
+            if not ckpt.healthy and cfg.train.on_unhealthy == health.ROLLBACK:
                 step = ckpt.rollback()
                 batches = iter(self.dataloader)  # the loader continues after the skipped batches
                 progress = Progress(step, cfg.train.max_steps, cfg.log.interval)
