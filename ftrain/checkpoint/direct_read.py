@@ -1,9 +1,9 @@
 """Reading a DCP tensor item straight into the tensor it restores.
 
 DCP's ``FileSystemReader`` reads every tensor item with ``torch.load``, which allocates a fresh storage for it and
-then copies it into the target. For a resume that fresh memory is the cost: measured on one process here, 123 of
-the 141 ms that ``dcp.load`` took for 256 MB (page cache warm) went to filling storages touched for the first
-time (page faults), 14 ms to the copy. The target tensors already exist (the model and optimizer being restored),
+then copies it into the target. For a resume that fresh memory is the cost: most of ``dcp.load``'s time from a
+warm page cache goes to filling storages touched for the first time (page faults), little to the copy
+(docs/bench.md). The target tensors already exist (the model and optimizer being restored),
 so when an item is a whole, contiguous CPU tensor of the target's dtype and shape, its bytes are read from the
 file into the target's memory directly. Anything else (a narrowed read after a reshard, a strided or device
 target, a transformed stream) is left to DCP's own path.

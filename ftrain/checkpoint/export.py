@@ -11,8 +11,9 @@ Commit rule: the rename is the commit. Everything is written into a temporary di
 (``.{name}.partial-{pid}``), every file fsynced, the directory fsynced, then renamed to ``out_dir`` and the
 parent fsynced. ``out_dir`` therefore exists only whole and durable, and the tools that read this layout
 (``transformers``, ``safetensors``, ``warm_start``) need no marker of ours to know that. ``ftrain_export.json``
-records sizes and CRC-32s for checking, not for committing. Replacing an existing export renames it aside first:
-a crash in between leaves no ``out_dir`` (never a mixed one), and the aside copy is removed by the next export.
+records sizes and xxh3-64 checksums (as a commit marker does) for checking, not for committing. Replacing an
+existing export renames it aside first: a crash in between leaves no ``out_dir`` (never a mixed one), and the
+aside copy is removed by the next export.
 Only an export is replaced: an existing ``out_dir`` must be empty or hold nothing but this layout's files
 (``is_export_dir``); anything else is refused before anything is written, and left exactly as it was.
 """

@@ -2,8 +2,9 @@
 
 The sums of the data files are taken while they are written (``writer.CheckpointWriter``) and land in
 ``CHECKSUMS.json``; the commit marker then records, for every file, its size and checksum: xxHash's xxh3-64
-(``"xxh3_64"``: 21-29 GB/s here) for checkpoints written since 2026-11-29, CRC-32 (``"crc32"``, zlib's: about
-4 GB/s) before. Both are verified; at 4 GB/s the CRC was a third of a cold resume's time.
+(``"xxh3_64"``, ``sums.WRITE_SUM``). Markers that record zlib's CRC-32 (``"crc32"``) instead are verified too.
+xxh3-64 because summing is part of every save and every cold resume, and it is several times faster than CRC-32
+(docs/bench.md).
 
 The marker is the source of truth, and verification covers every byte DCP will read: each file the marker
 lists (plain names, regular files inside the checkpoint), and DCP's ``.metadata``, whose every storage
@@ -38,7 +39,8 @@ MAX_PROBLEMS = 3  # metadata problems reported per checkpoint (the first ones; t
 
 
 def file_entries(path: Path) -> list[dict[str, Any]]:
-    """Name, size and CRC-32 of every file of the checkpoint in ``path``, for its commit marker.
+    """Name, size and checksum (``sums.WRITE_SUM``: xxh3-64) of every file of the checkpoint in ``path``, for its
+    commit marker.
 
     Data files take the sums their writers recorded; the few the coordinator wrote last (``.metadata``,
     ``CHECKSUMS.json``) are small and summed here.
@@ -59,11 +61,11 @@ def verify(
     """Problems found in the checkpoint at ``path`` (empty list: it is intact).
 
     Checks the marker (``layout.read_marker``), then every file it lists (or only ``files``): a regular file
-    inside the checkpoint, the recorded size and, with ``checksums``, the recorded CRC-32 (a file the marker
+    inside the checkpoint, the recorded size and, with ``checksums``, the recorded checksum (a file the marker
     gives no checksum is then damaged; a file for which ``sum_later(name)`` is true only needs to have one: its
     reader verifies it while loading). Whoever checks ``.metadata`` also checks that it points only into
     files the marker lists (``metadata_problems``). Files are checked ``VERIFY_THREADS`` at a time (reading
-    and zlib's CRC-32 release the GIL), so a rank with several files reads them in parallel.
+    and both checksums release the GIL), so a rank with several files reads them in parallel.
     """
     try:
         marker = layout.read_marker(path)

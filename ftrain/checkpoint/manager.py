@@ -92,7 +92,7 @@ _PLAN_CACHE_KEYS = itertools.count()
 def _stop_writer_process() -> None:
     """Stop DCP's writer process (``async_process``) the way DCP itself would at garbage collection: DCP keeps it
     in a module global for the life of the interpreter, so a trainer that leaves with ``os._exit`` (as ftrain's
-    do) left it to find a closed pipe and print an ``EOFError`` traceback at the end of every run. The next
+    do) would leave it to find a closed pipe and print an ``EOFError`` traceback at the end of every run. The next
     ``async_process`` save in this process starts a new one."""
     from torch.distributed.checkpoint import _async_process_executor as executor
 
@@ -172,7 +172,7 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------------------------- saving
     def start_writer(self) -> None:
         """``async_process``: start DCP's writer process now, in the background, rather than at the first save
-        (spawning it and joining its process group takes 1-4 s, which the save after the first one waited for).
+        (spawning it and joining its process group takes seconds, which the first save would otherwise wait for).
 
         Collective: every rank calls it at the same point, before any save. It saves a one-element state into
         ``{root}/.writer-start``, which no step directory scan sees and which is removed once written.

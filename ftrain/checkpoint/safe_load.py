@@ -125,10 +125,8 @@ _NEVER = {
 class _MetadataUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
     """The pure-Python unpickler (the C one cannot hook BUILD) with a checked dispatch table.
 
-    Speed (2 shared CPU cores under load, Python 3.11, torch 2.13; best of 3-5): the metadata of 1,000 tensors
-    saved by 8 ranks (8,000 chunks and 8,000 storage entries, 1.2 MB) loads in 0.38-0.73 s, against 0.27-0.44 s
-    with the unrestricted C unpickler (most of either is building torch.Size and record objects); a small
-    checkpoint's metadata takes ~0.5 ms. It is read once per candidate checkpoint, before any tensor.
+    Slower than the unrestricted C unpickler, but not by much: most of either's time is building ``torch.Size``
+    and record objects (docs/bench.md). The metadata is read once per candidate checkpoint, before any tensor.
     """
 
     dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]

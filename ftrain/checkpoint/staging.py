@@ -1,7 +1,7 @@
 """Staging: copy the state off the live tensors into host buffers that every save reuses.
 
 DCP's ``DefaultStager`` copies storage by storage with ``UntypedStorage.copy_``, which holds the GIL for the
-whole copy of each storage: on a large state the training thread stalls behind it (20+ ms per 64 MB here).
+whole copy of each storage: on a large state the training thread stalls behind it (docs/bench.md).
 ``Tensor.copy_`` releases the GIL, so this stager copies tensor by tensor into buffers it allocates once,
 keyed by the tensor's place in the state dict, and hands DCP the buffers (re-wrapped as DTensors where the
 source was one). Only the elements of each tensor are copied, never the padding of a larger storage.

@@ -62,8 +62,9 @@ class _ChecksummedFile:
         return written
 
     def _start_writeback(self) -> None:
-        """On Linux, ``POSIX_FADV_DONTNEED`` starts writeback of the dirty pages without waiting for it (1.4x
-        faster saves here). It is only a hint: a file system that ignores or refuses it changes only the speed."""
+        """On Linux, ``POSIX_FADV_DONTNEED`` starts writeback of the dirty pages without waiting for it, so the
+        disk works during the save rather than all at the final fsync (faster saves: docs/bench.md). It is only a
+        hint: a file system that ignores or refuses it changes only the speed."""
         if not hasattr(os, "posix_fadvise"):
             return
         self.raw.flush()
@@ -173,10 +174,10 @@ def has_nonfinite(tensor: torch.Tensor) -> bool:
     """True if a floating-point tensor holds NaN or Inf.
 
     A sum is one pass that allocates nothing, and it is finite only if every element is (NaN and Inf never leave a
-    running sum); ``torch.isfinite(t).all()`` makes a bool tensor as large as ``t`` and reads it again: on 64 MB of
-    float32 here 1.7 ms against 71 ms, and it had doubled the time and memory of a 512 MB per rank background
-    save. Only a sum that overflows (finite values of huge magnitude) is checked again element by element.
-    16-bit types are summed in float32, which their values cannot overflow."""
+    running sum); ``torch.isfinite(t).all()`` makes a bool tensor as large as ``t`` and reads it again, which
+    costs a background save far more time and memory (docs/bench.md). Only a sum that overflows (finite values
+    of huge magnitude) is checked again element by element. 16-bit types are summed in float32, which their
+    values cannot overflow."""
     if tensor.numel() == 0:
         return False
     dtype = torch.float32 if tensor.element_size() < 4 else tensor.dtype
