@@ -5,9 +5,10 @@
     ftrain-train --help | --print-config [...]
 
 Exit codes: 0 finished, 75 preempted after saving (run again to resume), 65 stopped on an unhealthy step
-(train.on_unhealthy=stop, or max_rollbacks spent), 1 error, 2 bad configuration (nothing
-written), 130 interrupted by Ctrl-C (SIGINT; nothing damaged, run again to resume). A run that stopped for a preemption signal also leaves ``RUN_DIR/PREEMPTED`` (torchrun itself exits 1
-when it is signalled, so a scheduler can look for this file instead); the next start of the run removes it.
+(train.on_unhealthy=stop, or max_rollbacks spent), 1 error, 2 bad configuration (nothing written), 130 interrupted
+by Ctrl-C (SIGINT; nothing damaged, run again to resume). A run that stopped for a preemption signal also leaves
+``RUN_DIR/PREEMPTED`` (torchrun itself exits 1 when it is signalled, so a scheduler can look for this file
+instead); the next start of the run removes it.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ def _train(cfg: Config) -> int:
     # Leave without interpreter finalization, on every path. After an error, background saves or data workers
     # may be stuck on a dead peer: torchrun must see the failure now to restart the group. After success,
     # gloo's run-loop threads may still be releasing the last collective's tensors; if that happens while the
-    # interpreter finalizes, taking the GIL aborts the process (SIGABRT, exit -6 after a finished run; seen
-    # under load with FSDP2 on CPU, torch 2.13; pytorch/pytorch#179291 describes it).
+    # interpreter finalizes, taking the GIL aborts the process (SIGABRT, exit -6 after a finished run;
+    # pytorch/pytorch#179291 describes it).
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,16 +1,16 @@
 """Python's garbage collector on the training loop's schedule instead of the allocator's.
 
 A checkpoint makes DCP allocate thousands of small objects (plans, write items, metadata), and each 700 of them
-start a collection, in whichever thread is allocating and holding the GIL meanwhile: about 200 collections and
-10 ms per checkpoint per rank on the default recipe, against 24 collections in a whole run without checkpoints.
-With ``train.gc_interval`` > 0 (torchtitan does the same with its ``gc_freq``) automatic collection is off and
-the loop collects at step boundaries instead: the young generations every ``interval`` steps, everything every
-``FULL_EVERY`` intervals, so no cycle lives longer than that. What exists when training starts (modules,
-imported code) is frozen out of every later scan.
+start a collection, in whichever thread is allocating and holding the GIL meanwhile: one checkpoint sets off more
+collections than a whole run without checkpoints (docs/bench.md has the counts). With ``train.gc_interval`` > 0
+(torchtitan does the same with its ``gc_freq``) automatic collection is off and the loop collects at step
+boundaries instead: the young generations every ``interval`` steps, everything every ``FULL_EVERY`` intervals, so
+no cycle lives longer than that. What exists when training starts (modules, imported code) is frozen out of every
+later scan.
 
 Only the young generations are collected before the freeze. A full collection at that point scans every object the
-imports made (about 300k for the recipe after torch, DCP and FSDP2) and took 0.15 s of each (re)start on the
-reference machine while finding nothing to free; the young generations hold what the set-up just dropped (0.7 ms).
+imports made (torch, DCP and FSDP2 make hundreds of thousands), which every (re)start would pay while it finds
+nothing to free; the young generations hold what the set-up just dropped, and collecting them is cheap.
 """
 
 from __future__ import annotations

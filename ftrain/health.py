@@ -69,16 +69,16 @@ def spike_limit(losses: Iterable[float], factor: float) -> tuple[float, float]:
     * for a positive loss it is the documented "above ``factor`` times the median" wherever that limit already lay
       6 robust standard deviations out (an ordinary loss: a level well above its noise);
     * it measures how far the loss rose above the median, so it holds for any sign: a negative loss (a
-      log-likelihood objective) must rise ``(factor - 1) x |median|`` above it. The old test, ``loss > factor x
-      median``, flagged every step there, as ``factor x median`` lies below a negative median;
+      log-likelihood objective) must rise ``(factor - 1) x |median|`` above it. The plain test, ``loss > factor x
+      median``, would flag every step there, as ``factor x median`` lies below a negative median;
     * near 0, ``|median|`` is no yardstick and would flag the noise; the noise floor decides instead. 6 robust
       standard deviations are reached by healthy normal noise about once in 10^9 steps (more often with heavier
       tails or a spread misjudged from 50 losses, still rarely). A floor that scaled with the factor would not
-      hold: ``(factor - 1) x 3`` robust std flagged 11 of 3000 steps of healthy normal noise at factor 2. The floor
+      hold: at factor 2, ``(factor - 1) x 3`` robust std flags healthy normal noise often (docs/bench.md). The floor
       also keeps a positive loss that is noisy next to its level from being flagged by its noise.
 
     Median and MAD ignore the window's own outliers. A window of one repeated value has no noise: the level alone
-    sets the limit (after a window of zeros any loss above 0 is a spike, as before).
+    sets the limit (after a window of zeros any loss above 0 is a spike).
     """
     window = list(losses)
     median = statistics.median(window)

@@ -163,7 +163,7 @@ class Progress:
 
 
 def _summary_writer(log_dir: Path, **kwargs: Any) -> ScalarWriter:
-    # Not torch.utils.tensorboard.SummaryWriter: its import costs every restarted rank 0 ~0.26 s (ftrain.tb_writer)
+    # Not torch.utils.tensorboard.SummaryWriter: every restarted rank 0 would pay its slow import (ftrain.tb_writer)
     return ScalarWriter(log_dir, **kwargs)
 
 

@@ -1,6 +1,6 @@
 """The process tree of a job, through psutil: finding a launcher's workers and killing a job for real.
 
-torchrun (torch 2.13) starts every worker in a session of its own, so a process-group kill of torchrun
+torchrun starts every worker in a session of its own, so a process-group kill of torchrun
 leaves the workers running: killing "the job" means every descendant, by pid.
 """
 

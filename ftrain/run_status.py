@@ -2,12 +2,12 @@
 
 Rank 0 keeps one small JSON record up to date: the attempt (process start, the step it resumed from, when
 its first step finished) and the latest finished step with its wall time. It is rewritten in place with one
-``pwrite`` of a fixed-size record per step (a few microseconds, no fsync: it is progress, not data), so a
+``pwrite`` of a fixed-size record per step (no fsync: it is progress, not data), so a
 reader may see a torn record while it is written; ``read_status`` then retries, and returns None if it
 never reads a whole one.
 
 The chaos tool reads it instead of parsing log lines; a resumed run reads the previous attempt's record to
-measure what the failure cost (see ``ftrain.recovery``).
+measure what the failure cost (``ftrain.Checkpointer`` logs it under ``recovery/*``, see ``ftrain.tags``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _RECORD_BYTES = 512  # fixed size: every write covers the whole record, so no st
 class RunStatus:
     attempt_started: float  # wall time this process started (time.time())
     resumed_from: int  # step loaded at start; 0 = fresh
-    tier: str  # where the state came from: "fresh", "durable"
+    tier: str  # where the state came from: "fresh", "durable" or "local"
     ready_at: float  # wall time the attempt was ready to train (state loaded)
     step: int  # latest finished step
     step_at: float  # wall time it finished

@@ -107,7 +107,7 @@ def capture_rng(device: torch.device) -> dict[str, Any]:
     """Every RNG the run draws from: Python's, torch's CPU generator and, on GPU, the device's."""
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
-        # through an int64 array: half the time of torch.tensor(tuple) (this runs at every local snapshot)
+        # through an int64 array, cheaper than torch.tensor(tuple) (this runs at every local snapshot)
         "python": {
             "version": version,
             "internal": torch.frombuffer(array("q", internal), dtype=torch.int64),

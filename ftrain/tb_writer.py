@@ -1,8 +1,8 @@
 """TensorBoard scalars written without importing TensorBoard.
 
-Importing ``torch.utils.tensorboard`` (TensorBoard, its protobuf stubs) takes ~0.26 s here, and rank 0 pays it
-again in every restarted process, while the other ranks wait for it at the first step: a quarter of what a
-relaunch costs beyond torchrun's own floor. ftrain writes scalars only, so it writes TensorBoard's event file
+Importing ``torch.utils.tensorboard`` (TensorBoard, its protobuf stubs) is slow, and rank 0 pays it again in every
+restarted process while the other ranks wait for it at the first step: a large share of what a relaunch costs
+beyond torchrun's own floor (docs/bench.md). ftrain writes scalars only, so it writes TensorBoard's event file
 itself: TFRecord framing (length, masked CRC-32C, data, masked CRC-32C) around hand-encoded ``Event`` protos.
 Reading stays with TensorBoard (``ftrain.events``), which checks every record it reads.
 

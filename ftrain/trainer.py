@@ -1,8 +1,11 @@
 """The training loop: builds the run from its config, resumes, trains, checkpoints, and stops cleanly.
 
-Exit codes (``Trainer.fit`` returns them; ``recipes/train.py`` exits with them):
+``Trainer.fit`` returns an exit code:
     0   finished: the final checkpoint is committed
     75  preempted (a configured signal arrived): a checkpoint of the current step is committed; run again to resume
+and raises for the rest, which the command (``ftrain.cli``, also behind ``recipes/train.py``) turns into its other
+exit codes: 65 stopped on an unhealthy step (``UnhealthyError``), 2 a refused resume (``ResumeRefused``), 130 Ctrl-C,
+1 any other error.
 """
 
 from __future__ import annotations
