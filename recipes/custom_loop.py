@@ -146,8 +146,8 @@ if __name__ == "__main__":
     code = main(sys.argv[1:])
     # Leave without interpreter finalization, as ftrain-train does: with gloo (here DDP's and the default group's
     # threads), a process that finished cleanly can still abort while the interpreter tears down (SIGABRT,
-    # "terminate called without an active exception"; torch 2.13 under torchrun, a few CI runs in a hundred;
-    # pytorch/pytorch#179291 describes the mechanism), and torchrun would report the finished run as failed.
+    # "terminate called without an active exception"; pytorch/pytorch#179291 describes the mechanism), and
+    # torchrun would report the finished run as failed.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

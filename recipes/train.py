@@ -4,7 +4,8 @@
     python recipes/train.py [...]                      # one rank, no torchrun
     python recipes/train.py --help                     # every config key with its type, default and meaning
 
-Exit codes: 0 finished, 75 preempted after saving (run again to resume), 1 error, 2 bad configuration.
+Exit codes: those of ``ftrain-train`` (see ``ftrain.cli``): 0 finished, 75 preempted after saving (run again to
+resume), 65 stopped on an unhealthy step, 1 error, 2 bad configuration (nothing written), 130 interrupted by Ctrl-C.
 """
 
 import sys

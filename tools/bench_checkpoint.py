@@ -1,12 +1,12 @@
-"""Checkpoint benchmark: what a checkpoint costs, next to the floors of this machine (issue #7), and what a failure
-costs (issue #16).
+"""Checkpoint benchmark: what a checkpoint costs, next to the floors of this machine, and what a failure costs.
 
-One documented command per question; each writes ``bench.json`` and ``bench.md`` into ``--out``:
+One documented command per question; each writes ``bench.json`` and ``bench.md`` into ``--out`` (how long each
+takes, and what it measured: docs/bench.md):
 
-    python tools/bench_checkpoint.py --out runs/bench          # full: 1 GB state, 3 reps, 12 recipe runs (~8 min, 2 CPUs)
-    python tools/bench_checkpoint.py --quick --out /tmp/bench  # CI form (~45 s): checks it works, not its timings
-    python tools/bench_checkpoint.py --parts goodput --out runs/bench-goodput   # failures (~11 min, 2 CPUs)
-    python tools/bench_checkpoint.py --quick --parts goodput --out /tmp/bench-goodput   # its CI form (~50 s)
+    python tools/bench_checkpoint.py --out runs/bench          # full: 1 GB state, 3 reps, 12 recipe runs
+    python tools/bench_checkpoint.py --quick --out /tmp/bench  # CI form: checks it works, not its timings
+    python tools/bench_checkpoint.py --parts goodput --out runs/bench-goodput   # failures
+    python tools/bench_checkpoint.py --quick --parts goodput --out /tmp/bench-goodput   # its CI form
 
 It has three parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
 

@@ -1,6 +1,6 @@
 """What the local snapshot tier costs: the hot-path call, the background copy, checksum and marker, verify, restore.
 
-    python tools/bench_local_tier.py                 # the recipe's model + AdamW (5.7 MB), in /dev/shm
+    python tools/bench_local_tier.py                 # the recipe's model + AdamW, in /dev/shm
     python tools/bench_local_tier.py --extra-mb 512  # plus a 512 MB tensor: copy and checksum throughput
 
 Single process (one rank's share of the state). Times are medians over ``--repeats`` snapshots.

@@ -6,7 +6,7 @@
 * ``launch``: torchrun jobs with their output logged;
 * ``micro``: the micro part on one rank of a torchrun job (floors, ``dcp.save``, each mode, resume);
 * ``trainer_runs``: the trainer part (``recipes/train.py`` runs, steps/s from TensorBoard);
-* ``targets``: the issue #7 targets and whether a result meets them;
+* ``targets``: the save and goodput targets and whether a result meets them;
 * ``report``: bench.json and bench.md.
 
 Imports point one way: the command line imports these modules, and none of them imports it.

@@ -1,5 +1,5 @@
-"""The goodput part (issues #10, #11, #16, #17): what failures cost a run of the default recipe with the local
-snapshot tier on (the default) and off (as before it), measured side by side in one benchmark run.
+"""The goodput part: what failures cost a run of the default recipe with the local snapshot tier on (the default)
+and off (durable checkpoints only), measured side by side in one benchmark run.
 
 1. *restart floor*: ``torchrun`` starting the same number of workers that only import torch and
    ``torch.distributed.checkpoint`` and join a gloo group (a script written into the work directory); from the
@@ -40,7 +40,7 @@ from .launch import TORCHRUN, run_logged, tail
 from .system import OtherLoad, wait_for_quiet
 from .trainer_runs import read_run
 
-LOCAL_TIER = {"off": "checkpoint.local_interval=0", "on": "checkpoint.local_interval=auto"}  # on: the default; off: as before #10
+LOCAL_TIER = {"off": "checkpoint.local_interval=0", "on": "checkpoint.local_interval=auto"}  # on: the default; off: durable only
 KILL_KINDS = ("job", "rank")
 CONFIGS = tuple((kind, tier) for kind in KILL_KINDS for tier in ("off", "on"))  # (kill kind, local tier)
 MIN_DELAY_S = 0.5  # training time before a kill, at least

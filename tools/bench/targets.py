@@ -1,4 +1,4 @@
-"""The targets of issue #7 (saves) and issue #16 (goodput under failures): each one's limit, and whether a result
+"""The benchmark's targets, for saves and for goodput under failures: each one's limit, and whether a result
 meets it."""
 
 from __future__ import annotations
@@ -7,14 +7,14 @@ from typing import Any
 
 from .common import ASYNC_MODES, ratio
 
-# Targets of issue #7: (key, limit, comparison). Ratios measured in the same run.
+# Save targets: (key, limit, comparison). Ratios measured in the same run.
 TARGETS = {
     "blocking_vs_dcp_save": (0.05, "<="),
     "blocking_vs_staging_floor": (1.5, "<="),
     "trainer_throughput_vs_off": (0.95, ">="),
     "write_vs_disk_floor": (0.80, ">="),
     "extra_memory_vs_rank_size": (1.2, "<="),
-    # issue #16 (and #17's health check), from the goodput part
+    # goodput targets (and the health check's cost), from the goodput part
     "goodput_steps_redone": (1.0, "<="),
     "goodput_time_lost_over_floor": (0.5, "<="),
     "goodput_ettr": (0.8, ">="),
@@ -27,7 +27,7 @@ KILL_NAMES = {"job": "whole-job SIGKILL", "rank": "one-rank SIGKILL (--max-resta
 
 
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each target of issue #7 for each async mode: measured ratio, limit, met or by how much it is missed."""
+    """Each save target for each async mode: measured ratio, limit, met or by how much it is missed."""
     rows = []
     saves, floors = result.get("saves", {}), result.get("floors", {})
     memory, trainer = result.get("memory", {}), result.get("trainer", {}).get("modes", {})
@@ -62,7 +62,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def goodput_rows(goodput: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue #16's targets for the local tier on (the default); the tier-off runs are in the goodput table."""
+    """The goodput targets for the local tier on (the default); the tier-off runs are in the goodput table."""
     rows = []
     floor = goodput["restart_floor_s"]["median"]
     first_step = (goodput.get("first_step_floor_s") or {}).get("median")
