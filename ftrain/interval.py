@@ -88,9 +88,11 @@ class LocalSchedule:
     re-evaluated only at fixed steps and agreed by the caller (``propose`` then ``set``)."""
 
     REVIEW_EVERY = 50  # steps between re-evaluations of an auto interval (the same steps on every rank)
-    # The first review comes this many steps after a start, once three snapshots and three steps are measured, so
+    # The first review comes this many steps after a start, once three snapshots past the warm-up are measured, so
     # a large state is not snapshotted at every step until the first regular review whatever it costs.
-    FIRST_REVIEW_AFTER = 4
+    FIRST_REVIEW_AFTER = 6
+    # The first snapshots after a start fault in each slot's pages (one per slot): not what a snapshot costs.
+    WARMUP_SNAPSHOTS = 2
     MAX_AUTO_INTERVAL = 100
 
     def __init__(self, interval: str | int, overhead_budget: float = 0.01) -> None:
@@ -100,10 +102,12 @@ class LocalSchedule:
         self._costs: deque[float] = deque(maxlen=20)
         self._steps: deque[float] = deque(maxlen=200)
         self._first_review: int | None = None
+        self._warmup_left = self.WARMUP_SNAPSHOTS
 
     def start(self, step: int) -> None:
         """The run (re)starts at ``step`` (the same on every rank): the first review follows shortly."""
         self._first_review = step + self.FIRST_REVIEW_AFTER
+        self._warmup_left = self.WARMUP_SNAPSHOTS
 
     def due(self, step: int) -> bool:
         return self.interval > 0 and step % self.interval == 0
@@ -115,6 +119,9 @@ class LocalSchedule:
         self._steps.append(seconds)
 
     def observe_snapshot(self, cost_s: float) -> None:
+        if self._warmup_left > 0:
+            self._warmup_left -= 1
+            return
         self._costs.append(cost_s)
 
     @property

@@ -30,7 +30,8 @@ from conftest import (
     wait_for,
 )
 
-OPTIONS = ("train.max_steps=20", "checkpoint.interval=10", "log.interval=1")
+# local_interval=1: the kills below wait for the snapshot of a given step (auto would pick its own steps)
+OPTIONS = ("train.max_steps=20", "checkpoint.interval=10", "log.interval=1", "checkpoint.local_interval=1")
 PAUSE_13 = {"FTRAIN_FAULT": "after_local_snapshot@13", "FTRAIN_FAULT_SECONDS": "600"}
 
 
@@ -166,7 +167,8 @@ def test_a_poisoned_snapshot_is_never_resumed(tmp_path):
     """A NaN written into a parameter after step 13's update, with the loss still finite: steps 13-20 are
     snapshotted with it, the durable save of step 20 refuses it and the run stops (65). The rerun must not resume
     those snapshots: it resumes the healthy durable checkpoint of step 10 and ends as the uninterrupted run."""
-    options = ("train.max_steps=30", "checkpoint.interval=10", "log.interval=1", "train.on_unhealthy=stop")
+    options = ("train.max_steps=30", "checkpoint.interval=10", "log.interval=1", "train.on_unhealthy=stop",
+               "checkpoint.local_interval=1")
     reference = tmp_path / "reference"
     check_ok(run_train(reference, *options))
     run_dir = tmp_path / "run"

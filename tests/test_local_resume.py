@@ -27,7 +27,8 @@ from conftest import (
 )
 from ftrain.run_status import read_status
 
-OPTIONS = ("train.max_steps=30", "checkpoint.interval=10", "log.interval=1")
+# local_interval=1: the kills below wait for the snapshot of a given step (auto would pick its own steps)
+OPTIONS = ("train.max_steps=30", "checkpoint.interval=10", "log.interval=1", "checkpoint.local_interval=1")
 PAUSE = {"FTRAIN_FAULT": "after_local_snapshot@13", "FTRAIN_FAULT_SECONDS": "600"}
 
 
