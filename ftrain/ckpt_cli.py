@@ -34,11 +34,12 @@ import torch
 from ftrain.checkpoint import integrity, keys, layout
 from ftrain.checkpoint.errors import describe_error
 from ftrain.checkpoint.lock import DOOR_NAME, LOCK_NAME, live_holder
+from ftrain.checkpoint.run_dir import CHECKPOINTS_DIR, RUN_ID_NAME
 from ftrain.checkpoint.reader import flatten, read_state, select, read_tensors
 from ftrain.checkpoint.safe_load import read_metadata_safely
 
 
-RUN_MARKS = (LOCK_NAME, DOOR_NAME, "RUN_ID")  # files only ftrain puts at the top of a run directory
+RUN_MARKS = (LOCK_NAME, DOOR_NAME, RUN_ID_NAME)  # files only ftrain puts at the top of a run directory
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit on its JSON header
 
 
@@ -56,9 +57,9 @@ def checkpoints_root(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such directory")
-    if (run_dir / "checkpoints").is_dir():
-        return run_dir / "checkpoints"
-    if layout.scan(run_dir) or run_dir.name == "checkpoints":
+    if (run_dir / CHECKPOINTS_DIR).is_dir():
+        return run_dir / CHECKPOINTS_DIR
+    if layout.scan(run_dir) or run_dir.name == CHECKPOINTS_DIR:
         return run_dir
     raise UsageError(f"{run_dir}: not an ftrain run directory (no checkpoints/ inside)")
 
@@ -74,7 +75,7 @@ def checkpoint_dir(path: Path) -> Path:
         raise UsageError(f"{path}: no such directory")
     if is_checkpoint(path):
         return path
-    if not ((path / "checkpoints").is_dir() or layout.scan(path) or path.name == "checkpoints"):
+    if not ((path / CHECKPOINTS_DIR).is_dir() or layout.scan(path) or path.name == CHECKPOINTS_DIR):
         raise UsageError(
             f"{path}: neither a checkpoint (no {layout.MARKER} or DCP {layout.DCP_METADATA} inside) nor a run directory"
         )
@@ -313,7 +314,7 @@ def enclosing_run_or_checkpoint(path: Path) -> tuple[str, Path] | None:
     for candidate in [path.resolve(), *path.resolve().parents]:
         if is_checkpoint(candidate):
             return "checkpoint", candidate
-        if any((candidate / name).exists() for name in RUN_MARKS) or layout.scan(candidate / "checkpoints"):
+        if any((candidate / name).exists() for name in RUN_MARKS) or layout.scan(candidate / CHECKPOINTS_DIR):
             return "run directory", candidate
         if layout.scan(candidate):
             return "checkpoints folder", candidate
@@ -410,7 +411,7 @@ def write_atomically(out: Path, write: Any) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     root = checkpoints_root(args.run_dir)
-    run_dir = root.parent if root.name == "checkpoints" else root
+    run_dir = root.parent if root.name == CHECKPOINTS_DIR else root
     holder = live_holder(run_dir)
     if holder and not args.force:
         raise DamagedError(f"{run_dir} is in use by {holder}; not pruning while a job may be writing (--force to prune anyway)")

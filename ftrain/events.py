@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ftrain.checkpoint.run_dir import TENSORBOARD_DIR
+
 EVENTS_PATTERN = "events.out.tfevents.*"
 RUN_MARKER_TAG = "train/step_time_s"  # every ftrain run logs it at every step
 
@@ -41,10 +43,10 @@ def events_dir(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{path}: no such file or directory")
     if not path.is_dir():
         raise NotADirectoryError(f"{path}: not a directory")
-    for candidate in (path / "tb", path):
+    for candidate in (path / TENSORBOARD_DIR, path):
         if has_events(candidate):
             return candidate
-    raise NotARunError(f"{path}: no TensorBoard events here or in {path / 'tb'}; not an ftrain run directory")
+    raise NotARunError(f"{path}: no TensorBoard events here or in {path / TENSORBOARD_DIR}; not an ftrain run directory")
 
 
 @contextmanager

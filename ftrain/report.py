@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrain import tags
+from ftrain.checkpoint.run_dir import TENSORBOARD_DIR
 from ftrain.events import NotARunError, events_dir, read_run_events
 
 PROG = "ftrain-report"
@@ -376,7 +377,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run_root(given: str | Path) -> Path:
     """The run directory, also when its ``tb/`` was given."""
     directory = events_dir(given)
-    return directory.parent if directory.name == "tb" else directory
+    return directory.parent if directory.name == TENSORBOARD_DIR else directory
 
 
 def fail(message: str, code: int) -> int:

@@ -18,7 +18,8 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-STATUS_NAME = "STATUS"
+from ftrain.checkpoint.run_dir import STATUS_NAME
+
 _RECORD_BYTES = 512  # fixed size: every write covers the whole record, so no stale tail survives
 
 

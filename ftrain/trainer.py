@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from ftrain import health, tags
 from ftrain.checkpoint import layout
+from ftrain.checkpoint.run_dir import CONFIG_NAME, SAMPLES_DIR, TENSORBOARD_DIR
 from ftrain.checkpointer import Checkpointer
 from ftrain.config import Config, DebugConfig, to_yaml
 from ftrain.data import build_dataloader
@@ -64,7 +65,7 @@ class SampleRecorder:
     """
 
     def __init__(self, run_dir: Path, rank: int, attempt: float) -> None:
-        path = run_dir / "samples" / f"rank_{rank}.jsonl"
+        path = run_dir / SAMPLES_DIR / f"rank_{rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(path, "a")
         self.rank = rank
@@ -185,7 +186,7 @@ class Trainer:
     def _write_config(self) -> None:
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.run_dir / CONFIG_NAME).write_text(to_yaml(self.cfg))
 
     def _warn_if_schedule_changed(self) -> None:
         """A resume whose schedule keys (train.max_steps, lr, warmup...) differ from the checkpoint's moves the
@@ -284,7 +285,7 @@ class Trainer:
             f"done: step {self.step}/{self.cfg.train.max_steps} in {time.perf_counter() - self.started:.1f} s"
             + (f", final loss {loss:.4f}" if loss is not None else "")
             + f"; last checkpoint {latest.path if latest else 'none'}"
-            + f"; curves: tensorboard --logdir {self.run_dir / 'tb'}"
+            + f"; curves: tensorboard --logdir {self.run_dir / TENSORBOARD_DIR}"
         )
 
     def close(self) -> None:

@@ -35,11 +35,11 @@ import torch.nn as nn
 
 from ftrain.checkpoint import integrity, keys, layout
 from ftrain.checkpoint.errors import CheckpointError
+from ftrain.checkpoint.run_dir import EXPORTS_DIR
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 INFO_FILE = "ftrain_export.json"
-EXPORTS_DIR = "exports"  # under the run directory
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # Hugging Face's default max_shard_size ("5GB")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")

@@ -184,3 +184,30 @@ def describe_options(indent: str = "    ", width: int = 116) -> str:
             text += f". One of: {', '.join(repr(c) for c in choices)}"
         lines += textwrap.wrap(text, width, initial_indent=indent, subsequent_indent=indent + "    ", break_on_hyphens=False)
     return "\n".join(lines)
+
+
+def merge_options(given: CheckpointOptions | None, values: dict[str, Any]) -> CheckpointOptions:
+    """The options ``given`` (or the defaults) with the keyword ``values`` in place of their fields, checked."""
+    names = option_names()
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise TypeError(f"Checkpointer got unknown option(s) {', '.join(unknown)}; options are {', '.join(sorted(names))}")
+    if given is None:
+        given = CheckpointOptions()
+    elif not isinstance(given, CheckpointOptions):
+        if not dataclasses.is_dataclass(given):
+            raise TypeError(f"options must be a ftrain.CheckpointOptions, not {type(given).__name__}")
+        given = CheckpointOptions(**dataclasses.asdict(given))
+    chosen = dataclasses.replace(given, **values)  # a copy: the caller's object is never changed
+    chosen.validate()
+    return chosen
+
+
+def show_options_in_signature(cls: type, marker: str) -> None:
+    """Give ``cls.__init__`` (which takes the options as ``**values``) a signature with every option as a keyword
+    parameter, and put their descriptions in place of the line ``marker`` of its docstring (``help()``,
+    ``inspect.signature`` and editors' call tips show them)."""
+    init = cls.__init__
+    params = [p for p in inspect.signature(init).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    init.__signature__ = inspect.Signature([*params, *option_parameters()], return_annotation=None)
+    cls.__doc__ = cls.__doc__.replace(marker, describe_options(indent=" " * 8))

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from ftrain.checkpoint import integrity, keys, layout
 from ftrain.checkpoint.errors import CheckpointError, describe_error
+from ftrain.checkpoint.run_dir import CHECKPOINTS_DIR
 from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, read_metadata_safely
 
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -137,7 +138,7 @@ def find_source(path: Path) -> Source:
         return Source("safetensors", path, files=[path / SAFETENSORS_SINGLE])
     if (path / layout.DCP_METADATA).is_file():
         return Source("DCP checkpoint", path)
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
     if layout.scan(root):
         latest = layout.latest_complete(root)
         if latest is None:

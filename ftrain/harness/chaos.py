@@ -23,6 +23,7 @@ from pathlib import Path
 from ftrain import tags
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.reader import differing_tensors, read_tensors
+from ftrain.checkpoint.run_dir import CHECKPOINTS_DIR
 from ftrain.events import read_run_scalars
 from ftrain.processes import kill_tree, send, worker_pids
 from ftrain.run_status import RunStatus, read_status
@@ -185,7 +186,7 @@ def run_chaos(
         if time.time() - started > timeout:
             raise RuntimeError(f"job did not finish within {timeout} s (last exit code {code})")
         job = Job(cmd, log_path, run_dir)
-    latest = layout.latest_complete(Path(run_dir) / "checkpoints")
+    latest = layout.latest_complete(Path(run_dir) / CHECKPOINTS_DIR)
     report.final_step = latest.step if latest else 0
     report.wall_s = time.time() - started
     status = read_status(Path(run_dir))
@@ -209,8 +210,8 @@ def measure_goodput(report: ChaosReport, run_dir: Path) -> None:
 
 def compare_runs(run_dir: Path, reference_dir: Path) -> tuple[bool, bool, list[str]]:
     """(same final weights, same loss curve, what differs) between a run and its uninterrupted reference."""
-    latest, expected = layout.latest_complete(Path(run_dir) / "checkpoints"), layout.latest_complete(
-        Path(reference_dir) / "checkpoints"
+    latest, expected = layout.latest_complete(Path(run_dir) / CHECKPOINTS_DIR), layout.latest_complete(
+        Path(reference_dir) / CHECKPOINTS_DIR
     )
     if latest is None or expected is None or latest.step != expected.step:
         got = latest.step if latest else None

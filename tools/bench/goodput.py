@@ -33,6 +33,7 @@ from typing import Any
 from ftrain import tags
 from ftrain.harness.chaos import compare_runs, measure_goodput, run_chaos
 from ftrain.checkpoint.local import default_directory
+from ftrain.checkpoint.run_dir import CONFIG_NAME, TENSORBOARD_DIR
 from ftrain.config import load_config
 
 from .common import REPO, BenchError, ratio, remove, summarize
@@ -310,7 +311,7 @@ def run_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def run_uninterrupted(args: argparse.Namespace, work: Path, tier: str, rep: int) -> dict[str, Any]:
     run_dir = work / f"throughput-{tier}-{rep}"
     result = {"tier": tier, "rep": rep, **run_recipe(args, recipe_cmd(args, run_dir, tier), f"throughput-{tier}-{rep}")}
-    measured = read_run(run_dir / "tb", args.trainer_skip, args.goodput_interval)
+    measured = read_run(run_dir / TENSORBOARD_DIR, args.trainer_skip, args.goodput_interval)
     result.update({key: measured[key] for key in ("steps_per_s", "plain_step_s", "steps")})
     print(f"[bench] goodput throughput local tier {tier:<3} rep={rep}  {result['steps_per_s']:.2f} steps/s, median "
           f"step {result['plain_step_s'] * 1e3:.1f} ms (other load {result['other_cpu_share']:.0%})", flush=True)
@@ -403,7 +404,7 @@ def run_auto_interval(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One run with ``checkpoint.interval=auto`` (tier on): the intervals chosen and the overhead measured."""
     run_dir = work / "auto"
     result = run_recipe(args, recipe_cmd(args, run_dir, "on", interval="auto"), "auto")
-    result.update(auto_overhead(run_dir / "tb"))
+    result.update(auto_overhead(run_dir / TENSORBOARD_DIR))
     result["budget"] = overhead_budget(run_dir)
     result["overhead_vs_budget"] = ratio(result["overhead_share"], result["budget"])
     chosen = ", ".join(f"{int(v)} (step {s})" for s, v in result["intervals"])
@@ -416,7 +417,7 @@ def run_auto_interval(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def overhead_budget(run_dir: Path) -> float:
     from omegaconf import OmegaConf
 
-    return float(OmegaConf.load(run_dir / "config.yaml").checkpoint.overhead_budget)
+    return float(OmegaConf.load(run_dir / CONFIG_NAME).checkpoint.overhead_budget)
 
 
 def auto_overhead(tb_dir: Path) -> dict[str, Any]:

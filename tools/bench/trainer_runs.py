@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ftrain.checkpoint.run_dir import TENSORBOARD_DIR
+
 from .common import REPO, BenchError, remove, summarize
 from .launch import run_logged, tail, torchrun_cmd
 from .system import OtherLoad, wait_for_quiet
@@ -52,7 +54,7 @@ def run_recipe(args: argparse.Namespace, mode: str, rep: int) -> dict[str, Any]:
     if code != 0:
         raise BenchError(f"trainer run mode={mode} rep={rep} exited {code}: {tail(log_path)} (full log: {log_path})")
     result = {"mode": mode, "rep": rep, "wall_s": wall, "quiet_wait_s": waited, **load.shares(),
-              **read_run(run_dir / "tb", args.trainer_skip, args.interval)}
+              **read_run(run_dir / TENSORBOARD_DIR, args.trainer_skip, args.interval)}
     print(f"[bench] trainer mode={mode:<13} rep={rep}  {result['window_steps_per_s']:.2f} steps/s "
           f"(whole run {result['steps_per_s']:.2f}; other load {result['other_cpu_share']:.0%}; run {wall:.0f} s)",
           flush=True)

@@ -12,6 +12,7 @@ Import from here; the modules are the tier's parts:
     adapters.py    model, optimizer and progress as the tier snapshots them
     agreement.py   the step every rank resumes from
     directory.py   claiming a rank's directory for one run; what may be deleted
+    run_tier.py    the tier of one run: opened for its run directory, resumed from the newest common snapshot
 """
 
 from ftrain.checkpoint.local.adapters import LocalModelState, LocalOptimizerState, LocalProgressState, direct
@@ -19,6 +20,7 @@ from ftrain.checkpoint.local.agreement import agree_on_step, common_step
 from ftrain.checkpoint.local.directory import NotUsable, Owner, RankDir, default_directory
 from ftrain.checkpoint.local.marker import CHUNK, FORMAT, FORMATS_READ, SnapshotMarker, TensorRecord
 from ftrain.checkpoint.local.plan import LentSnapshot
+from ftrain.checkpoint.local.run_tier import open_for_run, resume_newest
 from ftrain.checkpoint.local.snapshots import ALGORITHM, LocalSnapshots
 
 __all__ = [
@@ -40,4 +42,6 @@ __all__ = [
     "common_step",
     "default_directory",
     "direct",
+    "open_for_run",
+    "resume_newest",
 ]

@@ -1,0 +1,142 @@
+"""The run directory: every name under ``run.dir``, and the small files the checkpointer keeps at its top.
+
+    {run.dir}/config.yaml    CONFIG_NAME      the resolved config of the latest start (the recipe writes it)
+    {run.dir}/LOCK           LOCK_NAME        who is writing here (``lock.py``; ``.LOCK.takeover`` is DOOR_NAME)
+    {run.dir}/STATUS         STATUS_NAME      rank 0's progress record (``ftrain.run_status``)
+    {run.dir}/PREEMPTED      PREEMPTED_NAME   {"step", "signal", "time"} after a preemption save; the next start removes it
+    {run.dir}/RUN_ID         RUN_ID_NAME      a random id made at the directory's first use
+    {run.dir}/TIMELINE       TIMELINE_NAME    a random id made by every start that does not continue a local snapshot
+    {run.dir}/tb/            TENSORBOARD_DIR  TensorBoard events, when the checkpointer opens its own writer
+    {run.dir}/samples/       SAMPLES_DIR      the recipe's record of the samples each step read
+    {run.dir}/exports/       EXPORTS_DIR      safetensors exports (``export.py``)
+    {run.dir}/checkpoints/   CHECKPOINTS_DIR  the durable checkpoints (``layout.py``)
+
+The README's "On-disk layout" is the contract. Importing this module does not import torch (tools read the names);
+the collectives are imported on first use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ftrain.checkpoint.layout import RUN_ID_NAME, TIMELINE_NAME, write_json_durably, write_text_durably
+from ftrain.checkpoint.lock import DOOR_NAME, LOCK_NAME, LockedError, RunLock
+
+if TYPE_CHECKING:
+    from ftrain.checkpoint.collectives import DistContext
+
+CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tb"
+EXPORTS_DIR = "exports"
+SAMPLES_DIR = "samples"
+CONFIG_NAME = "config.yaml"
+STATUS_NAME = "STATUS"
+PREEMPTED_NAME = "PREEMPTED"
+
+__all__ = [
+    "CHECKPOINTS_DIR",
+    "CONFIG_NAME",
+    "DOOR_NAME",
+    "EXPORTS_DIR",
+    "LOCK_NAME",
+    "PREEMPTED_NAME",
+    "RUN_ID_NAME",
+    "RunDirectory",
+    "SAMPLES_DIR",
+    "STATUS_NAME",
+    "TENSORBOARD_DIR",
+    "TIMELINE_NAME",
+]
+
+logger = logging.getLogger("ftrain")
+
+
+class RunDirectory:
+    """One run directory as the ranks of one job see it: its paths, its lock (held by rank 0), its identity
+    (``RUN_ID``), the timeline the current attempt trains on, and the ``PREEMPTED`` marker."""
+
+    def __init__(self, path: str | Path, ctx: DistContext) -> None:
+        self.path = Path(path)
+        self.ctx = ctx
+        self.lock: RunLock | None = None
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
+    def take_lock(self) -> None:
+        """Rank 0 takes the lock (and makes ``RUN_ID`` at the directory's first use); every rank learns whether
+        it succeeded. Collective; raises ``LockedError`` on every rank when rank 0 could not."""
+        from ftrain.checkpoint.collectives import max_over_ranks
+
+        lock, problem = None, ""
+        if self.ctx.is_main:
+            lock = RunLock(self.path)
+            try:
+                lock.acquire()
+                self._ensure_run_id()
+            except (LockedError, OSError) as exc:
+                problem = str(exc)
+                if lock.path.exists() and isinstance(exc, OSError):
+                    lock.release()
+                lock = None
+        if max_over_ranks([1.0 if problem else 0.0], self.ctx.device)[0]:
+            raise LockedError(problem or "the run directory is in use by another job (see rank 0)")
+        self.lock = lock
+
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _ensure_run_id(self) -> None:
+        """Give the run directory an identity of its own, once: local snapshots of a run directory that was deleted
+        and made again under the same path must never be taken for this run's."""
+        path = self.path / RUN_ID_NAME
+        if not path.is_file():
+            write_text_durably(path, uuid.uuid4().hex + "\n")
+
+    def run_id(self) -> str:
+        return (self.path / RUN_ID_NAME).read_text().strip()
+
+    def read_timeline(self) -> str:
+        """The timeline recorded by the latest start ('' if none)."""
+        try:
+            return (self.path / TIMELINE_NAME).read_text().strip()
+        except OSError:
+            return ""
+
+    def new_timeline(self) -> str:
+        """Begin a new timeline: rank 0 makes its id and records it durably, every rank gets it. Collective."""
+        import torch.distributed as dist
+
+        timeline = [uuid.uuid4().hex if self.ctx.is_main else ""]
+        if self.ctx.is_main:
+            write_text_durably(self.path / TIMELINE_NAME, timeline[0] + "\n")
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast_object_list(timeline, src=0, group=self.ctx.process_group)
+        return timeline[0]
+
+    def mark_preempted(self, step: int, signal: str | None) -> None:
+        """Rank 0 writes ``PREEMPTED`` once every rank's save of ``step`` is committed: what a scheduler checks to
+        requeue (torchrun itself exits 1 when signalled). The next start removes it."""
+        if not self.ctx.is_main:
+            return
+        path = self.path / PREEMPTED_NAME
+        try:
+            write_json_durably(path, {"step": step, "signal": signal, "time": time.time()})
+        except OSError as exc:  # the checkpoint is committed; the marker is a courtesy to the scheduler
+            logger.warning("could not write %s: %s", path, exc)
+
+    def clear_preempted(self) -> None:
+        """Rank 0, at a start that holds the lock: an earlier preemption is no longer the run's last word."""
+        if self.ctx.is_main:
+            (self.path / PREEMPTED_NAME).unlink(missing_ok=True)
