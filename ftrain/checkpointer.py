@@ -373,12 +373,7 @@ class Checkpointer:
         already committed (or being saved) is refused: a committed checkpoint is never rewritten."""
         self._require_loaded("save")
         self._advance_to(step)
-        if self.manager.enabled and self._already_saved(step):
-            raise CheckpointError(
-                f"step {step} is already saved in {layout.step_dir(self.manager.root, step)}: a committed "
-                "checkpoint is never rewritten"
-            )
-        self._save(step, from_snapshot=False)
+        self._save(step, from_snapshot=False, refuse_saved=True)
 
     def _already_saved(self, step: int) -> bool:
         """Whether ``step`` is committed or being saved (rank 0 decides for every rank). Collective."""
@@ -387,12 +382,19 @@ class Checkpointer:
         )
         return bool(max_over_ranks([1.0 if mine else 0.0], self.ctx.device)[0])
 
-    def _save(self, step: int, from_snapshot: bool) -> None:
-        """``from_snapshot``: the local snapshot of ``step`` was just taken, with no change to the state since."""
+    def _save(self, step: int, from_snapshot: bool, refuse_saved: bool = False) -> None:
+        """``from_snapshot``: the local snapshot of ``step`` was just taken, with no change to the state since.
+        A step already committed or being saved is never written again: ``refuse_saved`` raises, else it is
+        skipped (e.g. the last step of a run whose final checkpoint exists already)."""
         if not self.manager.enabled:
             return
         self._states.check_extra()
-        if self._already_saved(step):  # e.g. the last step of a run whose final checkpoint exists already
+        if self._already_saved(step):
+            if refuse_saved:
+                raise CheckpointError(
+                    f"step {step} is already saved in {layout.step_dir(self.manager.root, step)}: a committed "
+                    "checkpoint is never rewritten"
+                )
             if self.ctx.is_main:
                 logger.info("step %d is already saved; not saving it again", step)
             return
