@@ -675,3 +675,23 @@ def test_a_model_that_changes_how_it_saves_takes_nn_modules_own_state_dict():
     for model in (torch.nn.Sequential(Extra(2, 2)), hooked):
         assert not local.direct(model)
         assert list(LocalModelState(model).state_dict()) == list(model.state_dict())
+
+
+def test_an_owner_record_left_half_written_by_a_killed_process_is_ftrains_own(tmp_path, caplog):
+    """A process killed while claiming its directory leaves OWNER.<pid>.tmp: the next one still uses the directory
+    (it is not 'a file ftrain did not make') and a clean removal takes it too; a user's file is still refused."""
+    tier = tier_at(tmp_path)
+    take(tier, 1)
+    tier.close()
+    (tmp_path / "rank-0" / "OWNER.12345.tmp").write_text("{")
+    again = tier_at(tmp_path)
+    assert not again.disabled and again.complete_steps() == [1]
+    again.remove()
+    again.close()
+    assert not (tmp_path / "rank-0").exists()
+    (tmp_path / "rank-0").mkdir(mode=0o700)
+    (tmp_path / "rank-0" / "OWNER.tmp.notes").write_text("the user's")
+    caplog.set_level(logging.WARNING, logger="ftrain.checkpoint")
+    refused = tier_at(tmp_path)
+    assert refused.disabled and "files ftrain did not make" in caplog.text
+    refused.close()

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ OWN_NAMES = frozenset(
     | {marker_name(slot) + ".tmp" for slot in SLOTS}
     | {OWNER_NAME}
 )
+# The owner record is written through "OWNER.<pid>.tmp": one left by a process killed in between is ftrain's too.
+_OWNER_TEMP = re.compile(rf"^{OWNER_NAME}\.\d+\.tmp$")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -48,6 +51,11 @@ def default_directory(run_dir: Path) -> Path:
     """``/dev/shm/ftrain-<16 hex digits>``: node-local memory, one directory per (resolved) run directory."""
     digest = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
     return Path("/dev/shm") / f"ftrain-{digest}"
+
+
+def is_own(name: str) -> bool:
+    """Whether ``name`` in a rank directory is a file ftrain makes there."""
+    return name in OWN_NAMES or bool(_OWNER_TEMP.match(name))
 
 
 class NotUsable(Exception):
@@ -111,12 +119,12 @@ class RankDir:
             raise
 
     def has_snapshots(self) -> bool:
-        return any(name != OWNER_NAME for name in os.listdir(self._fd))
+        return any(name != OWNER_NAME and not _OWNER_TEMP.match(name) for name in os.listdir(self._fd))
 
     def remove(self) -> None:
         """Remove every file ftrain made here and the directories left empty; nothing else."""
         for name in os.listdir(self._fd):
-            if name in OWN_NAMES:
+            if is_own(name):
                 try:
                     os.unlink(name, dir_fd=self._fd)
                 except FileNotFoundError:
@@ -145,7 +153,7 @@ class RankDir:
 
     def _check_contents(self) -> None:
         names = sorted(os.listdir(self._fd))
-        foreign = [name for name in names if name not in OWN_NAMES]
+        foreign = [name for name in names if not is_own(name)]
         if foreign:
             shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
             raise NotUsable(f"{self.path} holds files ftrain did not make ({shown})")
