@@ -37,6 +37,7 @@ from ftrain.checkpoint.options import (
     AUTO,
     EXPORT_NONE,
     MODE_ASYNC_PROCESS,
+    MODE_OFF,
     ON_FAILURE_ABORT,
     CheckpointOptions,
     merge_options,
@@ -44,6 +45,7 @@ from ftrain.checkpoint.options import (
 )
 from ftrain.checkpoint.path_limits import check_path_limits
 from ftrain.checkpoint.run_dir import RunDirectory
+from ftrain.checkpoint.storage import CheckpointDir
 from ftrain.checkpoint.run_dir import CHECKPOINTS_DIR, PREEMPTED_NAME, RUN_ID_NAME, TENSORBOARD_DIR  # noqa: F401 (kept importable from here)
 from ftrain import health as health_words
 from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
@@ -68,10 +70,12 @@ __all__ = ["Checkpointer", "EXIT_PREEMPTED"]
 
 
 class Checkpointer:
-    """Checkpoints a training run into ``{run_dir}/checkpoints`` and resumes it bit for bit.
+    """Checkpoints a training run into ``{run_dir}/checkpoints`` (or ``checkpoint_dir``: another path, or
+    ``s3://bucket/prefix``) and resumes it bit for bit.
 
     Args:
-        run_dir: the run directory; ``checkpoints/``, ``LOCK`` and (without ``writer``) ``tb/`` live under it.
+        run_dir: the run directory; ``LOCK``, ``checkpoints/`` (unless ``checkpoint_dir`` says otherwise) and
+            (without ``writer``) ``tb/`` live under it.
         model: the ``nn.Module`` being trained: plain, DDP, or FSDP2 ``fully_shard``'ed.
         optimizer: its optimizer. The wait for a background save to finish copying the state happens by
             itself before the optimizer next steps (an optimizer step pre-hook), and before the next forward
@@ -167,7 +171,8 @@ class Checkpointer:
             signature = RunSignature(
                 model_signature if model_signature is not None else model_fingerprint(model), run_name=run_name
             )
-            self.manager = CheckpointManager(self._run.checkpoints, self.options, self.ctx, signature)
+            storage = self._run.open_checkpoints(self.options.dir) if self.options.mode != MODE_OFF else self._run.checkpoints
+            self.manager = CheckpointManager(storage, self.options, self.ctx, signature)
             states = [*keys.DEFAULT_STATE_KEYS.values(), *self.extra]
             self.local = open_for_run(self._run, self.options, self.ctx, signature, states) if self.manager.enabled else None
             self.preemption = PreemptionFlag(self.options.signals)  # last: nothing after it can fail
@@ -378,7 +383,7 @@ class Checkpointer:
     def _already_saved(self, step: int) -> bool:
         """Whether ``step`` is committed or being saved (rank 0 decides for every rank). Collective."""
         mine = self.manager.in_flight(step) or (
-            self.ctx.is_main and (layout.step_dir(self.manager.root, step) / layout.MARKER).exists()
+            self.ctx.is_main and layout.has_marker(CheckpointDir(self.manager.storage, layout.step_name(step)))
         )
         return bool(max_over_ranks([1.0 if mine else 0.0], self.ctx.device)[0])
 
@@ -392,7 +397,7 @@ class Checkpointer:
         if self._already_saved(step):
             if refuse_saved:
                 raise CheckpointError(
-                    f"step {step} is already saved in {layout.step_dir(self.manager.root, step)}: a committed "
+                    f"step {step} is already saved in {self.manager.storage.describe(layout.step_name(step))}: a committed "
                     "checkpoint is never rewritten"
                 )
             if self.ctx.is_main:

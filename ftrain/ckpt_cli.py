@@ -37,6 +37,7 @@ from ftrain.checkpoint.lock import DOOR_NAME, LOCK_NAME, live_holder
 from ftrain.checkpoint.run_dir import CHECKPOINTS_DIR, RUN_ID_NAME
 from ftrain.checkpoint.reader import flatten, read_state, select, read_tensors
 from ftrain.checkpoint.safe_load import read_metadata_safely
+from ftrain.checkpoint.storage import CheckpointDir, Storage, StorageError, checkpoint_at, is_url, open_storage
 
 
 RUN_MARKS = (LOCK_NAME, DOOR_NAME, RUN_ID_NAME)  # files only ftrain puts at the top of a run directory
@@ -52,15 +53,32 @@ class DamagedError(Exception):
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def checkpoints_root(run_dir: Path) -> Path:
-    """Accept a run directory or its ``checkpoints/`` folder."""
+def location(text: str) -> Path | str:
+    """A command-line location: a URL as is (``s3://bucket/prefix``), anything else a path."""
+    return text if is_url(text) else Path(text)
+
+
+def stored(url: str) -> Storage:
+    try:
+        return open_storage(url)
+    except (StorageError, ImportError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def checkpoints_root(run_dir: Path | str) -> Storage:
+    """Accept a run directory or its ``checkpoints/`` folder, or a checkpoint dir in object storage."""
+    if is_url(run_dir):
+        storage = stored(str(run_dir))
+        if not storage.is_dir():
+            raise UsageError(f"{run_dir}: nothing stored there")
+        return storage
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: no such directory")
     if (run_dir / CHECKPOINTS_DIR).is_dir():
-        return run_dir / CHECKPOINTS_DIR
+        return open_storage(run_dir / CHECKPOINTS_DIR)
     if layout.scan(run_dir) or run_dir.name == CHECKPOINTS_DIR:
-        return run_dir
+        return open_storage(run_dir)
     raise UsageError(f"{run_dir}: not an ftrain run directory (no checkpoints/ inside)")
 
 
@@ -68,26 +86,38 @@ def is_checkpoint(path: Path) -> bool:
     return (path / layout.DCP_METADATA).is_file() or (path / layout.MARKER).is_file()
 
 
-def checkpoint_dir(path: Path) -> Path:
-    """A checkpoint directory; a run directory (or its ``checkpoints/``) means its latest complete checkpoint."""
+def checkpoint_dir(path: Path | str) -> CheckpointDir:
+    """A checkpoint directory; a run directory (or its ``checkpoints/``, or a checkpoint dir in object storage)
+    means its latest complete checkpoint."""
+    if is_url(path):
+        try:
+            checkpoint = checkpoint_at(str(path))
+        except StorageError as exc:
+            raise UsageError(str(exc)) from None
+        if layout.has_marker(checkpoint) or checkpoint.storage.exists(checkpoint.file(layout.DCP_METADATA)):
+            return checkpoint
+        return latest_of(checkpoints_root(path), path)
     path = Path(path)
     if not path.is_dir():
         raise UsageError(f"{path}: no such directory")
     if is_checkpoint(path):
-        return path
+        return checkpoint_at(path)
     if not ((path / CHECKPOINTS_DIR).is_dir() or layout.scan(path) or path.name == CHECKPOINTS_DIR):
         raise UsageError(
             f"{path}: neither a checkpoint (no {layout.MARKER} or DCP {layout.DCP_METADATA} inside) nor a run directory"
         )
-    root = checkpoints_root(path)
+    return latest_of(checkpoints_root(path), path)
+
+
+def latest_of(root: Storage, given: Path | str) -> CheckpointDir:
     latest = layout.latest_complete(root)
     if latest is None:
-        raise UsageError(f"{path}: no complete checkpoint under {root}")
-    print(f"ftrain-ckpt: {path}: using its latest complete checkpoint, {latest.path}", file=sys.stderr)
-    return latest.path
+        raise UsageError(f"{given}: no complete checkpoint under {root.describe()}")
+    print(f"ftrain-ckpt: {given}: using its latest complete checkpoint, {latest.dir}", file=sys.stderr)
+    return latest.dir
 
 
-def read_marker(path: Path) -> dict[str, Any]:
+def read_marker(path: CheckpointDir) -> dict[str, Any]:
     """The checkpoint's marker; a missing, malformed or too new marker is ``DamagedError`` (exit 1)."""
     try:
         return layout.read_marker(path)
@@ -112,8 +142,9 @@ def when(timestamp: Any) -> str:
         return "-"
 
 
-def disk_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and not p.is_symlink())
+def disk_bytes(path: Path | CheckpointDir) -> int:
+    checkpoint = checkpoint_at(path)
+    return sum(info.size for info in checkpoint.storage.files(checkpoint.name))
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -125,9 +156,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows.append(
             {
                 "step": step_dir.step,
-                "path": str(step_dir.path),
+                "path": str(step_dir.dir),
                 "status": status,
-                "bytes": marker["total_bytes"] if marker else disk_bytes(step_dir.path),
+                "bytes": marker["total_bytes"] if marker else disk_bytes(step_dir.dir),
                 "committed_at": marker["committed_at"] if marker else None,
                 "world_size": marker["world_size"] if marker else None,
                 "problems": problems,
@@ -137,7 +168,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     if not rows:
-        print(f"no checkpoints under {root}")
+        print(f"no checkpoints under {root.describe()}")
         return 0
     print(f"{'step':>8}  {'status':<11}  {'size':>9}  {'committed':<19}  {'ranks':>5}  path")
     for row in rows:
@@ -173,15 +204,15 @@ def group_of(key: str, groups: list[tuple[str, str]]) -> str:
     return next((name for prefix, name in groups if key.startswith(prefix)), key.split(".", 1)[0])
 
 
-def describe_metadata(path: Path, marker: dict[str, Any] | None) -> dict[str, Any]:
+def describe_metadata(path: CheckpointDir, marker: dict[str, Any] | None) -> dict[str, Any]:
     """Keys by group with shapes, dtypes and bytes, read from DCP's metadata without loading any tensor.
     The metadata is checked first (``integrity.check_metadata``): damage is ``DamagedError``."""
-    with open(path / layout.DCP_METADATA, "rb") as stream:
+    with path.storage.open_read(path.file(layout.DCP_METADATA)) as stream:
         metadata = read_metadata_safely(stream)
     sizes = (
         {entry["name"]: entry["size"] for entry in marker["files"]}
         if marker
-        else {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and not p.is_symlink()}
+        else {info.name: info.size for info in path.storage.files(path.name)}
     )
     problems = integrity.check_metadata(metadata, sizes)
     if problems:
@@ -206,8 +237,8 @@ def describe_metadata(path: Path, marker: dict[str, Any] | None) -> dict[str, An
 
 def cmd_show(args: argparse.Namespace) -> int:
     path = checkpoint_dir(args.checkpoint)
-    marker = read_marker(path) if (path / layout.MARKER).is_file() else None
-    if not (path / layout.DCP_METADATA).is_file():
+    marker = read_marker(path) if layout.has_marker(path) else None
+    if not path.storage.exists(path.file(layout.DCP_METADATA)):
         raise DamagedError(f"{path} is damaged: no DCP {layout.DCP_METADATA}")
     groups = describe_metadata(path, marker)
     if args.json:
@@ -258,7 +289,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def nonfinite_tensors(path: Path) -> list[str]:
+def nonfinite_tensors(path: CheckpointDir) -> list[str]:
     """Keys of the floating-point tensors of a checkpoint that hold NaN or Inf (reads every tensor)."""
     return [
         key
@@ -411,23 +442,29 @@ def write_atomically(out: Path, write: Any) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     root = checkpoints_root(args.run_dir)
-    run_dir = root.parent if root.name == CHECKPOINTS_DIR else root
-    holder = live_holder(run_dir)
-    if holder and not args.force:
-        raise DamagedError(f"{run_dir} is in use by {holder}; not pruning while a job may be writing (--force to prune anyway)")
-    if holder:
-        print(f"note: {run_dir} is in use by {holder}; pruning anyway (--force)", file=sys.stderr)
-    elif (run_dir / LOCK_NAME).exists():
-        print(f"note: {run_dir / LOCK_NAME} was left by a job that is gone", file=sys.stderr)
+    if root.is_local:  # a run directory's LOCK says whether a job writes there (object storage: see the README)
+        local = root.local_path()
+        run_dir = local.parent if local.name == CHECKPOINTS_DIR else local
+        holder = live_holder(run_dir)
+        if holder and not args.force:
+            raise DamagedError(
+                f"{run_dir} is in use by {holder}; not pruning while a job may be writing (--force to prune anyway)"
+            )
+        if holder:
+            print(f"note: {run_dir} is in use by {holder}; pruning anyway (--force)", file=sys.stderr)
+        elif (run_dir / LOCK_NAME).exists():
+            print(f"note: {run_dir / LOCK_NAME} was left by a job that is gone", file=sys.stderr)
     doomed = layout.plan_purge(root, args.keep_last, args.keep_every)
     keep, skipped = integrity.newest_verified(root, checksums=not args.sizes_only)
     if keep is None and skipped:
         if not args.force:
-            raise DamagedError(f"no checkpoint under {root} verifies ({skipped[0]}); not pruning (--force to prune anyway)")
-        print(f"note: no checkpoint under {root} verifies; pruning anyway (--force)", file=sys.stderr)
-    if keep is not None and (skipped or keep.path in doomed):
-        doomed = [path for path in doomed if path != keep.path]
-        print(f"keeping {keep.path}: the newest checkpoint that verifies" + (f" ({'; '.join(skipped)})" if skipped else ""))
+            raise DamagedError(
+                f"no checkpoint under {root.describe()} verifies ({skipped[0]}); not pruning (--force to prune anyway)"
+            )
+        print(f"note: no checkpoint under {root.describe()} verifies; pruning anyway (--force)", file=sys.stderr)
+    if keep is not None and (skipped or keep.dir in doomed):
+        doomed = [checkpoint for checkpoint in doomed if checkpoint != keep.dir]
+        print(f"keeping {keep.dir}: the newest checkpoint that verifies" + (f" ({'; '.join(skipped)})" if skipped else ""))
     for path in doomed:
         print(f"{'would remove' if args.dry_run else 'removing'} {path}")
         if not args.dry_run:
@@ -443,25 +480,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect and manage ftrain checkpoints (step_*/ directories with a COMPLETE marker).",
         epilog="Exit codes: 0 ok, 1 damaged, failed or refused, 2 bad usage or path.",
     )
-    checkpoint_help = "a step directory, or a run directory (or its checkpoints/): its latest complete checkpoint"
+    checkpoint_help = (
+        "a step directory, or a run directory (or its checkpoints/, or s3://bucket/prefix): its latest complete checkpoint"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="every step directory: complete / incomplete / damaged, size, time, ranks")
-    p.add_argument("run_dir", type=Path, help="a run directory (or its checkpoints/ folder)")
+    p.add_argument("run_dir", type=location, help="a run directory (or its checkpoints/ folder, or s3://bucket/prefix)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--verify", action="store_true", help="check checksums too (default: sizes and metadata only)")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("show", help="what a checkpoint holds, from DCP's metadata, without loading tensors")
-    p.add_argument("checkpoint", type=Path, help=checkpoint_help)
+    p.add_argument("checkpoint", type=location, help=checkpoint_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=12, help="entries shown per group (default 12)")
     p.set_defaults(func=cmd_show)
     p = sub.add_parser("verify", help="check every file against the marker, and DCP's metadata against the files")
-    p.add_argument("checkpoint", type=Path, help=checkpoint_help)
+    p.add_argument("checkpoint", type=location, help=checkpoint_help)
     p.add_argument("--sizes-only", action="store_true", help="skip checksums")
     p.add_argument("--values", action="store_true", help="also read every tensor and check it holds no NaN or Inf (slower)")
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("convert", help="to one torch.save file, or the model's weights to safetensors")
-    p.add_argument("checkpoint", type=Path, help=checkpoint_help)
+    p.add_argument("checkpoint", type=location, help=checkpoint_help)
     p.add_argument(
         "out", type=Path, help="output file; for --format safetensors without a .safetensors name, a directory"
     )
@@ -476,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="safetensors: cast floating-point weights")
     p.set_defaults(func=cmd_convert)
     p = sub.add_parser("prune", help="delete old checkpoints by the trainer's retention rules")
-    p.add_argument("run_dir", type=Path, help="a run directory (or its checkpoints/ folder)")
+    p.add_argument("run_dir", type=location, help="a run directory (or its checkpoints/ folder, or s3://bucket/prefix)")
     p.add_argument("--keep-last", type=int, required=True, help="complete checkpoints to keep (>= 1)")
     p.add_argument("--keep-every", type=int, default=0, help="also keep every K-th step (0 = none)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")

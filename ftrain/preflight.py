@@ -34,6 +34,33 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
     _data_module_checks(cfg)
     check_initial_load(cfg.checkpoint.initial_load)
     check_run_dir(Path(cfg.run.dir))
+    if cfg.checkpoint.mode != "off":
+        check_checkpoint_dir(cfg.checkpoint.dir, Path(cfg.run.dir))
+
+
+def check_checkpoint_dir(location: str, run_dir: Path) -> None:
+    """An object-storage ``checkpoint.dir``: the client is installed, the bucket exists and takes writes and
+    deletes, and no other run writes under the prefix (``OWNER``; this run's is in ``run_dir/RUN_ID``)."""
+    from ftrain.checkpoint.layout import RUN_ID_NAME
+    from ftrain.checkpoint.storage import StorageError, is_url, open_storage
+
+    if not is_url(location):
+        return
+    try:
+        storage = open_storage(location)
+        storage.check_access()  # type: ignore[attr-defined]
+        owner = storage.owner()  # type: ignore[attr-defined]
+    except (StorageError, ImportError) as exc:
+        raise ConfigError(" ".join(str(exc).split())) from None
+    try:
+        run_id = (run_dir / RUN_ID_NAME).read_text().strip()
+    except OSError:
+        run_id = ""
+    if owner is not None and owner[0] != run_id:
+        raise ConfigError(
+            f"checkpoint.dir {location} holds the checkpoints of another run ({owner[1]}); give this run its own "
+            "checkpoint.dir, or resume that run with its run.dir"
+        )
 
 
 def _data_module_checks(cfg: Config) -> None:

@@ -284,7 +284,7 @@ class Trainer:
         return (
             f"done: step {self.step}/{self.cfg.train.max_steps} in {time.perf_counter() - self.started:.1f} s"
             + (f", final loss {loss:.4f}" if loss is not None else "")
-            + f"; last checkpoint {latest.path if latest else 'none'}"
+            + f"; last checkpoint {latest.dir if latest else 'none'}"
             + f"; curves: tensorboard --logdir {self.run_dir / TENSORBOARD_DIR}"
         )
 

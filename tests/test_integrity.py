@@ -12,7 +12,7 @@ import pytest
 
 from conftest import check_ok, kill_job, run_train, start_train, train_cmd, wait_for
 from ftrain.harness.chaos import Job, compare_runs
-from ftrain.checkpoint import integrity, layout
+from ftrain.checkpoint import integrity, layout, sums
 from ftrain.checkpoint.lock import LockedError, RunLock
 
 
@@ -231,7 +231,7 @@ def test_new_checkpoints_carry_xxh3_and_crc32_ones_still_verify(reference_run, t
     marker = json.loads((copy / layout.MARKER).read_text())
     for entry in marker["files"]:
         del entry[layout.XXH3]
-        entry[layout.CRC32] = integrity.file_sum(copy / entry["name"], layout.CRC32)
+        entry[layout.CRC32] = sums.file_sum(copy / entry["name"], layout.CRC32)
     (copy / layout.MARKER).write_text(json.dumps(marker))
     assert integrity.verify(copy) == []
     data = next(copy.glob("*.distcp"))

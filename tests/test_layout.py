@@ -60,7 +60,7 @@ def test_half_deleted_checkpoint_is_not_complete(tmp_path):
     trash = path.with_name(path.name + ".deleting")  # a delete killed after its rename
     path.rename(trash)
     assert layout.latest_complete(tmp_path).step == 10
-    assert trash in layout.plan_purge(tmp_path, keep_last=3)
+    assert trash in [d.path for d in layout.plan_purge(tmp_path, keep_last=3)]
 
 
 def test_other_names_are_ignored(tmp_path):
@@ -130,5 +130,5 @@ def test_startup_cleanup_and_set_aside(tmp_path):
     removed = layout.remove_incomplete(tmp_path)
     assert [p.name for p in removed] == ["step_00000030"]
     moved = layout.set_aside_newer(tmp_path, 10)
-    assert len(moved) == 1 and moved[0].parent.name == "superseded"
+    assert len(moved) == 1 and moved[0].path.parent.name == "superseded"
     assert [d.step for d in layout.scan(tmp_path)] == [10]

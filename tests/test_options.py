@@ -31,18 +31,19 @@ def test_the_signature_shows_every_option_with_its_default():
     params = inspect.signature(ftrain.Checkpointer).parameters
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for f in FIELDS:
-        assert params[f.name].kind is inspect.Parameter.KEYWORD_ONLY, f.name
-        assert params[f.name].default == opts.option_default(f), f.name
+        assert params[opts.keyword_of(f)].kind is inspect.Parameter.KEYWORD_ONLY, f.name
+        assert params[opts.keyword_of(f)].default == opts.option_default(f), f.name
     assert params["interval"].default == "50" and params["keep_last"].default == 3
     assert params["signals"].default == ["SIGTERM", "SIGUSR1"]
     assert {"run_dir", "model", "optimizer", "options"} <= set(params)
+    assert params["checkpoint_dir"].default == ""  # config key checkpoint.dir: the keyword says what it is
 
 
 def test_help_shows_every_option_with_its_meaning():
     rendered = pydoc.render_doc(ftrain.Checkpointer, renderer=pydoc.plaintext)
     text = " ".join(" ".join(line.lstrip().removeprefix("|") for line in rendered.splitlines()).split())
     for f in FIELDS:
-        assert f"{f.name} (" in text, f.name
+        assert f"{opts.keyword_of(f)} (" in text, f.name
         assert " ".join(f.metadata["help"].split()) in text, f.name
     assert "every field of CheckpointOptions" not in text  # the placeholder was filled in
 
@@ -71,7 +72,7 @@ def test_an_unknown_keyword_is_a_type_error_naming_the_valid_ones(tmp_path):
     model, optimizer = _model_and_optimizer()
     with pytest.raises(TypeError, match="intervall") as info:
         ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer, intervall=5)
-    assert all(f.name in str(info.value) for f in FIELDS)
+    assert all(opts.keyword_of(f) in str(info.value) for f in FIELDS)
     with pytest.raises(TypeError, match="unexpected keyword argument 'intervall'"):
         ftrain.CheckpointOptions(intervall=5)
     assert not tmp_path.joinpath("LOCK").exists()

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from ftrain.checkpoint import integrity, layout, writer
+from ftrain.checkpoint import integrity, layout, sums, writer
+from ftrain.checkpoint.storage import posix
 from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.manager import CheckpointManager
 from ftrain.config import CheckpointConfig
@@ -83,7 +84,7 @@ def test_dtensors_stay_dtensors():
 @pytest.mark.parametrize("threads", [1, 3])
 def test_checksums_are_taken_while_writing(threads, tmp_path, monkeypatch):
     read_back, hinted = [], []
-    monkeypatch.setattr(writer, "file_sum", lambda path: read_back.append(path) or "0" * 16)
+    monkeypatch.setattr(posix, "file_sum", lambda path, algorithm=None: read_back.append(path) or "0" * 16)
     fadvise = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda *args: hinted.append(args) or fadvise(*args))
     state = {"a": torch.randn(1000), "big": torch.randn(3 << 20), "b": torch.arange(10), "blob": b"x" * 100}
@@ -95,7 +96,7 @@ def test_checksums_are_taken_while_writing(threads, tmp_path, monkeypatch):
     data_files = sorted(p.name for p in tmp_path.glob("*.distcp"))
     assert sorted(recorded) == data_files and len(data_files) == threads
     for name in data_files:
-        assert recorded[name] == integrity.file_sum(tmp_path / name, layout.XXH3)
+        assert recorded[name] == sums.file_sum(tmp_path / name, layout.XXH3)
     loaded = {"a": torch.zeros(1000), "big": torch.zeros(3 << 20), "b": torch.zeros(10, dtype=torch.long), "blob": b""}
     dcp.load(loaded, checkpoint_id=str(tmp_path), no_dist=True)
     assert all(torch.equal(loaded[k], state[k]) for k in ("a", "big", "b")) and loaded["blob"] == state["blob"]

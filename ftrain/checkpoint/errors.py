@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
 from typing import Any
 
 
@@ -26,15 +24,6 @@ def describe_error(exc: BaseException) -> str:
             causes.setdefault(f"{type(cause).__name__}: {squash(cause)}", []).append(str(rank))
         return "; ".join(f"rank {','.join(ranks)}: {cause}" for cause, ranks in causes.items())
     return f"{type(exc).__name__}: {squash(exc)}"
-
-
-def free_space_note(root: Path) -> str:
-    """Torch's writer reports a full disk as 'unexpected pos ...': say how much room there is."""
-    try:
-        free = shutil.disk_usage(root).free
-    except OSError:
-        return ""
-    return f" ({free / 1e6:.1f} MB free on the checkpoint filesystem)"
 
 
 def squash(exc: BaseException) -> str:

@@ -36,6 +36,8 @@ import torch.nn as nn
 from ftrain.checkpoint import integrity, keys, layout
 from ftrain.checkpoint.errors import CheckpointError
 from ftrain.checkpoint.run_dir import EXPORTS_DIR
+from ftrain.checkpoint.storage import checkpoint_at
+from ftrain.checkpoint.storage.posix import fsync_dir
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -190,7 +192,7 @@ def export_safetensors(
         _write_json(tmp / INFO_FILE, record)
         for path in tmp.iterdir():
             _fsync_file(path)
-        layout.fsync_dir(tmp)
+        fsync_dir(tmp)
         _commit(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,25 +200,27 @@ def export_safetensors(
 
 
 def export_from_checkpoint(
-    checkpoint_dir: Path,
+    checkpoint_dir: layout.Where,
     out_dir: Path,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Export the model of a committed ftrain checkpoint (found by its marker's ``state_keys``), after checking
     every file's size and checksum. Used by ``ftrain-ckpt convert --format safetensors``."""
-    tensors = model_tensors(checkpoint_dir)
-    marker = layout.read_marker(checkpoint_dir)
-    info = {"source": str(Path(checkpoint_dir).resolve()), "step": marker["step"]}
+    checkpoint = checkpoint_at(checkpoint_dir)
+    tensors = model_tensors(checkpoint)
+    marker = layout.read_marker(checkpoint)
+    source = str(checkpoint.path.resolve()) if checkpoint.storage.is_local else str(checkpoint)
+    info = {"source": source, "step": marker["step"]}
     return export_safetensors(tensors, out_dir, dtype, max_shard_bytes, info)
 
 
-def model_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+def model_tensors(checkpoint_dir: layout.Where) -> dict[str, torch.Tensor]:
     """The model's tensors of a committed ftrain checkpoint, unsharded, by parameter name. A damaged checkpoint,
     or one of a newer format, is a one-line ``CheckpointError``; the tensors are read through the safe loader."""
     from ftrain.checkpoint.reader import flatten, read_state, select
 
-    path = Path(checkpoint_dir)
+    path = checkpoint_at(checkpoint_dir)
     try:
         marker = layout.read_marker(path)
     except ValueError as exc:
@@ -302,7 +306,7 @@ def _commit(tmp: Path, out_dir: Path) -> None:
         aside = out_dir.with_name(f".{out_dir.name}.replaced-{os.getpid()}")
         os.replace(out_dir, aside)
     os.replace(tmp, out_dir)
-    layout.fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -31,32 +30,37 @@ from torch.distributed.checkpoint.metadata import (
 
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.safe_load import read_metadata_safely
-from ftrain.checkpoint.sums import SUM_KEYS, WRITE_SUM, file_sum
+from ftrain.checkpoint.storage import CheckpointDir, StorageError, checkpoint_at
+from ftrain.checkpoint.sums import SUM_KEYS, WRITE_SUM
 
 CHECKSUMS = "CHECKSUMS.json"
 VERIFY_THREADS = 4
 MAX_PROBLEMS = 3  # metadata problems reported per checkpoint (the first ones; the rest are counted)
 
 
-def file_entries(path: Path) -> list[dict[str, Any]]:
-    """Name, size and checksum (``sums.WRITE_SUM``: xxh3-64) of every file of the checkpoint in ``path``, for its
+def file_entries(where: layout.Where) -> list[dict[str, Any]]:
+    """Name, size and checksum (``sums.WRITE_SUM``: xxh3-64) of every file of the checkpoint in ``where``, for its
     commit marker.
 
     Data files take the sums their writers recorded; the few the coordinator wrote last (``.metadata``,
     ``CHECKSUMS.json``) are small and summed here.
     """
+    checkpoint = checkpoint_at(where)
+    storage = checkpoint.storage
     recorded: dict[str, str] = {}
-    sums_file = Path(path) / CHECKSUMS
-    if sums_file.is_file():
-        recorded = json.loads(sums_file.read_text())
-    entries = layout.list_files(path)
+    if storage.exists(checkpoint.file(CHECKSUMS)):
+        recorded = json.loads(storage.read_bytes(checkpoint.file(CHECKSUMS)))
+    entries = layout.list_files(checkpoint)
     for entry in entries:
-        entry[WRITE_SUM] = recorded.get(entry["name"]) or file_sum(Path(path) / entry["name"])
+        entry[WRITE_SUM] = recorded.get(entry["name"]) or storage.checksum(checkpoint.file(entry["name"]), WRITE_SUM)
     return entries
 
 
 def verify(
-    path: Path, checksums: bool = True, files: list[str] | None = None, sum_later: Callable[[str], bool] | None = None
+    where: layout.Where,
+    checksums: bool = True,
+    files: list[str] | None = None,
+    sum_later: Callable[[str], bool] | None = None,
 ) -> list[str]:
     """Problems found in the checkpoint at ``path`` (empty list: it is intact).
 
@@ -67,20 +71,20 @@ def verify(
     files the marker lists (``metadata_problems``). Files are checked ``VERIFY_THREADS`` at a time (reading
     and both checksums release the GIL), so a rank with several files reads them in parallel.
     """
+    checkpoint = checkpoint_at(where)
     try:
-        marker = layout.read_marker(path)
+        marker = layout.read_marker(checkpoint)
     except ValueError as exc:
         return [str(exc)]
     entries = [entry for entry in marker["files"] if files is None or entry["name"] in files]
     if not entries:
         return []
-    root = Path(path)
     with ThreadPoolExecutor(max_workers=min(VERIFY_THREADS, len(entries)), thread_name_prefix="ftrain-verify") as pool:
-        found = list(pool.map(lambda entry: _check_file(root, entry, checksums, sum_later), entries))
+        found = list(pool.map(lambda entry: _check_file(checkpoint, entry, checksums, sum_later), entries))
     problems = [problem for problem in found if problem]
     metadata_ok = [not problem for entry, problem in zip(entries, found) if entry["name"] == layout.DCP_METADATA]
     if metadata_ok == [True]:  # this caller checks .metadata, and its bytes are the committed ones
-        problems += metadata_problems(root, marker)
+        problems += metadata_problems(checkpoint, marker)
     return problems
 
 
@@ -96,16 +100,16 @@ def status(step_dir: layout.StepDir, checksums: bool) -> tuple[str, dict[str, An
     if not step_dir.complete:
         return "incomplete", None, []
     try:
-        marker = layout.read_marker(step_dir.path)
+        marker = layout.read_marker(step_dir.dir)
     except layout.NewerFormatError as exc:
         return "unsupported", None, [str(exc)]
     except ValueError as exc:
         return "damaged", None, [str(exc)]
-    problems = verify(step_dir.path, checksums=checksums)
+    problems = verify(step_dir.dir, checksums=checksums)
     return ("damaged" if problems else "complete"), marker, problems
 
 
-def newest_verified(root: Path, checksums: bool) -> tuple[layout.StepDir | None, list[str]]:
+def newest_verified(root: layout.Root, checksums: bool) -> tuple[layout.StepDir | None, list[str]]:
     """The newest complete checkpoint under ``root`` that verifies (None: none does), and why each newer one
     does not. Retention must never delete it."""
     skipped = []
@@ -113,23 +117,20 @@ def newest_verified(root: Path, checksums: bool) -> tuple[layout.StepDir | None,
         state, _, problems = status(step_dir, checksums)
         if state == "complete":
             return step_dir, skipped
-        skipped.append(f"{step_dir.path.name} is {state}: {problems[0]}")
+        skipped.append(f"{step_dir.dir.name} is {state}: {problems[0]}")
     return None, skipped
 
 
-def _check_file(root: Path, entry: dict[str, Any], checksums: bool, sum_later: Callable[[str], bool] | None) -> str:
+def _check_file(
+    checkpoint: CheckpointDir, entry: dict[str, Any], checksums: bool, sum_later: Callable[[str], bool] | None
+) -> str:
     name = entry["name"]  # a plain name: layout.validate_marker checked it
-    file = root / name
-    if file.is_symlink():
-        try:
-            target = file.resolve(strict=True)
-        except (OSError, RuntimeError):  # dangling, or a loop
-            return f"{name} is a symbolic link to nothing readable"
-        if target.parent != root.resolve():
-            return f"{name} is a symbolic link out of the checkpoint ({target})"
-    if not file.is_file():
+    try:
+        size = checkpoint.storage.file_size(checkpoint.file(name))
+    except FileNotFoundError:
         return f"missing file {name}"
-    size = file.stat().st_size
+    except StorageError as exc:
+        return str(exc)
     if size != entry["size"]:
         return f"{name} is {size} bytes, the marker says {entry['size']}"
     if checksums:
@@ -138,16 +139,17 @@ def _check_file(root: Path, entry: dict[str, Any], checksums: bool, sum_later: C
             return f"{name} has no checksum in the marker (cannot verify its content)"
         if sum_later is not None and sum_later(name):
             return ""
-        actual = file_sum(file, recorded[0])
+        actual = checkpoint.storage.checksum(checkpoint.file(name), recorded[0])
         if actual != recorded[1]:
             return f"{name} fails its checksum ({recorded[0]} {actual}, marker {recorded[1]})"
     return ""
 
 
-def metadata_problems(path: Path, marker: dict[str, Any]) -> list[str]:
+def metadata_problems(where: layout.Where, marker: dict[str, Any]) -> list[str]:
     """Problems of DCP's ``.metadata`` against the marker: read safely, every location in a listed file."""
+    checkpoint = checkpoint_at(where)
     try:
-        with open(Path(path) / layout.DCP_METADATA, "rb") as stream:
+        with checkpoint.storage.open_read(checkpoint.file(layout.DCP_METADATA)) as stream:
             metadata = read_metadata_safely(stream)
     except (OSError, ValueError) as exc:
         return [f"{layout.DCP_METADATA}: {' '.join(str(exc).split())[:300]}"]

@@ -1,11 +1,12 @@
-"""The on-disk layout of checkpoints: step directories, the commit marker, discovery and retention.
+"""The layout of durable checkpoints in a storage: step directories, the commit marker, discovery, retention.
 
-    {run.dir}/checkpoints/step_{N:08d}/            DCP files of step N (``*.distcp``, ``.metadata``)
-    {run.dir}/checkpoints/step_{N:08d}/COMPLETE    commit marker (JSON); the checkpoint counts only if it exists
+    {checkpoint dir}/step_{N:08d}/            DCP files of step N (``*.distcp``, ``.metadata``, ``CHECKSUMS.json``)
+    {checkpoint dir}/step_{N:08d}/COMPLETE    commit marker (JSON); the checkpoint counts only if it exists
 
-A directory without ``COMPLETE`` is incomplete: ignored by discovery and removed by ``purge``. Deleting a
-checkpoint first renames it out of the ``step_*`` namespace (atomic), so a crash in the middle of a delete
-never leaves something that looks complete.
+The checkpoint dir is ``{run.dir}/checkpoints`` by default; every operation here goes through a
+``storage.Storage`` (a path given instead is a local one). A directory without ``COMPLETE`` is incomplete:
+ignored by discovery and removed by ``purge``. Deleting a checkpoint never leaves something that looks
+complete (``Storage.remove_dir``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
-MARKER = "COMPLETE"
+from ftrain.checkpoint.storage import CheckpointDir, Storage, checkpoint_at, open_storage
+from ftrain.checkpoint.storage.base import MARKER_NAME
+from ftrain.checkpoint.storage.posix import TRASH_SUFFIX
+from ftrain.checkpoint.sums import CRC32, XXH3
+
+# What the functions below accept for a root (a storage, or a local path) and for one checkpoint directory.
+Root = Union[Storage, str, "os.PathLike[str]"]
+Where = Union[CheckpointDir, str, "os.PathLike[str]"]
+
+MARKER = MARKER_NAME
 # Under the run directory (beside ``checkpoints/``): the run's identity, made at its first use, and the timeline the
 # current attempt trains on (local snapshots of another timeline are never resumed).
 RUN_ID_NAME = "RUN_ID"
@@ -29,82 +38,89 @@ MARKER_TMP = "COMPLETE.tmp"
 DCP_METADATA = ".metadata"  # DCP's index of every stored item; the marker must list it
 DATA_SUFFIX = ".distcp"  # DCP's data files (one or more per rank); the rest of a checkpoint is small
 # A file entry's checksum key in the marker, and the hex digits of its value (integrity.py computes them)
-CRC32, XXH3 = "crc32", "xxh3_64"
 SUM_DIGITS = {XXH3: 16, CRC32: 8}
 FORMAT_VERSION = 2  # 2: the marker records ``state_keys`` (see ``keys.py``)
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
 MAX_MARKER_BYTES = 16 << 20  # a marker lists a few files per rank: anything larger is not one of ours
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-_TRASH_SUFFIX = ".deleting"
 
 
-def step_dir(root: Path, step: int) -> Path:
-    return Path(root) / f"step_{step:08d}"
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
 
 
-def parse_step(path: Path) -> int | None:
-    match = _STEP_DIR.match(Path(path).name)
+def step_dir(root: str | os.PathLike[str], step: int) -> Path:
+    """The local path of step ``step``'s directory under a local checkpoint dir."""
+    return Path(root) / step_name(step)
+
+
+def parse_step(where: str | os.PathLike[str] | CheckpointDir) -> int | None:
+    name = where.name if isinstance(where, CheckpointDir) else Path(where).name
+    match = _STEP_DIR.match(name.rsplit("/", 1)[-1])
     return int(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
 class StepDir:
     step: int
-    path: Path
+    dir: CheckpointDir
     complete: bool
 
+    @property
+    def path(self) -> Path:
+        """The local path (a local storage only)."""
+        return self.dir.path
 
-def scan(root: Path) -> list[StepDir]:
+
+def scan(root: Root) -> list[StepDir]:
     """Every ``step_*`` directory under ``root``, oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
+    storage = open_storage(root)
     found = []
-    for entry in root.iterdir():
-        step = parse_step(entry)
-        if step is not None and entry.is_dir():
-            found.append(StepDir(step, entry, (entry / MARKER).is_file()))
+    for name in storage.dirs():
+        step = parse_step(name)
+        if step is not None:
+            found.append(StepDir(step, CheckpointDir(storage, name), storage.exists(f"{name}/{MARKER}")))
     return sorted(found, key=lambda d: d.step)
 
 
-def complete_steps(root: Path) -> list[StepDir]:
+def complete_steps(root: Root) -> list[StepDir]:
     return [d for d in scan(root) if d.complete]
 
 
-def latest_complete(root: Path) -> StepDir | None:
+def latest_complete(root: Root) -> StepDir | None:
     done = complete_steps(root)
     return done[-1] if done else None
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def has_marker(where: Where) -> bool:
+    """Whether the checkpoint directory holds a commit marker (not whether the marker is valid)."""
+    checkpoint = checkpoint_at(where)
+    return checkpoint.storage.exists(checkpoint.file(MARKER))
 
 
 def is_data_file(name: str) -> bool:
     return name.endswith(DATA_SUFFIX)
 
 
-def list_files(path: Path) -> list[dict[str, Any]]:
+def list_files(where: Where) -> list[dict[str, Any]]:
     """The checkpoint's data files with their sizes (the marker itself excluded)."""
+    checkpoint = checkpoint_at(where)
     return [
-        {"name": p.name, "size": p.stat().st_size}
-        for p in sorted(Path(path).iterdir())
-        if p.is_file() and not p.is_symlink() and p.name not in (MARKER, MARKER_TMP)
+        {"name": info.name, "size": info.size}
+        for info in checkpoint.storage.files(checkpoint.name)
+        if info.name not in (MARKER, MARKER_TMP)
     ]
 
 
-def write_marker(path: Path, info: dict[str, Any], files: list[dict[str, Any]]) -> dict[str, Any]:
-    """Commit the checkpoint in ``path``: every file it holds must already be durable.
+def write_marker(where: Where, info: dict[str, Any], files: list[dict[str, Any]]) -> dict[str, Any]:
+    """Commit the checkpoint in ``where``: every file it holds must already be durable.
 
-    ``files`` lists them (name, size, checksum). The marker is written to a temporary name, fsynced, renamed
-    into place and the directory fsynced, so it exists either whole or not at all. Returns its content.
+    ``files`` lists them (name, size, checksum). The marker is written with ``Storage.write_atomic``, so it
+    exists either whole or not at all. Returns its content.
     """
-    path = Path(path)
-    fsync_dir(path)  # the data files' directory entries (DCP renames .metadata into place) are durable first
+    checkpoint = checkpoint_at(where)
+    path = str(checkpoint)
+    checkpoint.storage.sync_dir(checkpoint.name)  # the data files' entries (DCP renames .metadata) are durable first
     marker = {
         "format_version": FORMAT_VERSION,
         **info,
@@ -113,26 +129,10 @@ def write_marker(path: Path, info: dict[str, Any], files: list[dict[str, Any]]) 
         "files": files,
     }
     validate_marker(marker, f"the marker for {path}")  # never commit what a reader would call damaged
-    write_json_durably(path / MARKER, marker, tmp=path / MARKER_TMP)
+    checkpoint.storage.write_atomic(
+        checkpoint.file(MARKER), json.dumps(marker, indent=1).encode(), tmp_name=checkpoint.file(MARKER_TMP)
+    )
     return marker
-
-
-def write_json_durably(path: Path, data: Any, tmp: Path | None = None, sort_keys: bool = False) -> None:
-    """Write ``data`` as JSON so that ``path`` holds either its old content or all of the new, after any crash:
-    to ``tmp`` (default ``path`` + ``.tmp``), fsync, rename over ``path``, fsync the directory."""
-    write_text_durably(path, json.dumps(data, indent=1, sort_keys=sort_keys), tmp)
-
-
-def write_text_durably(path: Path, text: str, tmp: Path | None = None) -> None:
-    """``path`` holds either its old content or all of ``text`` after any crash (tmp, fsync, rename, fsync dir)."""
-    path = Path(path)
-    tmp = Path(tmp) if tmp is not None else path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class MarkerError(ValueError):
@@ -143,18 +143,18 @@ class NewerFormatError(MarkerError):
     """A commit marker written by a newer ftrain: this one cannot say whether the checkpoint is intact."""
 
 
-def read_marker(path: Path) -> dict[str, Any]:
+def read_marker(where: Where) -> dict[str, Any]:
     """The commit marker of a checkpoint, checked by ``validate_marker``; ``MarkerError`` (a ``ValueError``)
     with a one-line reason if it is missing, unreadable or malformed."""
-    marker_path = Path(path) / MARKER
+    checkpoint = checkpoint_at(where)
+    marker_path = checkpoint.storage.describe(checkpoint.file(MARKER))
     try:
-        with open(marker_path, "rb") as handle:
-            raw = handle.read(MAX_MARKER_BYTES + 1)
+        raw = checkpoint.storage.read_bytes(checkpoint.file(MARKER), limit=MAX_MARKER_BYTES + 1)
         if len(raw) > MAX_MARKER_BYTES:
             raise ValueError(f"larger than {MAX_MARKER_BYTES >> 20} MB")
         marker = json.loads(raw)
     except FileNotFoundError:
-        raise MarkerError(f"{path} is not a complete checkpoint (no {MARKER} marker)") from None
+        raise MarkerError(f"{checkpoint} is not a complete checkpoint (no {MARKER} marker)") from None
     except (OSError, ValueError, RecursionError) as exc:
         raise MarkerError(f"{marker_path} is unreadable: {' '.join(str(exc).split())[:200]}") from None
     validate_marker(marker, str(marker_path))
@@ -258,59 +258,54 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def remove_dir(path: Path) -> None:
-    """Delete a step directory so that no crash leaves it looking complete: rename out of the way, then delete."""
-    path = Path(path)
-    if path.name.endswith(_TRASH_SUFFIX):  # leftover of an interrupted delete
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    trash = path.with_name(path.name + _TRASH_SUFFIX)
-    if trash.exists():
-        shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    fsync_dir(path.parent)
-    shutil.rmtree(trash, ignore_errors=True)
+def remove_dir(where: Where) -> None:
+    """Delete a step directory so that no instant of the removal leaves it looking complete."""
+    checkpoint = checkpoint_at(where)
+    checkpoint.storage.remove_dir(checkpoint.name)
 
 
-def plan_purge(root: Path, keep_last: int, keep_every: int = 0, in_flight: int | None = None) -> list[Path]:
+def _leftovers(storage: Storage) -> list[CheckpointDir]:
+    """Directories an interrupted removal left behind (renamed out of the ``step_*`` namespace)."""
+    return [CheckpointDir(storage, name) for name in storage.dirs() if name.endswith(TRASH_SUFFIX)]
+
+
+def plan_purge(root: Root, keep_last: int, keep_every: int = 0, in_flight: int | None = None) -> list[CheckpointDir]:
     """What retention deletes now: complete checkpoints beyond the newest ``keep_last`` (sparing every
     ``keep_every``-th step), incomplete directories older than the newest complete one, and leftovers of
     interrupted deletes. The directory of a save still in flight (``in_flight``) is never touched.
     """
-    dirs = scan(root)
+    storage = open_storage(root)
+    dirs = scan(storage)
     complete = [d for d in dirs if d.complete]
     newest = complete[-1].step if complete else None
-    doomed = [d.path for d in complete[: max(len(complete) - keep_last, 0)] if not (keep_every and d.step % keep_every == 0)]
+    doomed = [d.dir for d in complete[: max(len(complete) - keep_last, 0)] if not (keep_every and d.step % keep_every == 0)]
     doomed += [
-        d.path for d in dirs if not d.complete and newest is not None and d.step < newest and d.step != in_flight
+        d.dir for d in dirs if not d.complete and newest is not None and d.step < newest and d.step != in_flight
     ]
-    root = Path(root)
-    if root.is_dir():
-        doomed += [p for p in root.iterdir() if p.name.endswith(_TRASH_SUFFIX)]
-    return sorted(doomed)
+    doomed += _leftovers(storage)
+    return sorted(doomed, key=lambda d: d.name)
 
 
-def remove_incomplete(root: Path) -> list[Path]:
+def remove_incomplete(root: Root) -> list[CheckpointDir]:
     """At start-up, before any save: every incomplete directory is a crash's leftover. Returns what was removed."""
-    removed = [d.path for d in scan(root) if not d.complete]
-    root = Path(root)
-    if root.is_dir():
-        removed += [p for p in root.iterdir() if p.name.endswith(_TRASH_SUFFIX)]
-    for path in removed:
-        remove_dir(path)
+    storage = open_storage(root)
+    removed = [d.dir for d in scan(storage) if not d.complete] + _leftovers(storage)
+    for checkpoint in removed:
+        remove_dir(checkpoint)
     return removed
 
 
-def set_aside_newer(root: Path, step: int) -> list[Path]:
+SUPERSEDED_DIR = "superseded"
+
+
+def set_aside_newer(root: Root, step: int) -> list[CheckpointDir]:
     """Move complete checkpoints newer than ``step`` to ``{root}/superseded/``: a run that restarts from an older
-    step would otherwise write into directories that already carry a commit marker. Returns the new paths."""
+    step would otherwise write into directories that already carry a commit marker. Returns where they went."""
+    storage = open_storage(root)
     moved = []
-    for d in complete_steps(root):
+    for d in complete_steps(storage):
         if d.step > step:
-            target = Path(root) / "superseded" / f"{d.path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-            target.parent.mkdir(exist_ok=True)
-            os.replace(d.path, target)
-            moved.append(target)
-    if moved:
-        fsync_dir(Path(root))
+            target = f"{SUPERSEDED_DIR}/{d.dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            storage.move_dir(d.dir.name, target)
+            moved.append(CheckpointDir(storage, target))
     return moved

@@ -21,6 +21,7 @@ from ftrain.checkpoint import integrity, layout
 from ftrain.checkpoint.errors import CheckpointError, ResumeRefused, describe_diff, describe_error
 from ftrain.checkpoint.safe_load import ChecksumMismatch, SafeFileSystemReader, SafeLoadPlanner
 from ftrain.checkpoint.collectives import max_over_ranks
+from ftrain.checkpoint.storage import CheckpointDir, Storage, checkpoint_at, is_url, open_storage
 
 logger = logging.getLogger("ftrain.checkpoint")
 
@@ -32,9 +33,14 @@ StatesFor = Union[dict[str, Stateful], Callable[[dict[str, Any]], dict[str, Stat
 @dataclass
 class LoadResult:
     step: int
-    path: Path
+    dir: CheckpointDir
     load_s: float
     marker: dict[str, Any]
+
+    @property
+    def path(self) -> Path:
+        """The local path of the checkpoint loaded (a local storage only)."""
+        return self.dir.path
 
 
 @dataclass(frozen=True)
@@ -46,25 +52,26 @@ class Expectations:
     allow_world_size_change: bool
 
 
-def find_candidates(root: Path, resume: str) -> list[layout.StepDir]:
+def find_candidates(root: Storage | Path, resume: str) -> list[layout.StepDir]:
     """Candidate checkpoints for ``checkpoint.resume``, best first; empty means start fresh."""
+    storage = open_storage(root)
     if resume == "never":
         return []
     if resume == "auto":
-        return list(reversed(layout.complete_steps(root)))
+        return list(reversed(layout.complete_steps(storage)))
     if resume.isdigit():
         step = int(resume)
-        path = layout.step_dir(root, step)
-        if not (path / layout.MARKER).is_file():
-            have = ", ".join(str(d.step) for d in layout.complete_steps(root)) or "none"
-            raise ResumeRefused(f"checkpoint.resume={resume}: no complete checkpoint {path} (complete steps: {have})")
-        return [layout.StepDir(step, path, True)]
-    path = Path(resume).expanduser()
-    if not path.is_dir():
+        checkpoint = CheckpointDir(storage, layout.step_name(step))
+        if not layout.has_marker(checkpoint):
+            have = ", ".join(str(d.step) for d in layout.complete_steps(storage)) or "none"
+            raise ResumeRefused(f"checkpoint.resume={resume}: no complete checkpoint {checkpoint} (complete steps: {have})")
+        return [layout.StepDir(step, checkpoint, True)]
+    checkpoint = checkpoint_at(resume if is_url(resume) else Path(resume).expanduser())
+    if not checkpoint.storage.is_dir(checkpoint.name):
         raise ResumeRefused(f"checkpoint.resume={resume}: no such checkpoint directory")
-    if not (path / layout.MARKER).is_file():
+    if not layout.has_marker(checkpoint):
         raise ResumeRefused(f"checkpoint.resume={resume}: not a complete checkpoint (no {layout.MARKER} marker)")
-    return [layout.StepDir(layout.parse_step(path) or -1, path, True)]
+    return [layout.StepDir(layout.parse_step(checkpoint) or -1, checkpoint, True)]
 
 
 def load_best(
@@ -79,7 +86,7 @@ def load_best(
     process_group: dist.ProcessGroup | None,
     verify_checksums: bool,
     optional_prefixes: tuple[str, ...],
-    root: Path,
+    root: Storage | Path,
 ) -> LoadResult | None:
     """Load the newest usable candidate into ``states``; fall back to older ones, logging why.
 
@@ -87,20 +94,20 @@ def load_best(
     size); every other key must be there. Nothing in the checkpoint is unpickled beyond plain data.
     """
     if not candidates:
-        why = "checkpoint.resume=never" if resume == "never" else f"no complete checkpoint under {root}"
+        why = "checkpoint.resume=never" if resume == "never" else f"no complete checkpoint under {open_storage(root).describe()}"
         logger.info("starting fresh: %s", why)
         return None
     tried = []
     for candidate in candidates:
         started = time.perf_counter()
-        problem = _agree(check(candidate.path, expect, rank, world_size, verify_checksums), world_size)
+        problem = _agree(check(candidate.dir, expect, rank, world_size, verify_checksums), world_size)
         if not problem:
-            marker = layout.read_marker(candidate.path)
+            marker = layout.read_marker(candidate.dir)
             try:
                 dcp.load(
                     states(marker) if callable(states) else states,
                     storage_reader=SafeFileSystemReader(
-                        str(candidate.path), expected_sums=data_sums(marker) if verify_checksums else None
+                        candidate.dir, expected_sums=data_sums(marker) if verify_checksums else None
                     ),
                     planner=SafeLoadPlanner(optional_prefixes),
                     process_group=process_group,
@@ -112,14 +119,14 @@ def load_best(
             problem = _agree(problem, world_size)
         if not problem:
             load_s = max_over_ranks([time.perf_counter() - started], device)[0]
-            logger.info("resumed from %s (step %d) in %.2f s", candidate.path, marker["step"], load_s)
-            return LoadResult(int(marker["step"]), candidate.path, load_s, marker)
-        logger.warning("checkpoint %s is unusable (%s); trying the previous one", candidate.path, problem)
-        tried.append(f"{candidate.path.name}: {problem}")
+            logger.info("resumed from %s (step %d) in %.2f s", candidate.dir, marker["step"], load_s)
+            return LoadResult(int(marker["step"]), candidate.dir, load_s, marker)
+        logger.warning("checkpoint %s is unusable (%s); trying the previous one", candidate.dir, problem)
+        tried.append(f"{candidate.dir.name}: {problem}")
     raise CheckpointError("no usable checkpoint; tried " + "; ".join(tried))
 
 
-def check(path: Path, expect: Expectations, rank: int, world_size: int, verify_checksums: bool) -> str:
+def check(where: layout.Where, expect: Expectations, rank: int, world_size: int, verify_checksums: bool) -> str:
     """Checks before loading: the marker, that it was made for this run's model, file sizes, and the checksums of
     the small files (the data files are summed while they load: ``SafeFileSystemReader``).
 
@@ -127,6 +134,7 @@ def check(path: Path, expect: Expectations, rank: int, world_size: int, verify_c
     configuration error, raised at once; damage (a malformed marker included) is returned as a problem so the
     caller can fall back.
     """
+    path = checkpoint_at(where)
     try:
         marker = layout.read_marker(path)
     except layout.NewerFormatError as exc:

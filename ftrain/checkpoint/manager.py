@@ -35,10 +35,11 @@ from ftrain import faults
 from ftrain.checkpoint import integrity, layout, loading
 from ftrain.checkpoint.collectives import DistContext, max_over_ranks
 from ftrain.checkpoint.compat import RunSignature
-from ftrain.checkpoint.errors import CheckpointError, describe_error, free_space_note
+from ftrain.checkpoint.errors import CheckpointError, describe_error
 from ftrain.checkpoint.loading import LoadResult, StatesFor
 from ftrain.checkpoint.options import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointOptions
 from ftrain.checkpoint.staging import BufferStager, Prestaged
+from ftrain.checkpoint.storage import CheckpointDir, Storage, open_storage
 from ftrain.checkpoint.writer import CheckpointWriter, NonFiniteStateError, auto_write_threads
 
 logger = logging.getLogger("ftrain.checkpoint")
@@ -70,7 +71,7 @@ class SaveStats:
 @dataclass
 class _PendingSave:
     step: int
-    path: Path
+    dir: CheckpointDir
     started: float
     blocking_s: float = 0.0
     staging_future: Future | None = None
@@ -128,7 +129,8 @@ class CachedPlanSavePlanner(DefaultSavePlanner):
 
 
 class CheckpointManager:
-    """Owns ``{run.dir}/checkpoints``: saving, committing, retention and loading.
+    """Owns the durable checkpoints in one storage (``{run.dir}/checkpoints`` by default): saving, committing,
+    retention and loading.
 
     ``options`` is the ``checkpoint`` config section; ``ctx`` says which rank this is, where the state lives and
     which group carries checkpoint collectives; ``signature`` goes into every commit marker and is checked on
@@ -136,8 +138,10 @@ class CheckpointManager:
     models, data or the trainer.
     """
 
-    def __init__(self, root: Path, options: CheckpointOptions, ctx: DistContext, signature: RunSignature) -> None:
-        self.root = Path(root)
+    def __init__(
+        self, root: Storage | Path, options: CheckpointOptions, ctx: DistContext, signature: RunSignature
+    ) -> None:
+        self.storage = open_storage(root)
         self.options = options
         self.mode = options.mode
         self.ctx = ctx
@@ -157,13 +161,18 @@ class CheckpointManager:
         self._plan_cache_key = f"ftrain-{os.getpid()}-{next(_PLAN_CACHE_KEYS)}"
         self._commit_queue: queue.Queue[_PendingSave | None] = queue.Queue()
         self._committer: threading.Thread | None = None
-        self._purge_queue: queue.Queue[Path | None] = queue.Queue()
+        self._purge_queue: queue.Queue[CheckpointDir | None] = queue.Queue()
         self._purger: threading.Thread | None = None
         self._writer_start: Future | None = None
         if self.rank == 0 and self.enabled:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.storage.make_root()
             self._purger = threading.Thread(target=self._purge_loop, name="ftrain-purge", daemon=True)
             self._purger.start()
+
+    @property
+    def root(self) -> Storage:
+        """Where the checkpoints are (what the ``layout`` functions take)."""
+        return self.storage
 
     @property
     def enabled(self) -> bool:
@@ -181,7 +190,7 @@ class CheckpointManager:
             return
         self._writer_start = dcp.async_save(
             {"ftrain_writer_start": torch.zeros(1)},
-            storage_writer=CheckpointWriter(str(self.root / WRITER_START_DIR), in_writer_process=True),
+            storage_writer=CheckpointWriter(CheckpointDir(self.storage, WRITER_START_DIR), in_writer_process=True),
             process_group=self.process_group,
             async_checkpointer_type=AsyncCheckpointerType.PROCESS,
         )
@@ -196,8 +205,11 @@ class CheckpointManager:
                 raise
             logger.warning("starting the checkpoint writer process failed: %s", describe_error(exc))
         self._writer_start = None
-        if self.rank == 0:
-            shutil.rmtree(self.root / WRITER_START_DIR, ignore_errors=True)
+        if self.rank == 0 and self.storage.is_dir(WRITER_START_DIR):
+            try:
+                self.storage.remove_dir(WRITER_START_DIR)
+            except OSError as exc:  # harmless: no scan sees it, and the next start writes it again
+                logger.debug("could not remove %s: %s", WRITER_START_DIR, exc)
 
     @property
     def takes_prestaged(self) -> bool:
@@ -233,7 +245,10 @@ class CheckpointManager:
             self._check_writer_process(previous, 0 if prestaged is not None else staging_bytes)
         started = time.perf_counter()
         pending = _PendingSave(
-            step=step, path=layout.step_dir(self.root, step), started=started, marker_fields=dict(marker_fields or {})
+            step=step,
+            dir=CheckpointDir(self.storage, layout.step_name(step)),
+            started=started,
+            marker_fields=dict(marker_fields or {}),
         )
         self._pending = pending
         if self.mode == MODE_SYNC:
@@ -287,7 +302,7 @@ class CheckpointManager:
         try:
             dcp.save(
                 states,
-                storage_writer=CheckpointWriter(str(pending.path), thread_count=self.write_threads),
+                storage_writer=CheckpointWriter(pending.dir, thread_count=self.write_threads),
                 planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
             )
@@ -308,7 +323,7 @@ class CheckpointManager:
             response = dcp.async_save(
                 states,
                 storage_writer=CheckpointWriter(
-                    str(pending.path), thread_count=self.write_threads, in_writer_process=self.mode == MODE_ASYNC_PROCESS
+                    pending.dir, thread_count=self.write_threads, in_writer_process=self.mode == MODE_ASYNC_PROCESS
                 ),
                 planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
@@ -371,23 +386,24 @@ class CheckpointManager:
             **self.signature.marker_fields(),
             **pending.marker_fields,
         }
-        pending.marker = layout.write_marker(pending.path, info, integrity.file_entries(pending.path))
+        pending.marker = layout.write_marker(pending.dir, info, integrity.file_entries(pending.dir))
         pending.committed_at = time.perf_counter()
         logger.info(
             "checkpoint step %d committed: %.1f MB in %.2f s (%s)",
             pending.step,
             pending.marker["total_bytes"] / 1e6,
             pending.committed_at - pending.started,
-            pending.path,
+            pending.dir,
         )
         faults.pause_point("after_commit", pending.step)
-        self._purge_queue.put(pending.path)
+        self._purge_queue.put(pending.dir)
 
     def _record_failure(self, pending: _PendingSave, exc: BaseException) -> None:
         cause = describe_error(exc)
         # DCP wraps the writer's exception (in a CheckpointException, maybe from another process): match by name
         pending.nonfinite = NonFiniteStateError.__name__ in cause
-        pending.error = f"writing {pending.path}: {cause}{'' if pending.nonfinite else free_space_note(self.root)}"
+        space = "" if pending.nonfinite else self.storage.free_space_note()
+        pending.error = f"writing {pending.dir}: {cause}{space}"
         self.failures += 1
         logger.error(
             "checkpoint step %d FAILED on rank %d, it will not be marked complete: %s",
@@ -489,11 +505,11 @@ class CheckpointManager:
             try:
                 in_flight = self._pending.step if self._pending else None
                 keep_last, keep_every = self.options.keep_last, self.options.keep_every
-                for path in layout.plan_purge(self.root, keep_last, keep_every, in_flight=in_flight):
-                    layout.remove_dir(path)
-                    logger.debug("retention removed %s", path)
+                for doomed in layout.plan_purge(self.storage, keep_last, keep_every, in_flight=in_flight):
+                    layout.remove_dir(doomed)
+                    logger.debug("retention removed %s", doomed)
             except Exception as exc:  # must not kill this thread: the next commit retries
-                logger.warning("retention could not clean %s: %s", self.root, exc)
+                logger.warning("retention could not clean %s: %s", self.storage.describe(), exc)
 
     # --------------------------------------------------------------------------------------------- loading
     def load(
@@ -508,7 +524,7 @@ class CheckpointManager:
         resume = self.options.resume
         return loading.load_best(
             states,
-            loading.find_candidates(self.root, resume) if candidates is None else candidates,
+            loading.find_candidates(self.storage, resume) if candidates is None else candidates,
             resume=resume,
             expect=loading.Expectations(
                 self.signature.model, self.world_size, self.options.on_world_size_change != "refuse"
@@ -519,7 +535,7 @@ class CheckpointManager:
             process_group=self.process_group,
             verify_checksums=self.options.verify == "checksums",
             optional_prefixes=optional_prefixes,
-            root=self.root,
+            root=self.storage,
         )
 
     # ---------------------------------------------------------------------------------------------- closing

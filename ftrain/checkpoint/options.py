@@ -46,10 +46,13 @@ UNCATCHABLE_SIGNALS = ("SIGKILL", "SIGSTOP")
 KEY_PREFIX = "checkpoint."  # errors name an option by its config key
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] = (), accepts: str = "") -> Any:  # noqa: A002
+def option(
+    default: Any, help: str, choices: tuple[str, ...] = (), accepts: str = "", keyword: str = ""  # noqa: A002
+) -> Any:
     """A dataclass field with its default, the one-line comment users see, the allowed words of a choice option,
-    and (``accepts``) the wider type a keyword argument may have (``int | str`` where ``5`` means ``"5"``)."""
-    metadata = {"help": help, "choices": choices, "accepts": accepts}
+    (``accepts``) the wider type a keyword argument may have (``int | str`` where ``5`` means ``"5"``), and
+    (``keyword``) the ``Checkpointer`` keyword when it is not the field's name."""
+    metadata = {"help": help, "choices": choices, "accepts": accepts, "keyword": keyword}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -59,6 +62,13 @@ def option(default: Any, help: str, choices: tuple[str, ...] = (), accepts: str 
 class CheckpointOptions:
     """How ``ftrain.Checkpointer`` saves, keeps and resumes; the ``checkpoint`` section of the recipe's config."""
 
+    dir: str = option(
+        "",
+        "where durable checkpoints live: '' = {run_dir}/checkpoints, another path, or s3://bucket/prefix (any "
+        "S3-compatible store; endpoint and credentials from the AWS environment; pip install 'ftrain[s3]')",
+        accepts="str | os.PathLike",
+        keyword="checkpoint_dir",
+    )
     interval: str = option("50", "save every N steps, or auto: the fewest steps whose measured cost fits overhead_budget; the last step is always saved", accepts="int | str")
     overhead_budget: float = option(0.01, "interval=auto: the share of training time checkpoints may cost (blocked + slowed steps)")
     max_interval_s: float = option(1800.0, "interval=auto: a durable checkpoint is never older than this (wall seconds)")
@@ -88,7 +98,7 @@ class CheckpointOptions:
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, name, str(value))
-        for name in ("resume", "local_dir", "initial_load"):
+        for name in ("dir", "resume", "local_dir", "initial_load"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 setattr(self, name, os.fspath(value))
@@ -162,6 +172,11 @@ def option_names() -> list[str]:
     return [f.name for f in dataclasses.fields(CheckpointOptions)]
 
 
+def keyword_of(f: dataclasses.Field) -> str:
+    """The ``Checkpointer`` keyword of an option (its field name unless it says otherwise)."""
+    return f.metadata["keyword"] or f.name
+
+
 def option_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
@@ -169,7 +184,7 @@ def option_default(f: dataclasses.Field) -> Any:
 def option_parameters() -> list[inspect.Parameter]:
     """Every option as a keyword-only parameter with its default, for a constructor that takes them by name."""
     return [
-        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option_default(f), annotation=f.metadata["accepts"] or f.type)
+        inspect.Parameter(keyword_of(f), inspect.Parameter.KEYWORD_ONLY, default=option_default(f), annotation=f.metadata["accepts"] or f.type)
         for f in dataclasses.fields(CheckpointOptions)
     ]
 
@@ -178,7 +193,8 @@ def describe_options(indent: str = "    ", width: int = 116) -> str:
     """Every option as a docstring entry: ``name (type, default X): help. One of: ...``."""
     lines = []
     for f in dataclasses.fields(CheckpointOptions):
-        text = f"{f.name} ({f.metadata['accepts'] or f.type}, default {option_default(f)!r}): {f.metadata['help']}"
+        name = f.name if keyword_of(f) == f.name else f"{keyword_of(f)} (config key {KEY_PREFIX}{f.name})"
+        text = f"{name} ({f.metadata['accepts'] or f.type}, default {option_default(f)!r}): {f.metadata['help']}"
         choices = f.metadata["choices"]
         if choices and not all(c and c in f.metadata["help"] for c in choices):
             text += f". One of: {', '.join(repr(c) for c in choices)}"
@@ -188,10 +204,12 @@ def describe_options(indent: str = "    ", width: int = 116) -> str:
 
 def merge_options(given: CheckpointOptions | None, values: dict[str, Any]) -> CheckpointOptions:
     """The options ``given`` (or the defaults) with the keyword ``values`` in place of their fields, checked."""
-    names = option_names()
-    unknown = sorted(set(values) - set(names))
+    fields_by_keyword = {keyword_of(f): f.name for f in dataclasses.fields(CheckpointOptions)}
+    unknown = sorted(set(values) - set(fields_by_keyword))
     if unknown:
-        raise TypeError(f"Checkpointer got unknown option(s) {', '.join(unknown)}; options are {', '.join(sorted(names))}")
+        known = ", ".join(sorted(fields_by_keyword))
+        raise TypeError(f"Checkpointer got unknown option(s) {', '.join(unknown)}; options are {known}")
+    values = {fields_by_keyword[keyword]: value for keyword, value in values.items()}
     if given is None:
         given = CheckpointOptions()
     elif not isinstance(given, CheckpointOptions):

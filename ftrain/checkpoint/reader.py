@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,31 +9,34 @@ from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 from ftrain.checkpoint import integrity, layout
 from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeWholeLoadPlanner, read_metadata_safely
+from ftrain.checkpoint.storage import checkpoint_at
 
 
-def check_before_reading(path: Path) -> None:
+def check_before_reading(path: layout.Where) -> None:
     """``ValueError`` unless DCP's metadata is sane: every location inside a file of the checkpoint (those its
     marker lists, or without a usable marker the regular files in it), every declared tensor backed by as
     many stored bytes. Reading a whole checkpoint allocates every tensor it declares: this runs first."""
-    path = Path(path)
+    checkpoint = checkpoint_at(path)
     try:
-        sizes = {entry["name"]: entry["size"] for entry in layout.read_marker(path)["files"]}
+        sizes = {entry["name"]: entry["size"] for entry in layout.read_marker(checkpoint)["files"]}
     except ValueError:
-        sizes = {p.name: p.stat().st_size for p in path.iterdir() if p.is_file() and not p.is_symlink()}
-    with open(path / layout.DCP_METADATA, "rb") as stream:
+        sizes = {info.name: info.size for info in checkpoint.storage.files(checkpoint.name)}
+    with checkpoint.storage.open_read(checkpoint.file(layout.DCP_METADATA)) as stream:
         metadata = read_metadata_safely(stream)
     problems = integrity.check_metadata(metadata, sizes)
     if problems:
-        raise ValueError(f"{path} cannot be read: {'; '.join(problems)}")
+        raise ValueError(f"{checkpoint} cannot be read: {'; '.join(problems)}")
 
 
-def read_state(path: Path) -> dict[str, Any]:
+def read_state(path: layout.Where) -> dict[str, Any]:
     """Everything the checkpoint holds, unsharded, as nested dicts (tensors and plain data only).
     The metadata is checked first (``check_before_reading``)."""
-    check_before_reading(path)
+    checkpoint = checkpoint_at(path)
+    check_before_reading(checkpoint)
     state: dict[str, Any] = {}
     # dcp.load would copy into a fresh dict and drop what the empty-dict planner builds: go one level down.
-    _load_state_dict(state, storage_reader=SafeFileSystemReader(str(path)), planner=SafeWholeLoadPlanner(), no_dist=True)
+    reader = SafeFileSystemReader(checkpoint)
+    _load_state_dict(state, storage_reader=reader, planner=SafeWholeLoadPlanner(), no_dist=True)
     return state
 
 
@@ -55,7 +57,7 @@ def select(flat: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {key[len(start):]: value for key, value in flat.items() if key.startswith(start)}
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: layout.Where) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint, unsharded, by flattened key (``app.model.blocks.0.qkv.weight``, ...)."""
     return {k: v for k, v in flatten(read_state(path)).items() if isinstance(v, torch.Tensor)}
 

@@ -18,16 +18,19 @@ the collectives are imported on first use.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ftrain.checkpoint.layout import RUN_ID_NAME, TIMELINE_NAME, write_json_durably, write_text_durably
+from ftrain.checkpoint.layout import RUN_ID_NAME, TIMELINE_NAME
+from ftrain.checkpoint.storage.posix import write_json_durably, write_text_durably
 from ftrain.checkpoint.lock import DOOR_NAME, LOCK_NAME, LockedError, RunLock
 
 if TYPE_CHECKING:
     from ftrain.checkpoint.collectives import DistContext
+    from ftrain.checkpoint.storage import Storage
 
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tb"
@@ -91,6 +94,36 @@ class RunDirectory:
         if max_over_ranks([1.0 if problem else 0.0], self.ctx.device)[0]:
             raise LockedError(problem or "the run directory is in use by another job (see rank 0)")
         self.lock = lock
+
+    def open_checkpoints(self, location: str) -> "Storage":
+        """The storage of the durable checkpoints: ``location`` (``checkpoint.dir``), or ``{run.dir}/checkpoints``.
+        In object storage rank 0 checks access and makes this run the prefix's only writer (its ``OWNER``);
+        every rank learns the outcome. Collective, after ``take_lock``; ``ResumeRefused`` (one line, nothing
+        written) on every rank when the store refuses or another run writes there."""
+        from ftrain.checkpoint.collectives import max_over_ranks
+        from ftrain.checkpoint.errors import ResumeRefused
+        from ftrain.checkpoint.storage import StorageError, open_storage
+
+        problem = ""
+        try:
+            storage = open_storage(location or self.checkpoints)
+        except StorageError as exc:
+            raise ResumeRefused(f"checkpoint.dir: {exc}") from None
+        claim = getattr(storage, "claim", None)
+        if self.ctx.is_main and claim is not None:
+            try:
+                storage.check_access()  # type: ignore[attr-defined]
+                owner = claim(self.run_id(), f"run dir {self.path.resolve()} on {socket.gethostname()}")
+                if owner:
+                    problem = (
+                        f"checkpoint.dir {storage.describe()} holds the checkpoints of another run ({owner}); give this "
+                        "run its own checkpoint.dir, or resume that run with its run.dir"
+                    )
+            except (OSError, ImportError) as exc:
+                problem = str(exc)
+        if max_over_ranks([1.0 if problem else 0.0], self.ctx.device)[0]:
+            raise ResumeRefused(problem or f"checkpoint.dir {storage.describe()} cannot be used (see rank 0)")
+        return storage
 
     def release_lock(self) -> None:
         if self.lock is not None:

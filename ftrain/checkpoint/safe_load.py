@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import os
 import pathlib
 import pickle
 from typing import Any, Callable
@@ -274,7 +273,13 @@ class SafeFileSystemReader(FileSystemReader):
     """
 
     def __init__(self, path: Any, expected_sums: dict[str, tuple[str, str]] | None = None, **kwargs: Any) -> None:
-        super().__init__(path, **kwargs)
+        from ftrain.checkpoint.storage import checkpoint_at
+
+        checkpoint = checkpoint_at(path)  # a CheckpointDir, or a local path
+        dcp_path = checkpoint.storage.dcp_path(checkpoint.name)
+        super().__init__(dcp_path, **kwargs)
+        self.fs = checkpoint.storage.dcp_filesystem()
+        self.path = self.fs.init_path(dcp_path)
         self.expected_sums = dict(expected_sums or {})
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
@@ -290,7 +295,7 @@ class SafeFileSystemReader(FileSystemReader):
             expected = self.expected_sums.get(relative_path)
             summer = Summer(expected[0]) if expected else None
             summed = 0  # bytes of the file fed to the sum so far
-            with open(self.fs.concat_path(self.path, relative_path), "rb") as stream:
+            with self.fs.create_stream(self.fs.concat_path(self.path, relative_path), "rb") as stream:
                 for item in items:
                     info = self.storage_data[item.storage_index]
                     feed = summer if summer is not None and info.offset >= summed else None  # not twice
@@ -303,7 +308,7 @@ class SafeFileSystemReader(FileSystemReader):
                         sum_range(stream, feed, info.offset, info.offset + info.length)
                     summed = max(summed, info.offset + info.length)
                 if summer is not None and expected is not None:
-                    sum_range(stream, summer, summed, os.fstat(stream.fileno()).st_size)
+                    sum_range(stream, summer, summed, stream.seek(0, io.SEEK_END))
                     if summer.hexdigest() != expected[1]:
                         problems.append(
                             f"{relative_path} fails its checksum ({expected[0]} {summer.hexdigest()}, marker {expected[1]})"

@@ -8,8 +8,8 @@ from typing import Any
 
 import xxhash
 
-from ftrain.checkpoint.layout import CRC32, XXH3
-
+# A file entry's checksum key in a commit marker (the algorithm's name)
+CRC32, XXH3 = "crc32", "xxh3_64"
 _CHUNK = 8 << 20
 SUM_KEYS = (XXH3, CRC32)  # what verification accepts, preferred first
 WRITE_SUM = XXH3  # what new checkpoints record

@@ -38,6 +38,7 @@ from ftrain.checkpoint import integrity, keys, layout
 from ftrain.checkpoint.errors import CheckpointError, describe_error
 from ftrain.checkpoint.run_dir import CHECKPOINTS_DIR
 from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, read_metadata_safely
+from ftrain.checkpoint.storage import CheckpointDir, checkpoint_at, is_url, open_storage
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -51,9 +52,10 @@ class Source:
     """What ``path`` turned out to be."""
 
     kind: str  # "ftrain checkpoint" | "DCP checkpoint" | "safetensors"
-    path: Path
+    path: Path | str  # as given (a URL for a checkpoint in object storage)
     marker: dict[str, Any] | None = None
     files: list[Path] = field(default_factory=list)  # safetensors files
+    checkpoint: CheckpointDir | None = None  # the DCP kinds: where its files are read from
 
     def describe(self) -> str:
         step = f" (step {self.marker['step']})" if self.marker else ""
@@ -76,7 +78,7 @@ def load_initial(
     weight decay: the param groups) stay the new run's, and excluded parameters keep a fresh state. Collective
     under a process group: every rank calls it with the same arguments. Errors are one-line ``CheckpointError``s.
     """
-    source = find_source(Path(path))
+    source = find_source(path)
     if not model_only and optimizer is None:
         raise CheckpointError("warm start with the optimizer state (model_only=False) needs the optimizer")
     if not model_only and source.kind == "safetensors":
@@ -101,12 +103,13 @@ def check_source(path: Path) -> Source:
     """What ``path`` is, checked without reading a tensor: ``find_source``, then the safetensors headers or DCP's
     ``.metadata`` (through the restricted unpickler). Anything ``load_initial`` cannot start from is a one-line
     ``CheckpointError``; the config's preflight calls this before anything is written."""
-    source = find_source(Path(path))
+    source = find_source(path)
     if source.kind == "safetensors":
         safetensors_shapes(source.files)
         return source
+    assert source.checkpoint is not None
     try:
-        with open(source.path / layout.DCP_METADATA, "rb") as stream:
+        with source.checkpoint.storage.open_read(source.checkpoint.file(layout.DCP_METADATA)) as stream:
             read_metadata_safely(stream)
     except OSError as exc:
         where = f"warm start from {source.describe()}: cannot read its {layout.DCP_METADATA}"
@@ -116,8 +119,11 @@ def check_source(path: Path) -> Source:
     return source
 
 
-def find_source(path: Path) -> Source:
+def find_source(path: str | Path) -> Source:
     """Classify ``path``; anything that is none of the supported kinds is a one-line ``CheckpointError``."""
+    if is_url(path):
+        return _find_stored(str(path))
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"warm start from {path}: no such file or directory")
     if path.is_file():
@@ -131,13 +137,13 @@ def find_source(path: Path) -> Source:
             marker = layout.read_marker(path)
         except ValueError as exc:  # NewerFormatError included: its message says which versions this one reads
             raise CheckpointError(f"warm start from {path}: {exc}") from None
-        return Source("ftrain checkpoint", path, marker)
+        return Source("ftrain checkpoint", path, marker, checkpoint=checkpoint_at(path))
     if (path / SAFETENSORS_INDEX).is_file():
         return Source("safetensors", path, files=_indexed_files(path / SAFETENSORS_INDEX))
     if (path / SAFETENSORS_SINGLE).is_file():
         return Source("safetensors", path, files=[path / SAFETENSORS_SINGLE])
     if (path / layout.DCP_METADATA).is_file():
-        return Source("DCP checkpoint", path)
+        return Source("DCP checkpoint", path, checkpoint=checkpoint_at(path))
     root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
     if layout.scan(root):
         latest = layout.latest_complete(root)
@@ -148,6 +154,23 @@ def find_source(path: Path) -> Source:
         f"warm start from {path}: not an ftrain checkpoint or run directory, a DCP checkpoint (.metadata) or "
         f"a safetensors export ({SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})"
     )
+
+
+def _find_stored(url: str) -> Source:
+    """``find_source`` for a URL: an ftrain or DCP checkpoint in object storage, or a checkpoint dir there
+    (its latest complete checkpoint)."""
+    try:
+        checkpoint = checkpoint_at(url)
+        if layout.has_marker(checkpoint):
+            return Source("ftrain checkpoint", url, layout.read_marker(checkpoint), checkpoint=checkpoint)
+        if checkpoint.storage.exists(checkpoint.file(layout.DCP_METADATA)):
+            return Source("DCP checkpoint", url, checkpoint=checkpoint)
+        latest = layout.latest_complete(open_storage(url))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"warm start from {url}: {' '.join(str(exc).split())}") from None
+    if latest is None:
+        raise CheckpointError(f"warm start from {url}: no ftrain or DCP checkpoint there, and no complete step_* under it")
+    return Source("ftrain checkpoint", str(latest.dir), layout.read_marker(latest.dir), checkpoint=latest.dir)
 
 
 def _indexed_files(index: Path) -> list[Path]:
@@ -266,8 +289,10 @@ def _load_dcp(
 ) -> str:
     """Load the model (and the optimizer, if given) from a DCP checkpoint; returns what was loaded."""
     where = str(source.path)
+    checkpoint = source.checkpoint
+    assert checkpoint is not None
     _check_files(source)
-    with open(source.path / layout.DCP_METADATA, "rb") as stream:
+    with checkpoint.storage.open_read(checkpoint.file(layout.DCP_METADATA)) as stream:
         metadata = read_metadata_safely(stream)
     entries = metadata.state_dict_metadata
     if source.marker is not None:
@@ -294,7 +319,7 @@ def _load_dcp(
         target[optim_prefix] = {"state": _without(optim_state.get("state", {}), prefixes)}
         what = "model and optimizer"
     try:
-        reader = SafeFileSystemReader(where)
+        reader = SafeFileSystemReader(checkpoint)
         dcp.load(target, storage_reader=reader, planner=SafeLoadPlanner(), process_group=process_group)
     except BaseException as exc:  # DCP's CheckpointException derives from BaseException
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
@@ -312,12 +337,13 @@ def _check_files(source: Source) -> None:
     the files it points into (any DCP checkpoint). Every rank checks the same, so all agree."""
     from ftrain.checkpoint.reader import check_before_reading
 
+    assert source.checkpoint is not None
     if source.marker is not None:
-        problems = integrity.verify(source.path, checksums=False)
+        problems = integrity.verify(source.checkpoint, checksums=False)
         if problems:
             raise CheckpointError(f"warm start from {source.path}: the checkpoint is damaged: {problems[0]}")
     try:
-        check_before_reading(source.path)
+        check_before_reading(source.checkpoint)
     except ValueError as exc:
         raise CheckpointError(f"warm start from {source.path}: {exc}") from None
 

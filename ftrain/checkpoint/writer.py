@@ -1,11 +1,12 @@
-"""The storage writer every save goes through: DCP's ``FileSystemWriter`` plus checksums and early writeback.
+"""The storage writer every save goes through: DCP's ``FileSystemWriter`` over the storage's DCP file system
+(``storage.Storage.dcp_filesystem``), plus checksums and early writeback.
 
 * Checksums: every buffer DCP writes passes through xxh3-64 (integrity.WRITE_SUM) on its way to the file (nothing
   is read back).
   Each rank sends its sums to the coordinator inside DCP's own gather of write results; the coordinator
   writes them to ``CHECKSUMS.json`` before DCP's ``.metadata``, and the commit marker records them.
-* Early writeback: after each large write the kernel is told to start writing those pages to disk, so the
-  disk works while the writer checksums and copies the next tensors instead of all at the final fsync.
+* Early writeback (local files): after each large write the kernel is told to start writing those pages to disk,
+  so the disk works while the writer checksums and copies the next tensors instead of all at the final fsync.
 * Finite values: every floating-point tensor is checked for NaN/Inf as the writer resolves it (off the training
   thread: the writer works on the staged copy). Each rank sends the names it found to the coordinator with its
   checksums; if there are any, the coordinator refuses to finish the checkpoint, so a poisoned state never
@@ -17,17 +18,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections.abc import Generator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.filesystem import FileSystem
+from torch.distributed.checkpoint.filesystem import FileSystemBase
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import WriteResult
@@ -35,8 +36,9 @@ from torch.futures import Future
 
 from ftrain import faults
 from ftrain.checkpoint import layout
-from ftrain.checkpoint.integrity import CHECKSUMS, file_sum
-from ftrain.checkpoint.sums import Summer
+from ftrain.checkpoint.integrity import CHECKSUMS
+from ftrain.checkpoint.storage import checkpoint_at
+from ftrain.checkpoint.sums import WRITE_SUM, Summer
 
 _SUMS_KEY = "__ftrain_checksums__"
 _NONFINITE_KEY = "__ftrain_nonfinite__"
@@ -65,7 +67,7 @@ class _ChecksummedFile:
         """On Linux, ``POSIX_FADV_DONTNEED`` starts writeback of the dirty pages without waiting for it, so the
         disk works during the save rather than all at the final fsync (faster saves: docs/bench.md). It is only a
         hint: a file system that ignores or refuses it changes only the speed."""
-        if not hasattr(os, "posix_fadvise"):
+        if not hasattr(os, "posix_fadvise") or not hasattr(self.raw, "fileno"):
             return
         self.raw.flush()
         end = self.raw.tell()
@@ -79,31 +81,59 @@ class _ChecksummedFile:
         return getattr(self.raw, name)
 
 
-class _ChecksummingFileSystem(FileSystem):
-    """DCP's local file system whose write streams record each file's checksum (by file name) when closed."""
+class _ChecksummingFileSystem(FileSystemBase):
+    """A storage's DCP file system whose write streams record each file's checksum (by file name) when closed."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, inner: FileSystemBase) -> None:
+        self.inner = inner
         self.sums: dict[str, str] = {}
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[Any, None, None]:
-        with super().create_stream(path, mode) as stream:
+        with self.inner.create_stream(path, mode) as stream:
             if mode != "wb":
                 yield stream
                 return
             tracked = _ChecksummedFile(stream)
             yield tracked
-        self.sums[Path(path).name] = tracked.summer.hexdigest()
+        self.sums[str(path).replace("\\", "/").rsplit("/", 1)[-1]] = tracked.summer.hexdigest()
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str | os.PathLike:
+        return self.inner.concat_path(path, suffix)
+
+    def init_path(self, path: str | os.PathLike) -> str | os.PathLike:
+        return self.inner.init_path(path)
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        self.inner.rename(path, new_path)
+
+    def mkdir(self, path: str | os.PathLike) -> None:
+        self.inner.mkdir(path)
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return self.inner.exists(path)
+
+    def rm_file(self, path: str | os.PathLike) -> None:
+        self.inner.rm_file(path)
 
 
 class CheckpointWriter(FileSystemWriter):
-    """``FileSystemWriter`` that records a checksum of every data file in ``CHECKSUMS.json`` and starts writeback
-    early. ``in_writer_process``: this writer runs in DCP's writer process, which it moves to a lower priority."""
+    """``FileSystemWriter`` into a checkpoint directory of a storage (a ``CheckpointDir``, or a local path) that
+    records a checksum of every data file in ``CHECKSUMS.json`` and starts writeback early.
+    ``in_writer_process``: this writer runs in DCP's writer process, which it moves to a lower priority."""
 
-    def __init__(self, path: str | os.PathLike, *, in_writer_process: bool = False, **options: Any) -> None:
-        super().__init__(path, **options)
-        self.fs = _ChecksummingFileSystem()
+    def __init__(self, path: Any, *, in_writer_process: bool = False, **options: Any) -> None:
+        self.checkpoint = checkpoint_at(path)
+        storage = self.checkpoint.storage
+        dcp_path = storage.dcp_path(self.checkpoint.name)
+        options.setdefault("sync_files", storage.dcp_sync_files)
+        super().__init__(dcp_path, **options)
+        self.fs = _ChecksummingFileSystem(storage.dcp_filesystem())
+        self.path = self.fs.init_path(dcp_path)
         self.in_writer_process = in_writer_process
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -114,13 +144,14 @@ class CheckpointWriter(FileSystemWriter):
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        step = layout.parse_step(Path(self.path))
+        step = layout.parse_step(self.checkpoint)
         if step is not None:
             faults.pause_point(faults.WHILE_WRITING, step)
         checked = _FiniteChecking(planner)
         results = super().write_data(plan, checked).wait()
         files = sorted({result.storage_data.relative_path for result in results})
-        sums = {name: self.fs.sums.get(name) or file_sum(Path(self.path) / name) for name in files}
+        storage = self.checkpoint.storage
+        sums = {name: self.fs.sums.get(name) or storage.checksum(self.checkpoint.file(name), WRITE_SUM) for name in files}
         done: Future[list[WriteResult]] = Future()
         done.set_result(
             [
@@ -145,7 +176,9 @@ class CheckpointWriter(FileSystemWriter):
         if nonfinite:
             shown = ", ".join(sorted(set(nonfinite))[:5])
             raise NonFiniteStateError(f"non-finite values (NaN/Inf) in {len(set(nonfinite))} tensor(s): {shown}")
-        layout.write_json_durably(Path(self.path) / CHECKSUMS, sums, sort_keys=True)
+        self.checkpoint.storage.write_atomic(
+            self.checkpoint.file(CHECKSUMS), json.dumps(sums, indent=1, sort_keys=True).encode()
+        )
         super().finish(metadata, kept)
 
 

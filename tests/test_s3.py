@@ -1,0 +1,207 @@
+"""Durable checkpoints in object storage (``checkpoint.dir=s3://bucket/prefix``), against a real S3 server
+(SeaweedFS, started by the tests: tests/s3server.py). No mocks of the client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_same_tensors, check_ok, checkpoint_tensors, kill_job, run_train, scalars, start_train, wait_for
+from s3server import S3Server, s3_bucket, s3_server  # noqa: F401  (importing registers the fixtures)
+
+from ftrain.checkpoint import integrity, layout
+from ftrain.checkpoint.storage import CheckpointDir, PosixStorage, open_storage
+from ftrain.checkpoint.sums import WRITE_SUM, buffer_sum
+
+NO_LOCAL = "checkpoint.local_interval=0"  # the durable path alone: resumes must come from the store
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The AWS environment of the test server, for this process and the processes it starts."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
+
+
+def keys_under(server: S3Server, bucket: str, prefix: str) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for page in server.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        found.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
+    return found
+
+
+# ------------------------------------------------------------------------------------- the storage seam
+@pytest.fixture(params=["posix", "s3"])
+def storage(request, tmp_path):
+    if request.param == "posix":
+        return PosixStorage(tmp_path / "root")
+    server = request.getfixturevalue("s3_env")
+    bucket = request.getfixturevalue("s3_bucket")
+    assert server is not None
+    return open_storage(f"s3://{bucket}/some/prefix")
+
+
+def test_storage_contract(storage):
+    """What layout, integrity and the loader rely on, the same on disk and in an object store."""
+    storage.make_root()
+    assert storage.dirs() == [] and not storage.exists("step_00000001/a")
+    if storage.is_local:  # files go into directories DCP made (an object store needs none)
+        for name in ("step_00000001", "step_00000002"):
+            storage.local_path(name).mkdir()
+    storage.write_atomic("step_00000001/a.distcp", b"x" * 1000)
+    storage.write_atomic("step_00000001/COMPLETE", b"{}")
+    storage.write_atomic("step_00000002/b", b"")
+    assert sorted(storage.dirs()) == ["step_00000001", "step_00000002"]
+    assert [(f.name, f.size) for f in storage.files("step_00000001")] == [("COMPLETE", 2), ("a.distcp", 1000)]
+    assert storage.exists("step_00000001/COMPLETE") and storage.is_dir("step_00000001")
+    assert storage.file_size("step_00000002/b") == 0 and storage.read_bytes("step_00000002/b") == b""
+    assert storage.read_bytes("step_00000001/a.distcp", limit=10) == b"x" * 10
+    assert storage.checksum("step_00000001/a.distcp", WRITE_SUM) == buffer_sum(b"x" * 1000)
+    with pytest.raises(FileNotFoundError):
+        storage.file_size("step_00000001/nothing")
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes("step_00000001/nothing")
+    with storage.open_read("step_00000001/a.distcp") as stream:
+        stream.seek(990)
+        assert stream.read() == b"x" * 10 and stream.seek(0, 2) == 1000
+    storage.move_dir("step_00000001", "superseded/step_00000001-x")
+    assert not storage.is_dir("step_00000001")
+    assert storage.read_bytes("superseded/step_00000001-x/a.distcp") == b"x" * 1000
+    storage.remove_dir("step_00000002")
+    assert storage.dirs() == ["superseded"]
+
+
+def test_remove_deletes_the_marker_first(s3_env, s3_bucket):
+    """Without rename, the marker object goes first: an interrupted removal leaves an incomplete directory."""
+    storage = open_storage(f"s3://{s3_bucket}/run")
+    for name in ("a.distcp", ".metadata", "COMPLETE"):
+        storage.write_atomic(f"step_00000005/{name}", b"data")
+    deleted = []
+    client = storage.client
+    original = client.delete_object
+
+    def stop_after_first(**kwargs):  # the removal "dies" after its first delete
+        deleted.append(kwargs["Key"])
+        original(**kwargs)
+        raise KeyboardInterrupt
+
+    client.delete_object = stop_after_first
+    with pytest.raises(KeyboardInterrupt):
+        storage.remove_dir("step_00000005")
+    client.delete_object = original
+    assert deleted == ["run/step_00000005/COMPLETE"]
+    assert [(d.step, d.complete) for d in layout.scan(storage)] == [(5, False)]
+    assert layout.remove_incomplete(storage) and layout.scan(storage) == []
+
+
+def test_listings_past_one_page(s3_env, s3_bucket):
+    """More objects than one listing page (1000): every one is found."""
+    storage = open_storage(f"s3://{s3_bucket}/many")
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: storage.write_atomic(f"step_00000001/f{i:05d}", b"."), range(1105)))
+    assert len(storage.files("step_00000001")) == 1105
+    storage.remove_dir("step_00000001")
+    assert storage.dirs() == []
+
+
+def test_a_large_file_goes_up_in_parts_and_verifies(s3_env, s3_bucket, tmp_path):
+    """DCP's writer through the S3 file system: a multipart upload checksummed as it is sent, verified on read."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from ftrain.checkpoint.safe_load import SafeFileSystemReader
+    from ftrain.checkpoint.writer import CheckpointWriter
+
+    checkpoint = CheckpointDir(open_storage(f"s3://{s3_bucket}/big"), "step_00000001")
+    state = {"big": torch.randn(10 << 20), "small": torch.arange(5), "blob": {"a": 1}}
+    dcp.save(state, storage_writer=CheckpointWriter(checkpoint), no_dist=True)
+    layout.write_marker(checkpoint, {"step": 1, "world_size": 1}, integrity.file_entries(checkpoint))
+    assert integrity.verify(checkpoint) == []
+    marker = layout.read_marker(checkpoint)
+    loaded = {"big": torch.zeros(10 << 20), "small": torch.zeros(5, dtype=torch.long), "blob": {"a": 0}}
+    from ftrain.checkpoint.loading import data_sums
+
+    reader = SafeFileSystemReader(checkpoint, expected_sums=data_sums(marker))
+    dcp.load(loaded, storage_reader=reader, no_dist=True)
+    assert torch.equal(loaded["big"], state["big"]) and loaded["blob"] == {"a": 1}
+
+
+# ------------------------------------------------------------------------------------ the recipe on s3://
+def test_sigkill_before_commit_then_resume_from_the_store_bit_for_bit(s3_env, s3_bucket, reference_run, tmp_path):
+    """Every object of step 10 is uploaded, only the marker is missing: the relaunch resumes from step 5 in the
+    store, cleans the leftover, and ends bit-identical to an uninterrupted run. Nothing durable is on local disk."""
+    url = f"s3://{s3_bucket}/run"
+    options = (f"checkpoint.dir={url}", NO_LOCAL)
+    proc = start_train(tmp_path, *options, env={"FTRAIN_FAULT": "before_commit@10"})
+    try:
+        wait_for(lambda: "run/step_00000010/.metadata" in keys_under(s3_env, s3_bucket, "run/"), what="step 10's data", proc=proc)
+    finally:
+        kill_job(proc)
+    stored = keys_under(s3_env, s3_bucket, "run/")
+    assert "run/step_00000005/COMPLETE" in stored and "run/step_00000010/COMPLETE" not in stored
+    assert not (tmp_path / "checkpoints").exists()
+
+    resumed = run_train(tmp_path, *options)
+    check_ok(resumed)
+    assert f"{url}/step_00000005 (step 5)" in resumed.stderr
+    assert scalars(tmp_path / "tb", "train/loss") == scalars(reference_run / "tb", "train/loss")
+    assert_same_tensors(
+        checkpoint_tensors(f"{url}/step_00000020"), checkpoint_tensors(reference_run / "checkpoints" / "step_00000020")
+    )
+    ckpt = _ckpt("verify", url)
+    assert ckpt.returncode == 0 and f"OK {url}/step_00000020" in ckpt.stdout, ckpt.stderr
+    listed = json.loads(_ckpt("list", url, "--json").stdout)
+    assert [row["step"] for row in listed] == [10, 15, 20] and {row["status"] for row in listed} == {"complete"}
+
+
+def test_damaged_newest_checkpoint_falls_back(s3_env, s3_bucket, tmp_path):
+    """A flipped byte in the newest checkpoint's data object and a missing object in the one before: the resume
+    falls back to the newest that verifies; ftrain-ckpt verify says which is damaged."""
+    url = f"s3://{s3_bucket}/run"
+    check_ok(run_train(tmp_path, f"checkpoint.dir={url}", NO_LOCAL, "train.max_steps=15"))
+    client = s3_env.client()
+    data = sorted(k for k in keys_under(s3_env, s3_bucket, "run/step_00000015/") if k.endswith(".distcp"))[0]
+    body = bytearray(client.get_object(Bucket=s3_bucket, Key=data)["Body"].read())
+    body[len(body) // 2] ^= 0xFF
+    client.put_object(Bucket=s3_bucket, Key=data, Body=bytes(body))
+    victim = sorted(k for k in keys_under(s3_env, s3_bucket, "run/step_00000010/") if k.endswith(".distcp"))[0]
+    client.delete_object(Bucket=s3_bucket, Key=victim)
+    verify = _ckpt("verify", f"{url}/step_00000015")
+    assert verify.returncode == 1 and "fails its checksum" in verify.stdout, verify
+    resumed = run_train(tmp_path, f"checkpoint.dir={url}", NO_LOCAL, "train.max_steps=20")
+    check_ok(resumed)
+    assert "step_00000015 is unusable" in resumed.stderr and "step_00000010 is unusable" in resumed.stderr
+    assert f"{url}/step_00000005 (step 5)" in resumed.stderr
+
+
+def test_bad_bucket_is_one_line_and_touches_nothing(s3_env, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, "checkpoint.dir=s3://no-such-bucket-ftrain/run", nproc=0)
+    assert proc.returncode == 2, proc.stderr
+    assert "ftrain: config error: checkpoint.dir s3://no-such-bucket-ftrain/run: NoSuchBucket" in proc.stderr
+    assert "Traceback" not in proc.stderr and not run_dir.exists()
+
+
+def test_two_runs_on_one_prefix(s3_env, s3_bucket, tmp_path):
+    """The prefix belongs to the first run (its OWNER object); another run directory is refused before it writes."""
+    url = f"s3://{s3_bucket}/shared"
+    check_ok(run_train(tmp_path / "a", f"checkpoint.dir={url}", NO_LOCAL, "train.max_steps=5", nproc=0))
+    before = keys_under(s3_env, s3_bucket, "shared/")
+    other = run_train(tmp_path / "b", f"checkpoint.dir={url}", NO_LOCAL, "train.max_steps=5", nproc=0)
+    assert other.returncode == 2 and "holds the checkpoints of another run" in other.stderr, other.stderr
+    assert keys_under(s3_env, s3_bucket, "shared/") == before and not (tmp_path / "b").exists()
+    again = run_train(tmp_path / "a", f"checkpoint.dir={url}", NO_LOCAL, "train.max_steps=10", nproc=0)
+    check_ok(again)  # the run that owns it resumes there
+    assert f"{url}/step_00000005 (step 5)" in again.stderr
+
+
+def _ckpt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ftrain.ckpt_cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
