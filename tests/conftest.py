@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -100,12 +101,34 @@ def wait_for(condition, timeout: float = 120, what: str = "condition", proc: sub
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_train(run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        train_cmd(run_dir, *overrides, nproc=nproc),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        env={**os.environ, **(env or {})},
-    )
+class Job(subprocess.Popen):
+    """A process left running in the background while the test waits on something else (a file, a step): threads
+    read its stdout and stderr all along, since a pipe nobody reads fills (64 KiB) and blocks the job's next write.
+    communicate() returns everything it wrote, as Popen's does."""
+
+    def __init__(self, args, **kwargs) -> None:
+        super().__init__(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+        self._said: tuple[list[str], list[str]] = ([], [])
+        self._readers = [threading.Thread(target=self._drain, args=(pipe, into), daemon=True)
+                         for pipe, into in zip((self.stdout, self.stderr), self._said)]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _drain(pipe, into: list[str]) -> None:
+        for line in pipe:
+            into.append(line)
+
+    def communicate(self, input=None, timeout: float | None = None) -> tuple[str, str]:
+        assert input is None, "a Job takes no input"
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.wait(timeout)
+        for reader in self._readers:  # the pipes end when the last process holding them (a worker too) is gone
+            reader.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if reader.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return "".join(self._said[0]), "".join(self._said[1])
+
+
+def start_train(run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None) -> Job:
+    return Job(train_cmd(run_dir, *overrides, nproc=nproc), cwd=REPO, env={**os.environ, **(env or {})})

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, TORCHRUN, check_ok, run_train, train_cmd, wait_for
+from conftest import FAST, REPO, TORCHRUN, Job, check_ok, run_train, train_cmd, wait_for
 from ftrain.__main__ import COMMANDS
 from ftrain.config import keys
 from ftrain.metrics import Progress, setup_logging
@@ -348,7 +348,7 @@ def test_sigterm_to_the_launcher_ends_with_75_and_a_preempted_marker(tmp_path):
     """
     run_dir = tmp_path / "run"
     cmd = ["bash", str(REPO / "scripts" / "preemptible.sh"), str(run_dir), *train_cmd(run_dir, "train.max_steps=400")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    proc = Job(cmd, cwd=REPO)
     wait_for(lambda: any(run_dir.glob("checkpoints/*/COMPLETE")), what="a first checkpoint", proc=proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

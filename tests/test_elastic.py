@@ -3,13 +3,12 @@
 import json
 import os
 import signal
-import subprocess
 import time
 from collections import defaultdict
 
 import pytest
 
-from conftest import FAST, REPO, TORCHRUN, check_ok, run_train, wait_for, worker_pids
+from conftest import FAST, REPO, TORCHRUN, Job, check_ok, run_train, wait_for, worker_pids
 from ftrain.harness.chaos import compare_runs, run_chaos
 from ftrain.data import GlobalOrderSampler, WindowDataset, load_tokens
 
@@ -107,10 +106,7 @@ def test_stalled_rank_becomes_an_error_torchrun_can_restart(reference_run, tmp_p
     cut short; the soak form leaves it stopped until torchrun kills it."""
     import psutil
 
-    proc = subprocess.Popen(
-        chaos_cmd(tmp_path, "train.timeout_s=4", max_restarts=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = Job(chaos_cmd(tmp_path, "train.timeout_s=4", max_restarts=1))
     wait_for(lambda: (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file(), proc=proc, what="step 5")
     workers = worker_pids(proc)
     os.kill(workers[1], signal.SIGSTOP)

@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from ftrain.health import EXIT_UNHEALTHY, HealthMonitor, HealthPolicy, Unhealthy
 
 from conftest import (
     REPO,
+    Job,
     assert_same_tensors,
     check_ok,
     checkpoint_tensors,
@@ -138,8 +138,7 @@ def _kill_after_step_12(run_dir, wrapper=None):
     else:
         command = [str(wrapper) if arg.endswith("train.py") else arg for arg in train_cmd(run_dir, *SPIKE)]
         environment = {**os.environ, **PAUSE_AT_12}
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                                env=environment)
+        proc = Job(command, cwd=REPO, env=environment)
     try:
         wait_for(lambda: (read_status(run_dir) or 0) and read_status(run_dir).step >= 12, what="step 12", proc=proc)
         wait_for(lambda: _both_ranks_hold_snapshot(run_dir, 12), what="step 12's snapshots", proc=proc)
