@@ -1,13 +1,19 @@
-"""Shared helpers: launching the real recipe under torchrun, reading its outputs, killing it for real."""
+"""Shared helpers: launching the real recipe under torchrun, reading its outputs, killing it for real.
+
+Also the ``scenario`` marker: every test that starts real processes (the recipe under torchrun or python, a CLI, a
+tool, spawned ranks, a server) gets it here, at collection, so that ``bash scripts/test.sh -m "not scenario"`` runs
+the quick in-process tests alone, in seconds."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -20,6 +26,7 @@ from ftrain.checkpoint.reader import differing_tensors, read_tensors
 from ftrain.events import read_scalars
 
 REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 # Small and quick: every run of the recipe in the tests uses these unless it overrides them.
@@ -132,3 +139,131 @@ class Job(subprocess.Popen):
 
 def start_train(run_dir: Path, *overrides: str, nproc: int = 2, env: dict | None = None) -> Job:
     return Job(train_cmd(run_dir, *overrides, nproc=nproc), cwd=REPO, env={**os.environ, **(env or {})})
+
+
+# ---------------------------------------------------------------------------------------- the scenario marker
+# A test is a scenario when its code, the fixtures it uses and the helpers of the tests they call (followed through
+# other helpers, also those imported from conftest inside a function) both start a process and name a program worth
+# starting: the Python interpreter (sys.executable, TORCHRUN) or a multiprocessing start. A Popen(["true"]) for a
+# dead pid or a mount does not count. The names are read from the compiled code (co_names), so a new test that calls
+# run_train, start_train, a helper around subprocess.run([sys.executable, ...]) or a fixture that does is marked
+# without a list to keep up to date. One thing the code does not show: an in-process Checkpointer in
+# mode=async_process spawns DCP's writer process, so a test parametrized with that mode is a scenario too.
+_STARTS = {"Popen", "check_output", "check_call", "start_processes", "spawn"}
+_STARTS_WITH_SUBPROCESS = {"run", "call"}
+_PROGRAMS = {"executable", "TORCHRUN", "start_processes", "spawn"}
+_PARAMETERS_THAT_START_PROCESSES = {"async_process"}
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _functions_of(obj) -> list[types.FunctionType]:
+    """The Python functions behind a test, fixture or helper (a class: its methods)."""
+    obj = inspect.unwrap(getattr(obj, "__func__", obj))
+    if isinstance(obj, types.FunctionType):
+        return [obj]
+    if isinstance(obj, type):
+        found = []
+        for member in vars(obj).values():
+            if isinstance(member, property):
+                member = member.fget
+            found += _functions_of(member) if member is not None else []
+        return found
+    return []
+
+
+def _ours(obj) -> bool:
+    """Defined in a file under tests/ (helpers are followed there, never into ftrain or libraries)."""
+    try:
+        return TESTS in Path(inspect.getfile(inspect.unwrap(obj))).resolve().parents
+    except (TypeError, OSError):
+        return False
+
+
+def _launch_traits(obj, seen: dict) -> tuple[bool, bool]:
+    """(starts a process, names a program) for obj and every helper of the tests it refers to, transitively."""
+    key = id(obj)
+    if key in seen:
+        return seen[key]
+    seen[key] = (False, False)  # a recursion ends here
+    starts = program = isinstance(obj, type) and issubclass(obj, subprocess.Popen)  # Job
+    for function in _functions_of(obj):
+        names = _code_names(function.__code__)
+        starts |= bool(names & _STARTS) or ("subprocess" in names and bool(names & _STARTS_WITH_SUBPROCESS))
+        program |= bool(names & _PROGRAMS)
+        for name in names:
+            helper = function.__globals__.get(name, globals().get(name))  # `from conftest import ...` in a body
+            if helper is not None and (inspect.isfunction(helper) or inspect.isclass(helper)) and _ours(helper):
+                more = _launch_traits(helper, seen)
+                starts, program = starts or more[0], program or more[1]
+    seen[key] = (starts, program)
+    return seen[key]
+
+
+def _code_strings(code: types.CodeType) -> set[str]:
+    found = {c for c in code.co_consts if isinstance(c, str)}
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            found |= _code_strings(const)
+    return found
+
+
+def _fixture_functions(item: pytest.Item) -> list:
+    """The functions of the fixtures the item uses: those it names and those a fixture asks for by name
+    (request.getfixturevalue("s3_env") is a string in its code)."""
+    manager = item.session._fixturemanager
+    definitions = dict(item._fixtureinfo.name2fixturedefs)
+    wanted = list(getattr(item, "fixturenames", ()))
+    functions, done = [], set()
+    while wanted:
+        name = wanted.pop()
+        if name in done:
+            continue
+        done.add(name)
+        defs = definitions.get(name)
+        if defs is None:
+            try:
+                defs = manager.getfixturedefs(name, item)
+            except Exception:  # not a fixture name, or pytest's internals changed: nothing to follow
+                defs = None
+        if not defs:
+            continue
+        function = defs[-1].func
+        functions.append(function)
+        wanted += list(defs[-1].argnames)
+        if _ours(function):
+            wanted += [s for s in _code_strings(inspect.unwrap(function).__code__) if s.isidentifier()]
+    return functions
+
+
+def starts_processes(item: pytest.Item, seen: dict | None = None) -> bool:
+    seen = {} if seen is None else seen
+    parts = [getattr(item, "function", None)]
+    if hasattr(item, "_fixtureinfo"):
+        parts += _fixture_functions(item)
+    traits = [_launch_traits(part, seen) for part in parts if part is not None and _ours(part)]
+    if any(t[0] for t in traits) and any(t[1] for t in traits):
+        return True
+    parameters = getattr(getattr(item, "callspec", None), "params", {})
+    return any(isinstance(v, str) and v in _PARAMETERS_THAT_START_PROCESSES for v in parameters.values())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "scenario: starts real processes (torchrun, the recipe, a CLI, spawned ranks); set in tests/conftest.py. "
+        'The quick loop: bash scripts/test.sh -m "not scenario"',
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seen: dict = {}
+    for item in items:
+        if starts_processes(item, seen):
+            item.add_marker(pytest.mark.scenario)
