@@ -45,7 +45,6 @@ from ftrain.checkpoint.options import (
 )
 from ftrain.checkpoint.path_limits import check_path_limits
 from ftrain.checkpoint.run_dir import RunDirectory
-from ftrain.checkpoint.storage import CheckpointDir
 from ftrain.checkpoint.run_dir import CHECKPOINTS_DIR, PREEMPTED_NAME, RUN_ID_NAME, TENSORBOARD_DIR  # noqa: F401 (kept importable from here)
 from ftrain import health as health_words
 from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
@@ -249,6 +248,7 @@ class Checkpointer:
                 logger.info("removed incomplete checkpoint %s (left by an interrupted save)", path)
             for path in layout.set_aside_newer(self.manager.root, self.step):
                 logger.warning("checkpoint newer than step %d moved aside to %s", self.step, path)
+            self.manager.find_committed()
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         self._telemetry.open(self.step)
@@ -381,10 +381,9 @@ class Checkpointer:
         self._save(step, from_snapshot=False, refuse_saved=True)
 
     def _already_saved(self, step: int) -> bool:
-        """Whether ``step`` is committed or being saved (rank 0 decides for every rank). Collective."""
-        mine = self.manager.in_flight(step) or (
-            self.ctx.is_main and layout.has_marker(CheckpointDir(self.manager.storage, layout.step_name(step)))
-        )
+        """Whether ``step`` is committed or being saved (rank 0 decides for every rank, from what it found at
+        ``load`` and committed since: no request to the store on the training thread). Collective."""
+        mine = self.manager.in_flight(step) or (self.ctx.is_main and self.manager.is_committed(step))
         return bool(max_over_ranks([1.0 if mine else 0.0], self.ctx.device)[0])
 
     def _save(self, step: int, from_snapshot: bool, refuse_saved: bool = False) -> None:

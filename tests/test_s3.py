@@ -205,3 +205,88 @@ def _ckpt(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ftrain.ckpt_cli", *args], capture_output=True, text=True, timeout=300, cwd=REPO
     )
+
+
+BIG_MODEL = ("model.d_model=384", "model.n_layer=4")  # ~44 MB per rank with AdamW: each file goes up in parts
+
+
+def test_sigkill_mid_upload_then_resume_bit_for_bit(s3_env, s3_bucket, tmp_path):
+    """Killed while a data file of step 10 is half uploaded (its multipart upload open): no object of it exists,
+    step 10 never looks complete, the relaunch aborts the open upload, resumes from step 5 and ends bit-identical."""
+    reference = tmp_path / "reference"
+    check_ok(run_train(reference, *BIG_MODEL, NO_LOCAL))
+    url = f"s3://{s3_bucket}/run"
+    run_dir = tmp_path / "run"
+    options = (*BIG_MODEL, f"checkpoint.dir={url}", NO_LOCAL)
+    client = s3_env.client()
+
+    def open_uploads() -> list[str]:
+        return [u["Key"] for u in client.list_multipart_uploads(Bucket=s3_bucket, Prefix="run/").get("Uploads", [])]
+
+    proc = start_train(run_dir, *options, env={"FTRAIN_FAULT": "while_uploading@10"})
+    try:
+        wait_for(lambda: any("/step_00000010/" in key for key in open_uploads()), what="step 10's upload", proc=proc)
+    finally:
+        kill_job(proc)
+    stored = keys_under(s3_env, s3_bucket, "run/")
+    half = [key for key in open_uploads() if "/step_00000010/" in key]
+    assert half and not any(key in stored for key in half)  # the half-sent file is no object
+    assert "run/step_00000010/COMPLETE" not in stored and "run/step_00000005/COMPLETE" in stored
+
+    resumed = run_train(run_dir, *options)
+    check_ok(resumed)
+    assert f"{url}/step_00000005 (step 5)" in resumed.stderr
+    assert open_uploads() == []
+    assert scalars(run_dir / "tb", "train/loss") == scalars(reference / "tb", "train/loss")
+    assert_same_tensors(
+        checkpoint_tensors(f"{url}/step_00000020"), checkpoint_tensors(reference / "checkpoints" / "step_00000020")
+    )
+
+
+def test_sigkill_after_the_marker_async_process(s3_env, s3_bucket, reference_run, tmp_path):
+    """Killed right after step 10's marker object is written, with DCP's writer process uploading (the storage
+    travels to it without its client): the relaunch resumes from step 10 and ends bit-identical."""
+    url = f"s3://{s3_bucket}/run"
+    options = (f"checkpoint.dir={url}", NO_LOCAL, "checkpoint.mode=async_process")
+    proc = start_train(tmp_path, *options, env={"FTRAIN_FAULT": "after_commit@10"})
+    try:
+        wait_for(lambda: "run/step_00000010/COMPLETE" in keys_under(s3_env, s3_bucket, "run/"), what="step 10's marker", proc=proc)
+    finally:
+        kill_job(proc)
+    resumed = run_train(tmp_path, *options)
+    check_ok(resumed)
+    assert f"{url}/step_00000010 (step 10)" in resumed.stderr
+    assert scalars(tmp_path / "tb", "train/loss") == scalars(reference_run / "tb", "train/loss")
+    assert_same_tensors(
+        checkpoint_tensors(f"{url}/step_00000020"), checkpoint_tensors(reference_run / "checkpoints" / "step_00000020")
+    )
+
+
+def test_store_down_during_a_save_then_back(tmp_path, monkeypatch):
+    """The server is killed while step 10's save waits to write: that save fails (logged, counted, never complete)
+    and training goes on; once the server is back the next saves commit, and the run ends with exit 0."""
+    server = S3Server(tmp_path / "server").start()
+    try:
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        server.make_bucket("outage")
+        url = "s3://outage/run"
+        env = {"FTRAIN_FAULT": "while_writing@10,while_writing@15", "FTRAIN_FAULT_SECONDS": "12", "AWS_MAX_ATTEMPTS": "2"}
+        proc = start_train(tmp_path / "run", f"checkpoint.dir={url}", NO_LOCAL, env=env)
+        said = lambda text: text in "".join(proc._said[1]) + "".join(proc._said[0])  # noqa: E731
+        wait_for(lambda: said("pausing at while_writing of step 10"), what="step 10's writer pause", proc=proc)
+        server.stop(kill=True)
+        wait_for(lambda: said("checkpoint step 10 FAILED"), what="step 10's failure", proc=proc)
+        server.start()
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        stored = keys_under(server, "outage", "run/")
+        assert "run/step_00000010/COMPLETE" not in stored
+        assert {"run/step_00000015/COMPLETE", "run/step_00000020/COMPLETE"} <= set(stored), [
+            line for line in err.splitlines() if "step 15" in line or "FAILED" in line
+        ]
+        assert max(scalars(tmp_path / "run" / "tb", "checkpoint/failures").values(), default=0) >= 1
+        verify = _ckpt("verify", url)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+    finally:
+        server.close()

@@ -292,6 +292,7 @@ def remove_incomplete(root: Root) -> list[CheckpointDir]:
     removed = [d.dir for d in scan(storage) if not d.complete] + _leftovers(storage)
     for checkpoint in removed:
         remove_dir(checkpoint)
+    storage.abort_unfinished_writes()
     return removed
 
 

@@ -164,6 +164,7 @@ class CheckpointManager:
         self._purge_queue: queue.Queue[CheckpointDir | None] = queue.Queue()
         self._purger: threading.Thread | None = None
         self._writer_start: Future | None = None
+        self._committed: set[int] = set()  # rank 0: complete checkpoints in the storage (find_committed, commits)
         if self.rank == 0 and self.enabled:
             self.storage.make_root()
             self._purger = threading.Thread(target=self._purge_loop, name="ftrain-purge", daemon=True)
@@ -217,6 +218,15 @@ class CheckpointManager:
         this process; the writer process of ``async_process`` maps the same pages (the local tier's slots are
         shared file mappings it receives by descriptor)."""
         return self.mode in (MODE_ASYNC, MODE_ASYNC_PROCESS)
+
+    def find_committed(self) -> None:
+        """Rank 0, at a start: note the steps complete in the storage (one writer per storage: from now on only
+        this manager's commits and retention change them)."""
+        self._committed = {d.step for d in layout.complete_steps(self.storage)}
+
+    def is_committed(self, step: int) -> bool:
+        """Rank 0: whether ``step`` has a complete checkpoint (as found at the start, or committed since)."""
+        return step in self._committed
 
     def in_flight(self, step: int) -> bool:
         """True while the save of ``step`` has not finished (its data may still be read)."""
@@ -388,6 +398,7 @@ class CheckpointManager:
         }
         pending.marker = layout.write_marker(pending.dir, info, integrity.file_entries(pending.dir))
         pending.committed_at = time.perf_counter()
+        self._committed.add(pending.step)
         logger.info(
             "checkpoint step %d committed: %.1f MB in %.2f s (%s)",
             pending.step,
@@ -506,6 +517,7 @@ class CheckpointManager:
                 in_flight = self._pending.step if self._pending else None
                 keep_last, keep_every = self.options.keep_last, self.options.keep_every
                 for doomed in layout.plan_purge(self.storage, keep_last, keep_every, in_flight=in_flight):
+                    self._committed.discard(layout.parse_step(doomed) or -1)
                     layout.remove_dir(doomed)
                     logger.debug("retention removed %s", doomed)
             except Exception as exc:  # must not kill this thread: the next commit retries

@@ -123,6 +123,11 @@ class Storage(ABC):
     #: Whether DCP should fsync each file it writes (a local disk); object stores are durable when an upload ends.
     dcp_sync_files: bool = True
 
+    def abort_unfinished_writes(self) -> int:
+        """Free what writes killed half way left outside any directory (object stores: open multipart uploads).
+        Returns how many; called at a start, before any save."""
+        return 0
+
     def free_space_note(self) -> str:
         """A short note on free space, for an error message of a failed write ('' when unknown)."""
         return ""

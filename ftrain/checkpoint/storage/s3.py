@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from typing import IO, Any, Generator
 
+from ftrain import faults
 from ftrain.checkpoint.storage.base import MARKER_NAME, FileInfo, Storage, StorageError
 from ftrain.checkpoint.sums import Summer
 
@@ -42,10 +44,11 @@ SCHEME = "s3://"
 PART_BYTES = 16 << 20  # multipart part size (S3's minimum is 5 MiB for all parts but the last)
 UPLOADS_IN_FLIGHT = 2  # parts of one file uploading at once while the next part is filled
 READ_AHEAD_BYTES = 16 << 20  # one ranged GET per this many bytes read in order
-RETRIES = 8  # attempts per request (botocore's standard mode: exponential backoff with jitter)
+RETRIES = 8  # attempts per request unless AWS_MAX_ATTEMPTS says otherwise (botocore's standard mode: backoff, jitter)
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 120
 _DELETE_BATCH = 1000  # S3's limit per DeleteObjects call
 OWNER_NAME = "OWNER"  # at the prefix: which run writes here
+_STEP = re.compile(r"(?:^|/)step_(\d{8})/")  # the step of a file being written (for fault points)
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -67,8 +70,10 @@ def make_client() -> Any:
     except ImportError:
         raise ImportError("an s3:// checkpoint.dir needs boto3: pip install 'ftrain[s3]'") from None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    # AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, where set, say otherwise (as for every AWS tool)
+    attempts = int(os.environ.get("AWS_MAX_ATTEMPTS") or RETRIES)
     config = Config(
-        retries={"max_attempts": RETRIES, "mode": "standard"},
+        retries={"max_attempts": attempts, "mode": os.environ.get("AWS_RETRY_MODE") or "standard"},
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
         max_pool_connections=32,
@@ -255,6 +260,19 @@ class S3Storage(Storage):
             self.client.copy({"Bucket": self.bucket, "Key": key}, self.bucket, target)
         self.remove_dir(dir_name)
 
+    def abort_unfinished_writes(self) -> int:
+        """Abort the multipart uploads left open under the prefix by killed saves (their parts cost storage and
+        never become objects). Only at a start, before any save: one run writes under a prefix."""
+        aborted = 0
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self._dir_prefix("")
+        )
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        return aborted
+
     # -------------------------------------------------------------------------------------------- DCP
     def dcp_path(self, dir_name: str) -> str:
         return self.describe(dir_name)
@@ -350,8 +368,8 @@ class _Upload(io.RawIOBase):
     """A write stream that becomes one object when closed: a single PUT when small, else a multipart upload whose
     parts (``PART_BYTES``) are sent in the background as they fill. ``abort`` (or a failed part) leaves nothing."""
 
-    def __init__(self, storage: S3Storage, key: str, pool: ThreadPoolExecutor) -> None:
-        self.storage, self.key, self.pool = storage, key, pool
+    def __init__(self, storage: S3Storage, key: str, pool: ThreadPoolExecutor, step: int | None = None) -> None:
+        self.storage, self.key, self.pool, self.step = storage, key, pool, step
         self.buffer = bytearray()
         self.written = 0
         self.upload_id: str | None = None
@@ -391,6 +409,9 @@ class _Upload(io.RawIOBase):
                 }
             )
         )
+        if number == 1 and self.step is not None:
+            self.parts[0].result()
+            faults.pause_point(faults.WHILE_UPLOADING, self.step)
 
     def close(self) -> None:
         if self.finished or self.closed:
@@ -464,7 +485,8 @@ class S3FileSystem:
             raise ValueError(f"S3FileSystem streams are 'rb' or 'wb', not {mode!r}")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=UPLOADS_IN_FLIGHT * 4, thread_name_prefix="ftrain-s3-upload")
-        stream = _Upload(self.storage, self.storage.key(name), self._pool)
+        step = _STEP.search(name)
+        stream = _Upload(self.storage, self.storage.key(name), self._pool, int(step.group(1)) if step else None)
         try:
             yield stream
             stream.close()
