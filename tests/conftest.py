@@ -96,6 +96,19 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 
+# The local tier's yardstick: 30 steps, a durable checkpoint every 10, a local snapshot every step (the kills wait
+# for a given step's snapshot). test_local_resume and test_hardening's poisoned-snapshot test compare with it
+# (train.on_unhealthy=stop there changes nothing in a healthy run: same losses, same weights).
+LOCAL_OPTIONS = ("train.max_steps=30", "checkpoint.interval=10", "log.interval=1", "checkpoint.local_interval=1")
+
+
+@pytest.fixture(scope="session")
+def local_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("local-reference")
+    check_ok(run_train(run_dir, *LOCAL_OPTIONS))
+    return run_dir
+
+
 def wait_for(condition, timeout: float = 120, what: str = "condition", proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

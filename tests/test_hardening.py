@@ -19,6 +19,7 @@ from ftrain.checkpoint.local import default_directory
 from ftrain.run_status import read_status
 
 from conftest import (
+    LOCAL_OPTIONS,
     REPO,
     assert_same_tensors,
     check_ok,
@@ -163,14 +164,12 @@ def test_a_finished_run_started_again_frees_the_snapshots_it_left(tmp_path):
 
 
 # --------------------------------------------------------------------------------- 7: no poisoned snapshot
-def test_a_poisoned_snapshot_is_never_resumed(tmp_path):
+def test_a_poisoned_snapshot_is_never_resumed(local_reference, tmp_path):
     """A NaN written into a parameter after step 13's update, with the loss still finite: steps 13-20 are
     snapshotted with it, the durable save of step 20 refuses it and the run stops (65). The rerun must not resume
     those snapshots: it resumes the healthy durable checkpoint of step 10 and ends as the uninterrupted run."""
-    options = ("train.max_steps=30", "checkpoint.interval=10", "log.interval=1", "train.on_unhealthy=stop",
-               "checkpoint.local_interval=1")
-    reference = tmp_path / "reference"
-    check_ok(run_train(reference, *options))
+    options = (*LOCAL_OPTIONS, "train.on_unhealthy=stop")
+    reference = local_reference  # the same run without on_unhealthy=stop, which changes nothing in a healthy run
     run_dir = tmp_path / "run"
     poisoned = run_train(run_dir, *options, "debug.poison_param_at_steps=[13]")
     assert poisoned.returncode != 0 and "exitcode: 65" in poisoned.stderr, poisoned.stderr[-3000:]  # torchrun says 1

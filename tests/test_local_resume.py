@@ -15,6 +15,7 @@ from ftrain.checkpoint import layout
 from ftrain.checkpoint.local import default_directory
 
 from conftest import (
+    LOCAL_OPTIONS,
     REPO,
     assert_same_tensors,
     check_ok,
@@ -28,16 +29,14 @@ from conftest import (
 from ftrain.run_status import read_status
 
 # local_interval=1: the kills below wait for the snapshot of a given step (auto would pick its own steps)
-OPTIONS = ("train.max_steps=30", "checkpoint.interval=10", "log.interval=1", "checkpoint.local_interval=1")
+OPTIONS = LOCAL_OPTIONS
 PAUSE = {"FTRAIN_FAULT": "after_local_snapshot@13", "FTRAIN_FAULT_SECONDS": "600"}
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("local-reference")
-    check_ok(run_train(run_dir, *OPTIONS))
-    assert not default_directory(run_dir).exists(), "a finished run keeps no local snapshots"
-    return run_dir
+def reference(local_reference):
+    assert not default_directory(local_reference).exists(), "a finished run keeps no local snapshots"
+    return local_reference
 
 
 def _kill_at_step_13(run_dir):

@@ -53,10 +53,9 @@ def test_sigkill_after_data_is_durable_but_before_commit(mode, threads, referenc
     assert (resumed.stdout + resumed.stderr).count(" - root - INFO - ") <= 8
 
 
-def test_sigkill_mid_write_with_data_workers(tmp_path, tmp_path_factory):
-    """Kill as soon as step 15's directory appears (DCP is writing), with 2 data-loader workers per rank."""
-    reference = tmp_path_factory.mktemp("reference_workers")
-    check_ok(run_train(reference, "data.num_workers=2"))
+def test_sigkill_mid_write_with_data_workers(reference_run, tmp_path):
+    """Kill as soon as step 15's directory appears (DCP is writing), with 2 data-loader workers per rank. The
+    yardstick is the uninterrupted run without workers: they change neither the batches nor their order."""
     step15 = tmp_path / "checkpoints" / "step_00000015"
     proc = start_train(tmp_path, "data.num_workers=2")
     try:
@@ -67,7 +66,7 @@ def test_sigkill_mid_write_with_data_workers(tmp_path, tmp_path_factory):
     check_ok(resumed)
     assert "resumed from" in resumed.stderr
     assert not any(p.name.endswith(".deleting") for p in (tmp_path / "checkpoints").iterdir())
-    assert_matches_reference(tmp_path, reference)
+    assert_matches_reference(tmp_path, reference_run)
 
 
 def test_sigterm_saves_and_exits_then_resumes(reference_run, tmp_path):
