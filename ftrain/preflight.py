@@ -40,7 +40,8 @@ def preflight(cfg: Config, world_size: int | None = None) -> None:
 
 def check_checkpoint_dir(location: str, run_dir: Path) -> None:
     """An object-storage ``checkpoint.dir``: the client is installed, the bucket exists and takes writes and
-    deletes, and no other run writes under the prefix (``OWNER``; this run's is in ``run_dir/RUN_ID``)."""
+    deletes, and the prefix is not owned by another run than the one whose ``RUN_ID`` ``run_dir`` holds (a new
+    run directory is left to the Checkpointer, which asks every rank)."""
     from ftrain.checkpoint.layout import RUN_ID_NAME
     from ftrain.checkpoint.storage import StorageError, is_url, open_storage
 
@@ -54,8 +55,8 @@ def check_checkpoint_dir(location: str, run_dir: Path) -> None:
         raise ConfigError(" ".join(str(exc).split())) from None
     try:
         run_id = (run_dir / RUN_ID_NAME).read_text().strip()
-    except OSError:
-        run_id = ""
+    except OSError:  # a new run directory: the ranks decide together (another node's may be the owner's)
+        return
     if owner is not None and owner[0] != run_id:
         raise ConfigError(
             f"checkpoint.dir {location} holds the checkpoints of another run ({owner[1]}); give this run its own "

@@ -112,7 +112,7 @@ def test_bad_argument_is_reported(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith(
-        "--parts must name micro, trainer and/or goodput, got everything")
+        "--parts must name micro, trainer, goodput and/or s3, got everything")
 
 
 def test_target_rows_say_by_how_much(monkeypatch: pytest.MonkeyPatch):
@@ -271,3 +271,19 @@ def test_local_tier_benchmark_runs_and_reports_every_phase(tmp_path):
     for phase in ("snapshot() returns after", "complete_steps() (sums both)", "resume's check", "restore()"):
         assert proc.stdout.count(phase) == 2, (phase, proc.stdout)
     assert list(tmp_path.iterdir()) == [], "the benchmark left snapshot files behind"
+
+
+def test_object_storage_part_in_its_quick_form(tmp_path):
+    """The s3 part against a SeaweedFS server of its own: rates against the same server's floor, and the loop
+    with saves to local disk and to the store beside the off run."""
+    out = tmp_path / "bench-s3"
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), "--quick", "--parts", "s3", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s3 = json.loads((out / "bench.json").read_text())["s3"]
+    assert s3["save_to_floor"] > 0 and s3["resume_to_floor"] > 0
+    assert set(s3["loop"]["modes"]) == {"off", "async", "async-s3"}
+    assert "## Object storage (S3)" in (out / "bench.md").read_text()
+    assert not (out / "s3server").exists()  # the server and its data are gone

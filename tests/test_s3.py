@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -195,7 +196,8 @@ def test_two_runs_on_one_prefix(s3_env, s3_bucket, tmp_path):
     before = keys_under(s3_env, s3_bucket, "shared/")
     other = run_train(tmp_path / "b", f"checkpoint.dir={url}", NO_LOCAL, "train.max_steps=5", nproc=0)
     assert other.returncode == 2 and "holds the checkpoints of another run" in other.stderr, other.stderr
-    assert keys_under(s3_env, s3_bucket, "shared/") == before and not (tmp_path / "b").exists()
+    assert keys_under(s3_env, s3_bucket, "shared/") == before
+    assert not (tmp_path / "b" / "LOCK").exists() and not (tmp_path / "b" / "config.yaml").exists()
     again = run_train(tmp_path / "a", f"checkpoint.dir={url}", NO_LOCAL, "train.max_steps=10", nproc=0)
     check_ok(again)  # the run that owns it resumes there
     assert f"{url}/step_00000005 (step 5)" in again.stderr
@@ -290,3 +292,64 @@ def test_store_down_during_a_save_then_back(tmp_path, monkeypatch):
         assert verify.returncode == 0, verify.stdout + verify.stderr
     finally:
         server.close()
+
+
+def test_two_nodes_with_their_own_run_dirs_share_a_prefix_and_one_is_lost(s3_env, s3_bucket, reference_run, tmp_path):
+    """Two torchrun agents on loopback, each node with its own run directory and local tier, durable checkpoints
+    in one s3:// prefix. Node B is lost (agent and worker SIGKILLed, its local snapshots gone) and a replacement
+    starts with B's empty run directory: the job resumes from the store and ends bit-identical."""
+    import shutil
+    import time
+    import uuid
+
+    from test_multinode import NODE_ENV, RDZV_CONF, free_port
+
+    from ftrain.checkpoint.local import default_directory
+    from ftrain.processes import kill_tree
+
+    from conftest import FAST, TORCHRUN
+
+    url = f"s3://{s3_bucket}/job"
+    port, rdzv_id = free_port(), f"s3mn-{uuid.uuid4().hex[:8]}"
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str, run_dir: Path, host: bool) -> None:
+        cmd = [
+            *TORCHRUN, "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id={rdzv_id}", f"--rdzv-conf={RDZV_CONF},is_host={int(host)}", "--max-restarts=3",
+            str(REPO / "recipes" / "train.py"), f"run.dir={run_dir}", *FAST, f"checkpoint.dir={url}",
+        ]
+        log = open(tmp_path / f"{name}.log", "w")
+        procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **NODE_ENV})
+
+    def report() -> str:
+        return "\n".join(f"--- {n}\n{(tmp_path / f'{n}.log').read_text(errors='replace')[-3000:]}" for n in procs)
+
+    dir_a, dir_b = tmp_path / "node_a", tmp_path / "node_b"
+    try:
+        start("A", dir_a, True)
+        start("B", dir_b, False)
+        deadline = time.time() + 120
+        while "job/step_00000005/COMPLETE" not in keys_under(s3_env, s3_bucket, "job/"):
+            assert time.time() < deadline and all(p.poll() is None for p in procs.values()), report()
+            time.sleep(0.1)
+        kill_tree(procs["B"].pid)
+        procs["B"].wait(timeout=30)
+        shutil.rmtree(default_directory(dir_b), ignore_errors=True)  # the node's memory is gone with it
+        shutil.rmtree(dir_b, ignore_errors=True)  # and its disk: the replacement starts empty
+        start("B2", dir_b, False)
+        for name in ("A", "B2"):
+            procs[name].wait(timeout=max(deadline + 120 - time.time(), 1))
+        assert procs["A"].returncode == 0 and procs["B2"].returncode == 0, report()
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+                proc.wait(timeout=30)
+        for run_dir in (dir_a, dir_b):
+            shutil.rmtree(default_directory(run_dir), ignore_errors=True)
+    logs = report()
+    assert f"resumed from {url}/step_" in logs, logs
+    assert_same_tensors(
+        checkpoint_tensors(f"{url}/step_00000020"), checkpoint_tensors(reference_run / "checkpoints" / "step_00000020")
+    )

@@ -7,8 +7,9 @@ takes, and what it measured: docs/bench.md):
     python tools/bench_checkpoint.py --quick --out /tmp/bench  # CI form: checks it works, not its timings
     python tools/bench_checkpoint.py --parts goodput --out runs/bench-goodput   # failures
     python tools/bench_checkpoint.py --quick --parts goodput --out /tmp/bench-goodput   # its CI form
+    python tools/bench_checkpoint.py --parts s3 --out runs/bench-s3   # object storage (a SeaweedFS of its own)
 
-It has three parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
+It has four parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
 
 * ``micro`` runs in one process group, ``torchrun --standalone --nproc_per_node=N`` of this same script (launched
   for you; you may also launch it yourself, then only this part is reported). Every rank holds an equal share of a
@@ -27,6 +28,9 @@ It has three parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
   cost, ``--goodput-kills`` whole-job SIGKILLs and as many single-rank SIGKILLs under ``--max-restarts`` (steps
   redone, time lost, cost per failure, ETTR, bit-identical to an uninterrupted run), and one
   ``checkpoint.interval=auto`` run (intervals chosen, overhead against ``checkpoint.overhead_budget``).
+* ``s3`` (``bench/object_storage.py``): save and resume through ``checkpoint.dir=s3://`` against the same
+  server's floor (parallel plain PUT/GET of the same bytes), and the recipe's loop saving to local disk and to the
+  store, side by side with checkpointing off (``--s3-url``, or a SeaweedFS server of its own).
 
 Times are the maximum over ranks of one repetition; tables show the median and [min-max] over repetitions.
 Exit codes: 0 done (targets missed or not), 1 a run failed, 2 bad arguments.
@@ -50,6 +54,7 @@ from bench.common import MANAGER_MODES, REPO, BenchError
 from bench.goodput import CONFIGS, run_goodput_part
 from bench.launch import run_logged, tail, torchrun_cmd
 from bench.micro import run_worker
+from bench.object_storage import cleanup as cleanup_s3, run_s3_part
 from bench.report import write_report
 from bench.system import OtherLoad, environment, source_fingerprint, wait_for_quiet
 from bench.trainer_runs import first_window, run_trainer_part
@@ -114,6 +119,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each torchrun launch, wait up to this many seconds for the machine to be "
                         "quiet (other processes under 10%% of the CPUs for a second)")
+    parser.add_argument("--s3-url", default="",
+                        help="s3 part: an s3://bucket/prefix to measure (endpoint and credentials from the AWS "
+                        "environment) [default: a SeaweedFS server of its own on 127.0.0.1]")
+    parser.add_argument("--s3-threads", type=int, default=2, help="s3 part: files written and read in parallel")
     parser.add_argument("--keep", action="store_true",
                         help="keep checkpoints, scratch files and the trainer and goodput run directories")
     args = parser.parse_args(argv)
@@ -144,8 +153,8 @@ def _split(text: str) -> list[str]:
 
 
 def _check_args(args: argparse.Namespace) -> str:
-    if not args.parts or set(args.parts) - {"micro", "trainer", "goodput"}:
-        return f"--parts must name micro, trainer and/or goodput, got {','.join(args.parts) or 'nothing'}"
+    if not args.parts or set(args.parts) - {"micro", "trainer", "goodput", "s3"}:
+        return f"--parts must name micro, trainer, goodput and/or s3, got {','.join(args.parts) or 'nothing'}"
     if set(args.trainer_modes) - set(MANAGER_MODES):
         return f"--trainer-modes takes {', '.join(MANAGER_MODES)}; got {','.join(args.trainer_modes)}"
     if args.nproc < 1 or args.reps < 1 or args.warmup < 0 or args.trainer_reps < 1:
@@ -220,6 +229,11 @@ def main(argv: list[str]) -> int:
             result["trainer"] = run_trainer_part(args)
         if "goodput" in args.parts:
             result["goodput"] = run_goodput_part(args)
+        if "s3" in args.parts:
+            try:
+                result["s3"] = run_s3_part(args)
+            finally:
+                cleanup_s3(args)
         result["elapsed_s"] = time.perf_counter() - started
         result["environment"] = {**environment(), **load.shares()}
         if result["environment"]["ftrain_source"] != source:

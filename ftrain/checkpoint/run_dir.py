@@ -66,6 +66,8 @@ class RunDirectory:
         self.path = Path(path)
         self.ctx = ctx
         self.lock: RunLock | None = None
+        self._run_id = ""  # rank 0's RUN_ID, shared with every rank by take_lock (nodes may not share run.dir)
+        self._made_run_id = False  # rank 0: this start gave the run directory its RUN_ID
 
     @property
     def checkpoints(self) -> Path:
@@ -94,12 +96,32 @@ class RunDirectory:
         if max_over_ranks([1.0 if problem else 0.0], self.ctx.device)[0]:
             raise LockedError(problem or "the run directory is in use by another job (see rank 0)")
         self.lock = lock
+        self._run_id = self._from_rank_0(self._own_run_id())
+
+    def _own_run_id(self) -> str:
+        """The ``RUN_ID`` this rank's run directory holds ('' if none: a node that never held rank 0)."""
+        try:
+            return (self.path / RUN_ID_NAME).read_text().strip()
+        except OSError:
+            return ""
+
+    def _from_rank_0(self, value: str) -> str:
+        """Rank 0's ``value`` on every rank. Collective."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return value
+        shared = [value if self.ctx.is_main else ""]
+        dist.broadcast_object_list(shared, src=0, group=self.ctx.process_group)
+        return shared[0]
 
     def open_checkpoints(self, location: str) -> "Storage":
         """The storage of the durable checkpoints: ``location`` (``checkpoint.dir``), or ``{run.dir}/checkpoints``.
-        In object storage rank 0 checks access and makes this run the prefix's only writer (its ``OWNER``);
-        every rank learns the outcome. Collective, after ``take_lock``; ``ResumeRefused`` (one line, nothing
-        written) on every rank when the store refuses or another run writes there."""
+        In object storage rank 0 checks access and makes this run the prefix's only writer (its ``OWNER``): a
+        prefix owned by a run whose ``RUN_ID`` no rank's run directory holds is refused (on several nodes without
+        a shared run directory, any node that held rank 0 before carries it). Every rank learns the outcome.
+        Collective, after ``take_lock``; ``ResumeRefused`` (one line, nothing written there) on every rank when
+        the store refuses or another run writes there."""
         from ftrain.checkpoint.collectives import max_over_ranks
         from ftrain.checkpoint.errors import ResumeRefused
         from ftrain.checkpoint.storage import StorageError, open_storage
@@ -110,10 +132,15 @@ class RunDirectory:
         except StorageError as exc:
             raise ResumeRefused(f"checkpoint.dir: {exc}") from None
         claim = getattr(storage, "claim", None)
+        known = [i for i in self._run_ids_of_all_ranks() if i] if claim is not None else []
         if self.ctx.is_main and claim is not None:
             try:
                 storage.check_access()  # type: ignore[attr-defined]
-                owner = claim(self.run_id(), f"run dir {self.path.resolve()} on {socket.gethostname()}")
+                owner = claim(self.run_id(), f"run dir {self.path.resolve()} on {socket.gethostname()}", known)
+                current = storage.owner() if not owner and self._made_run_id else None  # type: ignore[attr-defined]
+                if current is not None and current[0] != self.run_id():
+                    # A new run directory (another node held rank 0 before): it continues the prefix's run.
+                    write_text_durably(self.path / RUN_ID_NAME, current[0] + "\n")
                 if owner:
                     problem = (
                         f"checkpoint.dir {storage.describe()} holds the checkpoints of another run ({owner}); give this "
@@ -123,7 +150,20 @@ class RunDirectory:
                 problem = str(exc)
         if max_over_ranks([1.0 if problem else 0.0], self.ctx.device)[0]:
             raise ResumeRefused(problem or f"checkpoint.dir {storage.describe()} cannot be used (see rank 0)")
+        if claim is not None:
+            self._run_id = self._from_rank_0(self._own_run_id())
         return storage
+
+    def _run_ids_of_all_ranks(self) -> list[str]:
+        """The ``RUN_ID`` each rank's run directory holds ('' where none). Collective."""
+        import torch.distributed as dist
+
+        mine = self._own_run_id()
+        if not (dist.is_available() and dist.is_initialized()):
+            return [mine]
+        ids: list[str] = [""] * self.ctx.world_size
+        dist.all_gather_object(ids, mine, group=self.ctx.process_group)
+        return ids
 
     def release_lock(self) -> None:
         if self.lock is not None:
@@ -134,11 +174,13 @@ class RunDirectory:
         """Give the run directory an identity of its own, once: local snapshots of a run directory that was deleted
         and made again under the same path must never be taken for this run's."""
         path = self.path / RUN_ID_NAME
+        self._made_run_id = not path.is_file()
         if not path.is_file():
             write_text_durably(path, uuid.uuid4().hex + "\n")
 
     def run_id(self) -> str:
-        return (self.path / RUN_ID_NAME).read_text().strip()
+        """The run's identity: rank 0's ``RUN_ID`` (after ``take_lock``, on every rank)."""
+        return self._run_id or (self.path / RUN_ID_NAME).read_text().strip()
 
     def read_timeline(self) -> str:
         """The timeline recorded by the latest start ('' if none)."""

@@ -12,6 +12,7 @@ from ftrain.config import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_SYNC
 REPO = Path(__file__).resolve().parents[2]
 ASYNC_MODES = (MODE_ASYNC, MODE_ASYNC_PROCESS)
 MANAGER_MODES = (MODE_SYNC, MODE_ASYNC, MODE_ASYNC_PROCESS)
+S3_LOOP_MODES = ("off", "async", "async-s3")  # the s3 part's recipe runs: no checkpoints, to local disk, to the store
 
 
 class BenchError(RuntimeError):

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from ftrain.checkpoint.layout import fsync_dir
+from ftrain.checkpoint.storage.posix import fsync_dir
 
 from .common import MANAGER_MODES, BenchError, remove, summarize
 from .report import write_report
@@ -258,7 +258,7 @@ class Micro:
         committed = time.perf_counter() - started
         if stats is None or not stats.ok:
             raise BenchError(f"checkpoint save failed in mode {manager.mode}: {getattr(stats, 'error', '') or 'see log'}")
-        previous.append(manager.root / f"step_{step:08d}")
+        previous.append(manager.storage.local_path(f"step_{step:08d}"))
         blocked, staged, committed = self.ranks.max([blocked, staged, committed])
         return {
             "blocked_s": blocked,

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .common import MANAGER_MODES, ratio
+from .common import MANAGER_MODES, S3_LOOP_MODES, ratio
 from .system import environment
 from .targets import evaluate_targets
 
@@ -51,6 +51,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         lines += trainer_table(result["trainer"])
     if "goodput" in result:
         lines += goodput_tables(result["goodput"])
+    if "s3" in result:
+        lines += s3_lines(result["s3"])
     return "\n".join(lines) + "\n"
 
 
@@ -245,3 +247,29 @@ def _spread(summary: dict[str, Any] | None, digits: int) -> str:
         return "-"
     text = f"{summary['median']:.{digits}f}"
     return text + (f" [{summary['min']:.{digits}f}-{summary['max']:.{digits}f}]" if summary["n"] > 1 else "")
+
+
+def s3_lines(s3: dict[str, Any]) -> list[str]:
+    """The part's markdown: rates against the floor, and the loop's throughput by where checkpoints go."""
+    cfg, floor, ours = s3["config"], s3["floor"], s3["ftrain"]
+    loop = s3["loop"]["modes"]
+    lines = [
+        "", "## Object storage (S3)", "",
+        f"{cfg['url']}; {cfg['size_bytes'] / 1e6:.0f} MB as {cfg['threads']} files in parallel; "
+        f"{cfg['reps']} reps after {cfg['warmup']} warm-up.", "",
+        "| | floor (boto3 transfer) | ftrain | ftrain / floor |", "|---|---|---|---|",
+        f"| save (until the marker) | {floor['put']['gbps']:.3f} GB/s | {ours['save']['gbps']:.3f} GB/s | "
+        f"{s3['save_to_floor']:.2f} |",
+        f"| resume (checksums verified) | {floor['get']['gbps']:.3f} GB/s | {ours['resume']['gbps']:.3f} GB/s | "
+        f"{s3['resume_to_floor']:.2f} |",
+        "", "| loop (checkpoint.mode=async) | steps/s | vs off |", "|---|---|---|",
+    ]
+    for label in S3_LOOP_MODES:
+        entry = loop[label]
+        against = entry.get("ratio_to_off")
+        lines.append(f"| {label} | {entry['window_steps_per_s']['median']:.2f} | "
+                     f"{'-' if against is None else format(against['median'], '.3f')} |")
+    points = s3["loop"]["overhead_points"]
+    if points is not None:
+        lines.append(f"\nSaving to the store costs {points:+.1f} points of throughput more than saving to local disk.")
+    return lines

@@ -42,11 +42,15 @@ def run_trainer_part(args: argparse.Namespace) -> dict[str, Any]:
     return {"config": trainer_config(args), "runs": runs, "modes": summarize_trainer(runs, modes)}
 
 
-def run_recipe(args: argparse.Namespace, mode: str, rep: int) -> dict[str, Any]:
-    run_dir = Path(args.out) / "trainer" / f"{mode}-{rep}"
+def run_recipe(
+    args: argparse.Namespace, mode: str, rep: int, extra: list[str] | tuple[str, ...] = (), label: str = ""
+) -> dict[str, Any]:
+    """One recipe run; ``extra`` overrides go last, ``label`` (default: the mode) names its directory and log."""
+    label = label or mode
+    run_dir = Path(args.out) / "trainer" / f"{label}-{rep}"
     remove(run_dir)
-    cmd = torchrun_cmd(args.nproc, REPO / "recipes" / "train.py", trainer_overrides(args, run_dir, mode))
-    log_path = Path(args.out) / "logs" / f"trainer-{mode}-{rep}.log"
+    cmd = torchrun_cmd(args.nproc, REPO / "recipes" / "train.py", [*trainer_overrides(args, run_dir, mode), *extra])
+    log_path = Path(args.out) / "logs" / f"trainer-{label}-{rep}.log"
     waited = wait_for_quiet(args.quiet_wait)
     started, load = time.perf_counter(), OtherLoad()
     code = run_logged(cmd, log_path, dict(os.environ), echo=lambda line: False)
@@ -55,7 +59,7 @@ def run_recipe(args: argparse.Namespace, mode: str, rep: int) -> dict[str, Any]:
         raise BenchError(f"trainer run mode={mode} rep={rep} exited {code}: {tail(log_path)} (full log: {log_path})")
     result = {"mode": mode, "rep": rep, "wall_s": wall, "quiet_wait_s": waited, **load.shares(),
               **read_run(run_dir / TENSORBOARD_DIR, args.trainer_skip, args.interval)}
-    print(f"[bench] trainer mode={mode:<13} rep={rep}  {result['window_steps_per_s']:.2f} steps/s "
+    print(f"[bench] trainer {label:<18} rep={rep}  {result['window_steps_per_s']:.2f} steps/s "
           f"(whole run {result['steps_per_s']:.2f}; other load {result['other_cpu_share']:.0%}; run {wall:.0f} s)",
           flush=True)
     if not args.keep:

@@ -214,7 +214,7 @@ class S3Storage(Storage):
         return response["Body"].read()
 
     def open_read(self, name: str) -> AbstractContextManager[IO[bytes]]:
-        return io.BufferedReader(_RangedReader(self, name), buffer_size=1 << 20)  # type: ignore[return-value]
+        return _RangedReader(self, name)  # type: ignore[return-value]
 
     def checksum(self, name: str, algorithm: str) -> str:
         summer = Summer(algorithm)
@@ -302,9 +302,9 @@ class S3Storage(Storage):
             return None
         return (lines[0].strip() if lines else "", lines[1].strip() if len(lines) > 1 else "another run")
 
-    def claim(self, run_id: str, description: str) -> str:
+    def claim(self, run_id: str, description: str, also_ours: list[str] | tuple[str, ...] = ()) -> str:
         """Make this run the one that writes under the prefix (``OWNER`` object, conditional create). Returns
-        '' when it is (it was already, or it now is), else who owns the prefix."""
+        '' when it is (it was already under ``run_id`` or one of ``also_ours``, or it now is), else who owns it."""
         body = f"{run_id}\n{description}\n".encode()
         try:
             self.client.put_object(Bucket=self.bucket, Key=self.key(OWNER_NAME), Body=body, IfNoneMatch="*")
@@ -314,18 +314,21 @@ class S3Storage(Storage):
             if status not in (409, 412):
                 raise StorageError(f"checkpoint.dir {self.url}: {describe_s3_error(exc)}") from None
         owner = self.owner()
-        if owner is None or owner[0] == run_id:  # deleted meanwhile (a cleared prefix), or ours already
-            return "" if owner is not None else self.claim(run_id, description)
-        return owner[1]
+        if owner is None:  # deleted meanwhile (a cleared prefix)
+            return self.claim(run_id, description, also_ours)
+        return "" if owner[0] == run_id or owner[0] in also_ours else owner[1]
 
 
 class _RangedReader(io.RawIOBase):
-    """A seekable read-only stream over one object: each read is a ranged GET of what is asked (read in order
-    through ``BufferedReader`` or in large ``readinto`` calls, so requests stay few and large)."""
+    """A seekable read-only stream over one object. A read of ``READ_AHEAD_BYTES`` or more is one ranged GET
+    straight into the caller's buffer (a tensor read into its target); smaller ones are served from a window of
+    ``READ_AHEAD_BYTES`` fetched at once, so the many small reads of parsing an item (its archive's headers) cost
+    one request per window, not one each. Loaders read a file in order, so windows are rarely fetched twice."""
 
     def __init__(self, storage: S3Storage, name: str) -> None:
         self.storage, self.name, self.position = storage, name, 0
         self.size = storage.file_size(name)
+        self.window, self.window_start = b"", 0
 
     def readable(self) -> bool:
         return True
@@ -346,6 +349,22 @@ class _RangedReader(io.RawIOBase):
         wanted = min(len(view), self.size - self.position)
         if wanted <= 0:
             return 0
+        if wanted >= READ_AHEAD_BYTES:
+            return self._get_into(view, wanted)
+        offset = self.position - self.window_start
+        if not 0 <= offset < len(self.window):
+            self.window_start, offset = self.position, 0
+            self.window = bytearray(min(READ_AHEAD_BYTES, self.size - self.position))
+            saved = self.position
+            self._get_into(memoryview(self.window), len(self.window))
+            self.position = saved
+        got = min(wanted, len(self.window) - offset)
+        view[:got] = self.window[offset : offset + got]
+        self.position += got
+        return got
+
+    def _get_into(self, view: memoryview, wanted: int) -> int:
+        """One ranged GET of ``wanted`` bytes at the position into ``view``."""
         end = self.position + wanted - 1
         try:
             response = self.storage.client.get_object(

