@@ -132,9 +132,11 @@ def check_initial_load(path: str) -> None:
     from ftrain.checkpoint.errors import CheckpointError  # noqa: PLC0415 - torch only when a warm start is asked for
     from ftrain.checkpoint.warm_start import check_source  # noqa: PLC0415
 
+    from ftrain.checkpoint.storage import is_url  # noqa: PLC0415
+
     try:
-        check_source(Path(path).expanduser())
-    except (CheckpointError, OSError) as exc:
+        check_source(path if is_url(path) else Path(path).expanduser())
+    except (CheckpointError, OSError, ImportError) as exc:
         reason = " ".join(str(exc).split())
         when = "checked at every start, even when the run has a checkpoint of its own and would not use it"
         raise ConfigError(f"checkpoint.initial_load: {reason} ({when})") from None

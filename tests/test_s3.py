@@ -353,3 +353,21 @@ def test_two_nodes_with_their_own_run_dirs_share_a_prefix_and_one_is_lost(s3_env
     assert_same_tensors(
         checkpoint_tensors(f"{url}/step_00000020"), checkpoint_tensors(reference_run / "checkpoints" / "step_00000020")
     )
+
+
+def test_keep_every_reshard_warm_start_and_convert_from_the_store(s3_env, s3_bucket, tmp_path):
+    """keep_every keeps its steps in the store; a resume on another world size reads the store; a new run warm
+    starts from the s3:// prefix; ftrain-ckpt converts the latest checkpoint there to safetensors."""
+    url = f"s3://{s3_bucket}/run"
+    options = (f"checkpoint.dir={url}", NO_LOCAL, "checkpoint.keep_last=1", "checkpoint.keep_every=5")
+    check_ok(run_train(tmp_path / "a", *options, "train.max_steps=15"))
+    assert [d.step for d in layout.complete_steps(open_storage(url))] == [5, 10, 15]
+    resharded = run_train(tmp_path / "a", *options, "train.max_steps=20", nproc=1)
+    check_ok(resharded)
+    assert f"{url}/step_00000015 (step 15)" in resharded.stderr
+    warm = run_train(tmp_path / "b", f"checkpoint.initial_load={url}", "train.max_steps=2", nproc=0)
+    check_ok(warm)
+    assert f"warm start: model from ftrain checkpoint {url}/step_00000020" in warm.stderr + warm.stdout
+    out = tmp_path / "model.safetensors"
+    converted = _ckpt("convert", url, str(out), "--format", "safetensors")
+    assert converted.returncode == 0 and out.is_file(), converted.stderr

@@ -123,7 +123,7 @@ def find_source(path: str | Path) -> Source:
     """Classify ``path``; anything that is none of the supported kinds is a one-line ``CheckpointError``."""
     if is_url(path):
         return _find_stored(str(path))
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"warm start from {path}: no such file or directory")
     if path.is_file():
