@@ -76,10 +76,10 @@ def scan(root: Root) -> list[StepDir]:
     """Every ``step_*`` directory under ``root``, oldest first."""
     storage = open_storage(root)
     found = []
-    for name in storage.dirs():
+    for name, marked in storage.dirs_holding(MARKER).items():
         step = parse_step(name)
         if step is not None:
-            found.append(StepDir(step, CheckpointDir(storage, name), storage.exists(f"{name}/{MARKER}")))
+            found.append(StepDir(step, CheckpointDir(storage, name), marked))
     return sorted(found, key=lambda d: d.step)
 
 

@@ -63,6 +63,11 @@ class Storage(ABC):
     def dirs(self) -> list[str]:
         """Names of the directories directly under the root (none when the root does not exist)."""
 
+    def dirs_holding(self, file_name: str) -> dict[str, bool]:
+        """Every directory under the root, and whether it holds ``file_name`` (discovery: which step directories
+        carry a marker). A store may answer this from one listing."""
+        return {name: self.exists(f"{name}/{file_name}") for name in self.dirs()}
+
     @abstractmethod
     def files(self, dir_name: str) -> list[FileInfo]:
         """The regular files directly in ``dir_name``, sorted by name."""

@@ -150,16 +150,19 @@ class S3Storage(Storage):
         return f"{key}/" if key else ""
 
     def dirs(self) -> list[str]:
-        # From the keys, not the listing's common prefixes: some stores (SeaweedFS) keep reporting a prefix
-        # whose objects are all deleted. A checkpoint holds a few objects per rank, so this stays small.
+        return sorted(self.dirs_holding(MARKER_NAME))
+
+    def dirs_holding(self, file_name: str) -> dict[str, bool]:
+        # From one listing of the keys (a page per 1000 objects), not a request per directory; and not from the
+        # listing's common prefixes: some stores (SeaweedFS) keep reporting a prefix whose objects are all deleted.
         base = self._dir_prefix("")
-        names: set[str] = set()
+        found: dict[str, bool] = {}
         for page in self._list(base, delimiter=False):
             for item in page.get("Contents", []):
-                head, slash, _ = item["Key"][len(base):].partition("/")
+                head, slash, rest = item["Key"][len(base):].partition("/")
                 if slash and head:
-                    names.add(head)
-        return sorted(names)
+                    found[head] = found.get(head, False) or rest == file_name
+        return found
 
     def files(self, dir_name: str) -> list[FileInfo]:
         base = self._dir_prefix(dir_name)
