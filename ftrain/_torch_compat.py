@@ -51,9 +51,24 @@ def weights_only_unpickle(stream: IO[bytes]) -> Any:
     """``torch._weights_only_unpickler.Unpickler``: read a bare pickle (not torch.save's archive) with the
     unpickler behind ``torch.load(weights_only=True)``, which builds containers, plain values and tensors only
     and never runs code from the data. Its refusals raise ``pickle.UnpicklingError``."""
+    return weights_only_unpickler(stream).load()
+
+
+def weights_only_unpickler(stream: IO[bytes], persistent_load: Callable[[Any], Any] | None = None) -> Any:
+    """``torch._weights_only_unpickler.Unpickler`` over ``stream``, not yet run: ``load()`` reads it.
+    ``persistent_load`` answers the pickle's persistent ids (torch.save's storages) in place of torch's."""
     from torch import _weights_only_unpickler
 
-    return _weights_only_unpickler.Unpickler(stream).load()
+    unpickler = _weights_only_unpickler.Unpickler(stream)
+    if persistent_load is not None:
+        unpickler.persistent_load = persistent_load
+    return unpickler
+
+
+def torch_archive_reader(stream: IO[bytes]) -> Any:
+    """``torch._C.PyTorchFileReader``: the records of a ``torch.save`` archive read from ``stream`` (``get_record``,
+    ``has_record``, ``get_record_offset``: where a record's bytes start in the stream, uncompressed)."""
+    return torch._C.PyTorchFileReader(stream)
 
 
 # ------------------------------------------------------------------------------------------------ DTensor
@@ -61,6 +76,10 @@ def weights_only_unpickle(stream: IO[bytes]) -> Any:
 #: ``DTensor._local_tensor``: this rank's shard of a DTensor as the plain tensor it wraps (no autograd function,
 #: unlike ``to_local()``, and no copy). An ``operator.attrgetter``: it runs at every snapshot for every DTensor.
 local_tensor: Callable[[Any], torch.Tensor] = operator.attrgetter("_local_tensor")
+
+#: ``DTensor._spec``: how a DTensor is laid out (mesh, placements, global shape); with its local tensor, what
+#: ``DTensor(local, spec, requires_grad=...)`` rebuilds it from without a collective.
+dtensor_spec: Callable[[Any], Any] = operator.attrgetter("_spec")
 
 
 # ------------------------------------------------------------------------------------------------ optimizers

@@ -87,6 +87,10 @@ def test_local_tensor_is_a_dtensors_shard():
         dtensor = DTensor.from_local(local, mesh, [Replicate()], run_check=False)
         shard = compat.local_tensor(dtensor)
         assert type(shard) is torch.Tensor and torch.equal(shard, local), _broke("DTensor._local_tensor", "changed")
+        rebuilt = DTensor(shard, compat.dtensor_spec(dtensor), requires_grad=False)
+        assert rebuilt.placements == dtensor.placements and torch.equal(rebuilt.full_tensor(), dtensor.full_tensor()), (
+            _broke("DTensor._spec", "no longer rebuilds the DTensor with its local tensor")
+        )
     finally:
         if started:
             dist.destroy_process_group()
@@ -144,4 +148,28 @@ def test_saves_only_parameters_and_buffers_sees_every_way_to_change_the_state_di
     assert not compat.saves_only_parameters_and_buffers(Extra()), _broke("nn.Module.get_extra_state", "changed")
     assert not compat.saves_only_parameters_and_buffers(hooked), _broke(
         "nn.Module._state_dict_hooks", "no longer holds the state-dict post-hooks"
+    )
+
+
+def test_torch_archive_reader_finds_a_records_bytes(tmp_path):
+    """torch.save's archive: the tensor's bytes lie uncompressed at the record's offset (direct reads rely on it);
+    its data.pkl reads back through the weights-only unpickler with our own persistent_load."""
+    tensor = torch.arange(10, dtype=torch.float32)
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    archive = compat.torch_archive_reader(io.BytesIO(buffer.getvalue()))
+    keys: list[str] = []
+
+    def persistent_load(saved_id):
+        keys.append(str(saved_id[2]))
+        return torch.storage.TypedStorage(
+            wrap_storage=torch.UntypedStorage(int(saved_id[4]) * 4, device="meta"), dtype=torch.float32, _internal=True
+        )
+
+    meta = compat.weights_only_unpickler(io.BytesIO(archive.get_record("data.pkl")), persistent_load).load()
+    assert meta.shape == tensor.shape and keys, _broke("torch._weights_only_unpickler.Unpickler", "persistent_load changed")
+    offset = archive.get_record_offset(f"data/{keys[0]}")
+    raw = buffer.getvalue()[offset : offset + 40]
+    assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32), tensor), _broke(
+        "torch._C.PyTorchFileReader.get_record_offset", "no longer points at the record's bytes"
     )

@@ -22,6 +22,8 @@ from typing import IO, Any
 import torch
 from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
 
+from ftrain._torch_compat import torch_archive_reader, weights_only_unpickler
+
 _SCRATCH = 8 << 20  # bytes read at a time for summing what is not read into a target
 
 
@@ -74,11 +76,9 @@ def sum_range(stream: IO[bytes], summer: Any, start: int, end: int) -> None:
 def _describe(stream: IO[bytes], offset: int, length: int) -> tuple[torch.Tensor, int] | None:
     """(a meta tensor with the item's dtype, shape, strides and storage offset; where its bytes start in the
     item), or None when the item is not a single-storage torch.save archive."""
-    from torch import _weights_only_unpickler
-
     item = _Window(stream, offset, length)
     try:
-        archive = torch._C.PyTorchFileReader(item)
+        archive = torch_archive_reader(item)
         pickled = archive.get_record("data.pkl")
         # torch.load byte-swaps an archive written on a machine of the other byte order; this path does not
         byteorder = bytes(archive.get_record("byteorder")).decode() if archive.has_record("byteorder") else None
@@ -99,8 +99,7 @@ def _describe(stream: IO[bytes], offset: int, length: int) -> tuple[torch.Tensor
         meta = torch.UntypedStorage(int(numel) * dtype.itemsize, device="meta")
         return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
 
-    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pickled))
-    unpickler.persistent_load = persistent_load  # type: ignore[assignment]
+    unpickler = weights_only_unpickler(io.BytesIO(pickled), persistent_load)
     try:
         tensor = unpickler.load()
         record = f"data/{storages[0]}"

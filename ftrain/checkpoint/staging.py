@@ -31,7 +31,7 @@ import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
-from ftrain._torch_compat import pin_host_memory, unpin_host_memory
+from ftrain._torch_compat import dtensor_spec, local_tensor, pin_host_memory, unpin_host_memory
 from ftrain.checkpoint.state_tree import IMMUTABLE
 
 
@@ -52,7 +52,7 @@ def _rebuild_dtensor(local: torch.Tensor, spec: Any, requires_grad: bool) -> DTe
 
 
 def _reduce_dtensor(tensor: DTensor) -> tuple[Any, tuple[Any, ...]]:
-    return _rebuild_dtensor, (tensor._local_tensor, tensor._spec, tensor.requires_grad)
+    return _rebuild_dtensor, (local_tensor(tensor), dtensor_spec(tensor), tensor.requires_grad)
 
 
 def send_dtensors_by_local_tensor() -> None:
@@ -144,7 +144,7 @@ class BufferStager(AsyncStager):
 
     def _copy(self, value: Any, key: tuple[Any, ...]) -> Any:
         if isinstance(value, DTensor):
-            return DTensor(self._copy_tensor(value._local_tensor, key), value._spec, requires_grad=False)
+            return DTensor(self._copy_tensor(local_tensor(value), key), dtensor_spec(value), requires_grad=False)
         if isinstance(value, torch.Tensor):
             return self._copy_tensor(value, key)
         if isinstance(value, dict):
