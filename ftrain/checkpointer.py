@@ -25,30 +25,24 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ftrain import faults, tags
+from ftrain import tags
 from ftrain.checkpoint import keys, layout
 from ftrain.checkpoint.collectives import DistContext, max_over_ranks, sum_over_ranks
 from ftrain.checkpoint.compat import RunSignature, model_fingerprint
-from ftrain.checkpoint.errors import CheckpointError, describe_error
-from ftrain.checkpoint.local import open_for_run, resume_newest
+from ftrain.checkpoint.errors import CheckpointError
+from ftrain.checkpoint.local import open_for_run
 from ftrain.checkpoint.lock import RunLock
 from ftrain.checkpoint.manager import CheckpointManager, SaveStats
-from ftrain.checkpoint.options import (
-    AUTO,
-    EXPORT_NONE,
-    MODE_ASYNC_PROCESS,
-    MODE_OFF,
-    ON_FAILURE_ABORT,
-    CheckpointOptions,
-    merge_options,
-    show_options_in_signature,
-)
+from ftrain.checkpoint.options import AUTO, MODE_ASYNC_PROCESS, MODE_OFF, ON_FAILURE_ABORT, CheckpointOptions
+from ftrain.checkpoint.options import merge_options, show_options_in_signature
 from ftrain.checkpoint.path_limits import check_path_limits
 from ftrain.checkpoint.run_dir import RunDirectory
 from ftrain.checkpoint.run_dir import CHECKPOINTS_DIR, PREEMPTED_NAME, RUN_ID_NAME, TENSORBOARD_DIR  # noqa: F401 (kept importable from here)
 from ftrain import health as health_words
 from ftrain.health import HealthMonitor, HealthPolicy, UnhealthyError
 from ftrain.interval import LocalSchedule, SaveSchedule
+from ftrain.local_snapshots import LocalSnapshotting
+from ftrain.model_weights import Exports, warm_start
 from ftrain.preemption import EXIT_PREEMPTED, PreemptionFlag
 from ftrain.state import OPTIMIZER_FRESH, TrainProgress
 from ftrain.telemetry import Telemetry, show_ftrain_logs
@@ -179,10 +173,11 @@ class Checkpointer:
             self._run.release_lock()  # a constructor that fails leaves no lock behind
             raise
         self._states = SavedStates(model, optimizer, self.progress, self.extra)
+        self._snapshotting = LocalSnapshotting(
+            self.local, self.local_schedule, self._states, self.manager, self._run, self.ctx, self._telemetry
+        )
+        self._exports = Exports(self.options, model, self.run_dir, self.manager)
         self._finished = False
-        self._extra_checked = False
-        self._snapshot_call_s = 0.0
-        self._export: Any = None  # the safetensors export in flight
         self._hooks = [optimizer.register_step_pre_hook(self._before_update)]
         if has_persistent_buffers(model):  # forward changes them (e.g. batch-norm statistics)
             self._hooks.append(model.register_forward_pre_hook(self._before_update))
@@ -226,19 +221,18 @@ class Checkpointer:
             raise CheckpointError("Checkpointer.load() was already called")
         self.manager.start_writer()  # async_process: the writer process starts while we load
         started = time.perf_counter()
-        tier = self._load_local()
+        tier = "local" if self._snapshotting.resume(self.options.resume) else None
         result = None
         if tier is None:
             if self.manager.enabled or self.options.resume != AUTO:
                 result = self.manager.load(self._states.for_marker, optional_prefixes=TrainProgress.OPTIONAL_PREFIXES)
                 self._telemetry.warn_if_resharded(self.progress, self.ctx.world_size)
-            self._start_timeline()  # after the load: a refused start changes nothing
+            self._snapshotting.start_timeline()  # after the load: a refused start changes nothing
             if result is not None:
                 tier = "durable"
             elif self.options.initial_load:  # no checkpoint of its own: start from these weights
-                self._warm_start()
-            if self.local is not None:
-                self.local.drop_after(self.progress.step)  # later snapshots belong to a timeline left behind
+                warm_start(self.options, self.model, self.optimizer, self.ctx)
+            self._snapshotting.drop_after(self.progress.step)  # later snapshots belong to a timeline left behind
         tier = tier or "fresh"
         self.step = self.progress.step
         load_s = result.load_s if result is not None else max_over_ranks([time.perf_counter() - started], self.ctx.device)[0]
@@ -314,12 +308,7 @@ class Checkpointer:
                 return bool(stop)  # never save an unhealthy step
         else:
             self._monitor.record(loss)
-            # A durable save always comes with a snapshot of its step: the save writes from the snapshot's copy,
-            # so the step costs one copy, not two.
-            if self.local is not None and (self.local_schedule.due(step) or save_due):
-                snapshotted = self._snapshot(step)
-            if self.local is not None and self.local_schedule.review_due(step):
-                self._review_local_interval()
+            snapshotted = self._snapshotting.after_healthy_step(step, save_due)  # with a save, always (its staging)
         if last and not stop:
             self._finished = True
         if stop:
@@ -331,8 +320,7 @@ class Checkpointer:
             return True
         if save_due:
             self._save(step, from_snapshot=snapshotted)
-        if self.options.export != EXPORT_NONE and (last or (self.options.keep_every and step % self.options.keep_every == 0)):
-            self._export_weights(step)
+        self._exports.after_step(step, last)
         return False
 
     def rollback(self) -> int:
@@ -355,8 +343,7 @@ class Checkpointer:
             raise UnhealthyError(f"step {failed_step} unhealthy ({self.unhealthy_reason}) and no checkpoint to roll back to")
         self.manager.load(self._states.for_marker, TrainProgress.OPTIONAL_PREFIXES, candidates=candidates)
         self.step = self.progress.step
-        if self.local is not None:
-            self.local.drop_after(self.step)  # newer snapshots hold the steps that went bad
+        self._snapshotting.drop_after(self.step)  # newer snapshots hold the steps that went bad
         self.schedule.start(self.step)
         self.local_schedule.start(self.step)
         skipped = skip_batches(self.dataloader, self.progress, self.health.batches_to_skip(failed_step, self.step))
@@ -404,9 +391,7 @@ class Checkpointer:
             return
         self.metrics.flush()  # the curve up to this step must be on disk before its checkpoint can commit
         self.schedule.saved(step)
-        lent = None
-        if from_snapshot and self.local is not None and self.manager.takes_prestaged:
-            lent = self.local.lend(step, in_use=lambda: self.manager.in_flight(step))
+        lent = self._snapshotting.lend(step) if from_snapshot else None
         # The marker records the health this step was committed with (its tensors are finite: the writer checks).
         health = {**self._health_record, "healthy": self.healthy, "finite_tensors": True}
         fields: dict[str, Any] = {"health": health}
@@ -433,7 +418,7 @@ class Checkpointer:
         if self._closed:
             return
         try:
-            export_failed = self._finish_export()
+            export_failed = self._exports.finish()
             stats = self.manager.close()
             self._log_save(stats)
             if stats is not None and not stats.ok:
@@ -442,20 +427,10 @@ class Checkpointer:
                 )
             if export_failed:  # the promised artifact does not exist: as for a failed final save
                 raise CheckpointError(f"safetensors export failed: {export_failed}")
-            if self.local is not None and self._snapshots_redundant():
-                self.local.remove()  # finished and committed, or nothing newer than the durable checkpoint
+            self._snapshotting.remove_if_redundant(self.step, self._finished, self.preempted)
         finally:
             self._shut()
             self._release_group()
-
-    def _snapshots_redundant(self) -> bool:
-        """Whether the local snapshots can go at a clean close: the run finished, or (not preempted: those keep
-        them, to resume from memory) its latest committed checkpoint is of the current step, e.g. a run started
-        again after its final commit, which has nothing to do."""
-        if self._finished:
-            return True
-        latest = layout.latest_complete(self.manager.root) if self.manager.enabled else None
-        return self.preempted is None and latest is not None and latest.step >= self.step
 
     def _release_group(self) -> None:
         """Destroy the checkpoint process group this Checkpointer made (never one it was given), once nothing uses
@@ -484,93 +459,6 @@ class Checkpointer:
             self.abort()
 
     # ---------------------------------------------------------------------------------------------- private
-    def _snapshot(self, step: int) -> bool:
-        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval. True if taken."""
-        assert self.local is not None
-        if self.local.disabled:
-            return False
-        if not self._extra_checked:  # before the first snapshot, as before the first save
-            self._states.check_extra()
-            self._extra_checked = True
-        if self.local.background_cpu_s is not None:  # the previous snapshot's background work is done by now
-            self.local_schedule.observe_snapshot(self._snapshot_call_s + self.local.background_cpu_s)
-        called = time.perf_counter()
-        # A resume may start right after this step: the curve up to it must be out of this process (a syscall).
-        self.metrics.flush()
-        self.local.snapshot(step, self._states.local)
-        self._snapshot_call_s = time.perf_counter() - called
-        faults.pause_point("after_local_snapshot", step)
-        return True
-
-    def _review_local_interval(self) -> None:
-        """``local_interval=auto``: every rank re-evaluates at the same steps and they take the largest proposal."""
-        agreed = int(max_over_ranks([float(self.local_schedule.propose())], self.ctx.device)[0])
-        changed = self.local_schedule.set(agreed)
-        self._telemetry.local_interval(agreed, changed, self.local_schedule.cost_s, self.step)
-
-    def _warm_start(self) -> None:
-        """The run has no checkpoint of its own: start from ``initial_load``'s weights (collective)."""
-        from ftrain.checkpoint import warm_start
-
-        line = warm_start.load_initial(
-            Path(self.options.initial_load).expanduser(),
-            self.model,
-            exclude=list(self.options.exclude_from_loading),
-            model_only=self.options.initial_load_model_only,
-            optimizer=self.optimizer,
-            process_group=self.ctx.process_group,
-        )
-        if self.ctx.is_main:
-            logger.info(line)
-
-    def _export_weights(self, step: int) -> None:
-        """Write the model's weights as safetensors to ``{run_dir}/exports/step_N`` (collective: the gather
-        happens now, rank 0 writes in the background; one export in flight)."""
-        from ftrain.checkpoint import export
-
-        self._finish_export()
-        self._export = export.export_model_async(
-            self.model,
-            export.export_dir(self.run_dir, step),
-            export.parse_dtype(self.options.export_dtype),
-            info={"step": step},
-        )
-
-    def _finish_export(self) -> str:
-        """Wait for the export in flight; returns why it failed ('' if it did not, or there was none)."""
-        pending, self._export = self._export, None
-        if pending is None:
-            return ""
-        try:
-            path = pending.result(timeout=self.options.timeout_s)
-        except Exception as exc:  # like a failed background save: logged, counted, on_failure decides
-            self.manager.failures += 1
-            logger.error("safetensors export failed: %s", describe_error(exc))
-            if self.options.on_failure == ON_FAILURE_ABORT:
-                raise CheckpointError(f"safetensors export failed: {describe_error(exc)}") from None
-            return describe_error(exc)
-        if path is not None:
-            logger.info("exported the model's weights to %s", path)
-        return ""
-
-    def _load_local(self) -> str | None:
-        """Resume from the local tier when every rank holds a snapshot newer than the latest durable checkpoint
-        (``resume=auto`` only). Returns "local", or None for the durable path. Collective."""
-        if self.local is None or self.options.resume != AUTO:
-            return None
-        latest = layout.latest_complete(self.manager.root)
-        return "local" if resume_newest(self.local, latest.step if latest else 0, self._states.local, self.ctx) else None
-
-    def _start_timeline(self) -> None:
-        """This attempt does not continue the local snapshots' timeline (a durable resume, a rewind, a fresh start):
-        a new timeline begins, recorded in the run directory before anything else changes, so that no snapshot of
-        the old one is ever resumed, whatever the local tier setting of this attempt. Collective."""
-        if not self.manager.enabled:
-            return
-        timeline = self._run.new_timeline()
-        if self.local is not None:
-            self.local.set_signature({**self.local.signature, "timeline": timeline})
-
     def _on_unhealthy(self, step: int, problem: str) -> None:
         self.unhealthy_reason = problem
         if self.health.on_unhealthy == health_words.STOP:
@@ -582,8 +470,7 @@ class Checkpointer:
     def _before_update(self, *_: Any) -> None:
         # A background save may still be copying the state this optimizer step or forward is about to change.
         self.manager.wait_for_staging()
-        if self.local is not None:
-            self.local.wait()
+        self._snapshotting.wait()
 
     def _advance_to(self, step: int) -> None:
         if step < self.progress.step:
@@ -610,8 +497,7 @@ class Checkpointer:
             hook.remove()
         self._hooks = []
         self.preemption.close()
-        if self.local is not None:
-            self.local.close()
+        self._snapshotting.close()
         self._telemetry.close()
         self._run.release_lock()
 
