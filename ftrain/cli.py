@@ -90,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         if _local_rank() == 0:  # under torchrun every rank finds the same problem: say it once per node
             print(f"ftrain: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if cfg.train.warm_restarts:
+        from ftrain import warm  # noqa: PLC0415
+
+        why_not = warm.available()
+        if not why_not:
+            warm.preload()
+            return warm.run(lambda: _train(cfg), cfg.train.warm_restarts, cfg.train.timeout_s)
+        if _local_rank() == 0:
+            print(f"ftrain: train.warm_restarts: off ({why_not})", file=sys.stderr)
     return _train(cfg)
 
 

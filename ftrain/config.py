@@ -97,6 +97,7 @@ class TrainConfig:
     grad_clip: float = _key(1.0, "clip the global grad norm at this value; 0 disables")
     device: str = _key("auto", "auto (CUDA if present), cpu or cuda", ("auto", "cpu", "cuda"))
     timeout_s: float = _key(300.0, "a collective waiting longer (a stalled or lost rank) is an error, not a hang")
+    warm_restarts: int = _key(0, "under torchrun: training processes each rank's warm parent forks again after a failure, resuming from the local tier, before leaving it to torchrun's restart (0 = off)")
     gc_interval: int = _key(50, "Python GC at every N-th step boundary instead of mid-step (0 = automatic)")
     on_unhealthy: str = _key("rollback", "a step with a non-finite loss or grad norm (or a spike): rollback | stop | ignore", ("rollback", "stop", "ignore"))
     spike_factor: float = _key(0.0, "a loss more than max((factor - 1) x |median|, 6 robust std) above the median of the last 50 healthy ones is unhealthy: for an ordinary positive loss, one above factor x the median (0 = off)")
@@ -349,6 +350,7 @@ def validate(cfg: Config) -> None:
     require(cfg.train.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables clipping)")
     require(cfg.train.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     require(0 < cfg.train.timeout_s <= MAX_TIMEOUT_S, "train.timeout_s", f"must be positive and at most {MAX_TIMEOUT_S:.0f} s (30 days)")
+    require(0 <= cfg.train.warm_restarts <= 1000, "train.warm_restarts", "must be between 0 (off) and 1000")
     require(1 <= cfg.model.vocab_size, "model.vocab_size", "must be at least 1")
     if getattr(cfg.data, "format", "text") == "text":
         require(cfg.model.vocab_size >= 256, "model.vocab_size", "byte-level text has token ids 0..255: needs at least 256")

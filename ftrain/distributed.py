@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from ftrain.checkpoint.collectives import DistContext, max_over_ranks, sum_over_ranks
+from ftrain.warm import GENERATION_ENV as WARM_GENERATION_ENV
 
 __all__ = ["DistContext", "DistEnv", "close_distributed", "init_distributed", "max_over_ranks", "pick_device", "sum_over_ranks"]
 
@@ -81,7 +82,9 @@ def _round_store(timeout: datetime.timedelta) -> dist.Store:
                 "Start every node's torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (see README)"
             )
         client = dist.TCPStore(host, port, is_master=False, timeout=timeout)
-        return dist.PrefixStore(f"ftrain/{run_id}/round{round_id}/", client)
+        # A training process forked again by its warm parent (ftrain.warm) is a generation of its own.
+        generation = os.environ.get(WARM_GENERATION_ENV, "0")
+        return dist.PrefixStore(f"ftrain/{run_id}/round{round_id}/gen{generation}/", client)
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (or a launcher without an agent store): rank 0 hosts a new store on
     # the port that this round's rendezvous picked, so no key of an earlier round can be in it.
     is_master = int(os.environ["RANK"]) == 0

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ftrain import processes, tags
+from ftrain import processes, tags, warm
 from ftrain.checkpoint.run_dir import TENSORBOARD_DIR
 from ftrain.run_status import RunStatus, StatusWriter, read_status
 
@@ -71,15 +71,18 @@ class Telemetry:
         assert recovery is not None
         lost = self.status.status.first_step_at - recovery.pop("previous_step_at")
         self.metrics.log({tags.RECOVERY_TIME_LOST_S: lost, **recovery}, step)
+        generation = warm.generation()
+        how = f"a fork of the warm parent (generation {generation})" if generation else "a new process"
         logger.info(
             "recovered: %.2f s lost (start-up %.2f s, of which loading %.2f s), %d step(s) redone, from the %s "
-            "tier's step %d",
+            "tier's step %d, in %s",
             lost,
             recovery[tags.RECOVERY_STARTUP_S],
             recovery[tags.RECOVERY_LOAD_S],
             recovery[tags.RECOVERY_STEPS_REDONE],
             self.status.status.tier,
             self.status.status.resumed_from,
+            how,
         )
 
     def log_save(self, stats: SaveStats, failures: int) -> None:

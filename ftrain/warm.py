@@ -1,0 +1,140 @@
+"""Warm restarts: a training process that dies is replaced by a fork of a warm parent, without a new torchrun round.
+
+Under torchrun the process torchrun starts for a rank becomes a *warm parent*: it imports torch, DCP, the optimizer
+machinery and the recipe (no thread, no process group, no CUDA context), then forks the training process. When a
+training process ends with a failure (a signal such as SIGKILL, an exception, a lost peer), every rank's parent
+ends its own training process too, the parents meet at a barrier in torchrun's store, and each forks a new one for
+the next *generation*, which joins a process group under a key space of its own and resumes from the newest
+local snapshot all ranks hold. A fork of a warm process reaches its first step in a fraction of the time a fresh
+process needs (``docs/bench.md``).
+
+What stays with torchrun: a warm parent that dies (or a node that is lost) ends the round as before, and
+torchrun's own restart (``--max-restarts``) starts fresh processes. Outcomes that are not failures (finished,
+preempted, unhealthy, bad configuration, Ctrl-C) end the parent with the same exit code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Callable
+
+logger = logging.getLogger("ftrain")
+
+GENERATION_ENV = "FTRAIN_WARM_GENERATION"  # the training process's generation (0: the first fork)
+NOT_FAILURES = frozenset({0, 2, 65, 75, 130})  # ftrain's exit codes that end a run on purpose
+POLL_S = 0.05  # how often a parent looks at its child and at the store
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
+
+
+def generation() -> int:
+    """This training process's generation (0 unless it was forked again after a failure)."""
+    return int(os.environ.get(GENERATION_ENV, "0") or 0)
+
+
+def available() -> str:
+    """'' when warm restarts can run here, else why not (one line)."""
+    if not hasattr(os, "fork"):
+        return "this platform cannot fork"
+    if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return "not under torchrun"
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return "torchrun's agent store is not shared with the workers (TORCH_DISABLE_SHARE_RDZV_TCP_STORE)"
+    if threading.active_count() > 1:
+        return "this process already runs threads (forking it is unsafe)"
+    return ""
+
+
+def preload() -> None:
+    """Import what every training process needs, once, in the parent: its forks start with it."""
+    import torch  # noqa: F401
+    import torch._dynamo  # noqa: F401 - the optimizer's first use imports it: about half of a fresh start
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.checkpoint.state_dict  # noqa: F401
+
+    import ftrain.checkpointer  # noqa: F401
+    import ftrain.trainer  # noqa: F401
+
+
+def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
+    """Fork ``train`` (which does not return: it ends its process with an exit code) and replace it after a
+    failure, at most ``max_restarts`` times; returns the exit code the parent should end with."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    forwarded: list[int] = []
+    child = 0
+
+    def forward(signum: int, _frame: object) -> None:
+        forwarded.append(signum)
+        if child:
+            os.kill(child, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    # The parents' own key space in torchrun's store (a client connection; the children never use it).
+    store = _parent_store(timeout_s)
+    try:
+        gen = 0
+        while True:
+            child = os.fork()
+            if child == 0:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                os.environ[GENERATION_ENV] = str(gen)
+                os._exit(train())
+            peers_failed = False
+            while True:
+                done, status = os.waitpid(child, os.WNOHANG)
+                if done:
+                    break
+                if gen < max_restarts and _count(store, gen) > 0:
+                    peers_failed = True  # another rank's training process failed: this one cannot go on
+                    os.kill(child, signal.SIGKILL)
+                time.sleep(POLL_S)
+            code = os.waitstatus_to_exitcode(status)
+            child = 0
+            failed = code not in NOT_FAILURES or peers_failed
+            if not failed or forwarded or gen >= max_restarts:
+                return code if code >= 0 else 128 - code
+            what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            if rank == 0 or not peers_failed:
+                logger.warning("rank %d: training process ended (%s); forking a new one from the warm parent", rank, what)
+            store.add(_key(gen), 1)
+            if not _all_arrived(store, gen, world_size, timeout_s):
+                logger.error("rank %d: not every rank's warm parent came back within %.0f s: leaving it to torchrun", rank, timeout_s)
+                return code if code >= 0 else 128 - code
+            gen += 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _parent_store(timeout_s: float):  # noqa: ANN202 - a torch.distributed.Store
+    import torch.distributed as dist
+
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    round_id = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    return dist.PrefixStore(f"ftrain/{run_id}/round{round_id}/warm-parents/", client)
+
+
+def _key(gen: int) -> str:
+    return f"gen{gen}/ended"
+
+
+def _count(store, gen: int) -> int:  # noqa: ANN001
+    return int(store.add(_key(gen), 0))
+
+
+def _all_arrived(store, gen: int, world_size: int, timeout_s: float) -> bool:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while _count(store, gen) < world_size:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
