@@ -78,8 +78,10 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
     try:
         gen = 0
         while True:
+            parent = os.getpid()
             child = os.fork()
             if child == 0:
+                _die_with(parent)
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
                 os.environ[GENERATION_ENV] = str(gen)
@@ -109,6 +111,22 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _die_with(parent: int) -> None:
+    """In a training process: be SIGKILLed when the warm parent dies (Linux), so a parent that torchrun or a user
+    kills never leaves its training process running on; if the parent is already gone, end now."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent's own signal forwarding is all there is
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _parent_store(timeout_s: float):  # noqa: ANN202 - a torch.distributed.Store

@@ -9,7 +9,17 @@ import time
 
 import psutil
 
-from conftest import assert_same_tensors, check_ok, checkpoint_tensors, run_train, scalars, start_train, wait_for, worker_pids
+from conftest import (
+    assert_same_tensors,
+    check_ok,
+    checkpoint_tensors,
+    kill_job,
+    run_train,
+    scalars,
+    start_train,
+    wait_for,
+    worker_pids,
+)
 
 from ftrain.run_status import read_status
 
@@ -41,3 +51,24 @@ def test_a_killed_training_process_is_forked_again_in_the_same_round(tmp_path):
     )
     lost = scalars(run_dir / "tb", "recovery/time_lost_s")
     assert lost and min(lost.values()) < time.time() - killed_at + 60
+
+
+def test_a_killed_warm_parent_takes_its_training_process_with_it(tmp_path):
+    """The parent is what torchrun watches: SIGKILLing it (here with torchrun gone too, so nothing cleans up after
+    it) must not leave its training process running."""
+    proc = start_train(tmp_path, *WARM, "train.max_steps=400")
+    parents: dict[int, int] = {}
+    try:
+        wait_for(lambda: (read_status(tmp_path) is not None and read_status(tmp_path).step >= 5), what="step 5", proc=proc)
+        parents = worker_pids(proc)
+        child = psutil.Process(parents[1]).children()[0]
+        os.kill(proc.pid, signal.SIGKILL)  # torchrun first: nothing is left to clean up after the parent
+        os.kill(parents[1], signal.SIGKILL)
+        wait_for(lambda: not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, timeout=10, what="the child's end")
+    finally:
+        for pid in [*parents.values(), *(c.pid for p in parents.values() if psutil.pid_exists(p) for c in psutil.Process(p).children())]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        kill_job(proc)
