@@ -26,22 +26,25 @@ from ftrain.run_status import read_status
 WARM = ("train.max_steps=60", "checkpoint.interval=20", "checkpoint.local_interval=1", "train.warm_restarts=2")
 
 
-def test_a_killed_training_process_is_forked_again_in_the_same_round(tmp_path):
+def test_killed_training_processes_are_forked_again_in_the_same_round(tmp_path):
     reference = tmp_path / "reference"
     check_ok(run_train(reference, *WARM))
     run_dir = tmp_path / "run"
     proc = start_train(run_dir, *WARM)
-    wait_for(lambda: (read_status(run_dir) or read_status(tmp_path / "none")) is not None
-             and read_status(run_dir).step >= 10, what="step 10", proc=proc)
+    wait_for(lambda: read_status(run_dir) is not None and read_status(run_dir).step >= 10, what="step 10", proc=proc)
     parents = worker_pids(proc)
     assert sorted(parents) == [0, 1]
     victim = psutil.Process(parents[1]).children()[0]  # rank 1's training process, forked by its warm parent
     victim.send_signal(signal.SIGKILL)
     killed_at = time.time()
+    # then rank 0's, once the first replacement trains: a second failure takes generation 2
+    wait_for(lambda: read_status(run_dir).step >= 25 and read_status(run_dir).resumed_from > 0, what="step 25", proc=proc)
+    psutil.Process(parents[0]).children()[0].send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]
     assert "rank 1: training process ended (signal SIGKILL); forking a new one from the warm parent" in err
-    assert "in a fork of the warm parent (generation 1)" in err
+    assert "rank 0: training process ended (signal SIGKILL); forking a new one from the warm parent" in err
+    assert "in a fork of the warm parent (generation 1)" in err and "(generation 2)" in err
     assert worker_pids(proc) == {} and "Restarting" not in err  # torchrun never started a new round
     assert all(psutil.pid_exists(pid) is False for pid in parents.values())
     assert scalars(run_dir / "tb", "train/loss") == scalars(reference / "tb", "train/loss")
