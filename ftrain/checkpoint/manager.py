@@ -8,16 +8,14 @@ the new one complete, never a directory that looks complete and is not:
 2. ``wait_for_staging()``: called before the optimizer next mutates parameters; the copy must be finished.
 3. Background: DCP writes and fsyncs every rank's files, then the coordinator writes ``.metadata``. Only
    when that succeeded on all ranks does rank 0 write the ``COMPLETE`` marker (tmp, fsync, rename, fsync dir).
-4. Background (rank 0): retention deletes what is no longer kept, only now that a newer checkpoint exists.
+4. Background (rank 0): retention deletes what is no longer kept, only now that a newer checkpoint exists
+   (``retention.py``).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import os
 import queue
-import shutil
 import threading
 import time
 import warnings
@@ -28,16 +26,17 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
 from ftrain import faults
-from ftrain.checkpoint import integrity, layout, loading
+from ftrain.checkpoint import integrity, layout, loading, writer_process
 from ftrain.checkpoint.collectives import DistContext, max_over_ranks
 from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.errors import CheckpointError, describe_error
 from ftrain.checkpoint.loading import LoadResult, StatesFor
 from ftrain.checkpoint.options import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointOptions
+from ftrain.checkpoint.retention import RetentionThread
+from ftrain.checkpoint.save_planner import CachedPlanSavePlanner, new_cache_key
 from ftrain.checkpoint.staging import BufferStager, Prestaged
 from ftrain.checkpoint.storage import CheckpointDir, Storage, open_storage
 from ftrain.checkpoint.writer import CheckpointWriter, NonFiniteStateError, auto_write_threads
@@ -87,47 +86,6 @@ class _PendingSave:
     done: threading.Event = field(default_factory=threading.Event)
 
 
-_PLAN_CACHE_KEYS = itertools.count()
-
-
-def _stop_writer_process() -> None:
-    """Stop DCP's writer process (``async_process``) the way DCP itself would at garbage collection: DCP keeps it
-    in a module global for the life of the interpreter, so a trainer that leaves with ``os._exit`` (as ftrain's
-    do) would leave it to find a closed pipe and print an ``EOFError`` traceback at the end of every run. The next
-    ``async_process`` save in this process starts a new one."""
-    from torch.distributed.checkpoint import _async_process_executor as executor
-
-    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
-    if process is None:
-        return
-    executor._CHECKPOINT_PROCESS = None
-    process.__del__()  # sends TERMINATE and joins (SIGTERM after 5 s); a second call at collection does nothing
-
-
-SHARED_MEMORY = "/dev/shm"  # where async_process stages tensors for its writer process
-
-
-def _writer_process_alive() -> bool:
-    """Whether DCP's writer process of this rank is running (True when none was started yet)."""
-    from torch.distributed.checkpoint import _async_process_executor as executor
-
-    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
-    return process is None or process._save_process.is_alive()
-
-
-class CachedPlanSavePlanner(DefaultSavePlanner):
-    """DCP's default planner with plan caching: when no rank's local plan changed since the previous save
-    (the usual case: same model, same optimizer), the ranks skip exchanging and re-validating plans.
-
-    DCP keeps the cache per planner class; ``cache_key`` gives each manager a cache of its own, so that two
-    managers in one process (different states) never answer each other's plans.
-    """
-
-    def __init__(self, cache_key: str) -> None:
-        super().__init__(enable_plan_caching=True)
-        self._cached_plans_key = cache_key
-
-
 class CheckpointManager:
     """Owns the durable checkpoints in one storage (``{run.dir}/checkpoints`` by default): saving, committing,
     retention and loading.
@@ -156,19 +114,15 @@ class CheckpointManager:
         self.writer_restarts = 0  # async_process: writer processes replaced after one was lost or a save failed
         self._pending: _PendingSave | None = None
         self._stager: BufferStager | None = None
-        # Never id(self): a manager created after another was freed may get its id, and its first save would then
-        # find the old manager's cached plans on one rank and not on another (a KeyError inside DCP).
-        self._plan_cache_key = f"ftrain-{os.getpid()}-{next(_PLAN_CACHE_KEYS)}"
+        self._plan_cache_key = new_cache_key()
         self._commit_queue: queue.Queue[_PendingSave | None] = queue.Queue()
         self._committer: threading.Thread | None = None
-        self._purge_queue: queue.Queue[CheckpointDir | None] = queue.Queue()
-        self._purger: threading.Thread | None = None
+        self._retention: RetentionThread | None = None
         self._writer_start: Future | None = None
         self._committed: set[int] = set()  # rank 0: complete checkpoints in the storage (find_committed, commits)
         if self.rank == 0 and self.enabled:
             self.storage.make_root()
-            self._purger = threading.Thread(target=self._purge_loop, name="ftrain-purge", daemon=True)
-            self._purger.start()
+            self._retention = RetentionThread(self.storage, options, self._step_in_flight, self._forget_committed)
 
     @property
     def root(self) -> Storage:
@@ -269,44 +223,18 @@ class CheckpointManager:
         return previous
 
     def _check_writer_process(self, previous: SaveStats | None, staging_bytes: int) -> None:
-        """``async_process``, before each save, agreed by every rank (the ranks' writer processes form a process
-        group of their own, so all ranks act together). Collective.
-
-        * Too little shared memory for staging on any rank: every rank saves with the thread writer from now on
-          (``async``), with one warning; staging into shared memory would fail every save.
-        * A rank's writer process is gone (killed, crashed) or the previous save failed: every rank stops its
-          writer process, so that this save starts new ones; otherwise every later save would fail."""
-        free = shutil.disk_usage(SHARED_MEMORY).free if staging_bytes and os.path.isdir(SHARED_MEMORY) else None
-        node_bytes = staging_bytes * int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # the node's ranks share it
-        short = free is not None and node_bytes * 1.25 > free
-        # a save that failed for want of shared memory says so (torch: "unable to allocate shared memory")
-        short = 1.0 if short or (previous is not None and "shared memory" in previous.error) else 0.0
-        dead = 0.0 if _writer_process_alive() else 1.0
-        failed = 1.0 if previous is not None and not previous.ok else 0.0
-        short, dead, failed = max_over_ranks([short, dead, failed], self.device)
-        if short:
-            if self.rank == 0:
-                logger.warning(
-                    "checkpoint.mode=async_process: too little room in %s to stage %.1f MB per rank for the writer "
-                    "process; saving with the writer thread (checkpoint.mode=async) from now on",
-                    SHARED_MEMORY,
-                    staging_bytes / 1e6,
-                )
+        """``async_process``, before each save: the ranks agree (``writer_process.check_before_save``) to go on,
+        to save with the writer thread from now on, or to start new writer processes. Collective."""
+        action = writer_process.check_before_save(previous, staging_bytes, self.device, self.rank)
+        if action == writer_process.USE_THREAD:
             self.mode = MODE_ASYNC
             if self._stager is not None:  # its buffers were meant to be shared with the writer process
                 self._stager.close()
                 self._stager = None
-            _stop_writer_process()
-            return
-        if not (dead or failed):
-            return
-        if self.rank == 0:
-            logger.warning(
-                "starting a new checkpoint writer process on every rank: %s",
-                "a writer process is gone" if dead else f"the save of step {previous.step if previous else '?'} failed",
-            )
-        self.writer_restarts += 1
-        _stop_writer_process()
+            writer_process.stop()
+        elif action == writer_process.RESTART:
+            self.writer_restarts += 1
+            writer_process.stop()
 
     def _save_sync(self, pending: _PendingSave, states: dict[str, Any]) -> None:
         try:
@@ -407,7 +335,8 @@ class CheckpointManager:
             pending.dir,
         )
         faults.pause_point("after_commit", pending.step)
-        self._purge_queue.put(pending.dir)
+        if self._retention is not None:
+            self._retention.committed(pending.dir)
 
     def _record_failure(self, pending: _PendingSave, exc: BaseException) -> None:
         cause = describe_error(exc)
@@ -507,21 +436,13 @@ class CheckpointManager:
             error=pending.error,
         )
 
-    # ------------------------------------------------------------------------------------------- retention
-    def _purge_loop(self) -> None:
-        while True:
-            committed = self._purge_queue.get()
-            if committed is None:
-                return
-            try:
-                in_flight = self._pending.step if self._pending else None
-                keep_last, keep_every = self.options.keep_last, self.options.keep_every
-                for doomed in layout.plan_purge(self.storage, keep_last, keep_every, in_flight=in_flight):
-                    self._committed.discard(layout.parse_step(doomed) or -1)
-                    layout.remove_dir(doomed)
-                    logger.debug("retention removed %s", doomed)
-            except Exception as exc:  # must not kill this thread: the next commit retries
-                logger.warning("retention could not clean %s: %s", self.storage.describe(), exc)
+    def _forget_committed(self, step: int) -> None:
+        self._committed.discard(step)  # find_committed replaces the set: look it up at each call
+
+    def _step_in_flight(self) -> int | None:
+        """The step being saved (retention never removes it)."""
+        pending = self._pending
+        return pending.step if pending else None
 
     # --------------------------------------------------------------------------------------------- loading
     def load(
@@ -559,13 +480,12 @@ class CheckpointManager:
             self._commit_queue.put(None)
             self._committer.join(timeout=self.timeout_s)
             self._committer = None
-        if self._purger is not None:
-            self._purge_queue.put(None)
-            self._purger.join(timeout=self.timeout_s)
-            self._purger = None
+        if self._retention is not None:
+            self._retention.stop(self.timeout_s)
+            self._retention = None
         if self._stager is not None:
             self._stager.close()
             self._stager = None
         if self.mode == MODE_ASYNC_PROCESS:
-            _stop_writer_process()
+            writer_process.stop()
         return stats
