@@ -94,7 +94,8 @@ def measure_floor(args: argparse.Namespace, url: str, state: dict[str, torch.Ten
     """Plain parallel PUT/GET of the state's bytes (``threads`` objects), boto3's transfer manager."""
     from boto3.s3.transfer import TransferConfig
 
-    from ftrain.checkpoint.storage.s3 import PART_BYTES, UPLOADS_IN_FLIGHT, S3Storage
+    from ftrain.checkpoint.storage.s3 import S3Storage
+    from ftrain.checkpoint.storage.s3_io import PART_BYTES, UPLOADS_IN_FLIGHT
 
     storage = S3Storage(f"{url}/floor")
     client = storage.client

@@ -1,0 +1,254 @@
+"""The byte streams of ``S3Storage``: ranged reads, multipart uploads, and DCP's ``FileSystemBase`` over them."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Generator
+
+from ftrain import faults
+from ftrain.checkpoint.storage.base import StorageError
+
+if TYPE_CHECKING:
+    from ftrain.checkpoint.storage.s3 import S3Storage
+
+PART_BYTES = 16 << 20  # multipart part size (S3's minimum is 5 MiB for all parts but the last)
+UPLOADS_IN_FLIGHT = 2  # parts of one file uploading at once while the next part is filled
+READ_AHEAD_BYTES = 16 << 20  # one ranged GET per this many bytes read in order
+_STEP = re.compile(r"(?:^|/)step_(\d{8})/")  # the step of a file being written (for fault points)
+
+
+def describe_s3_error(exc: Exception) -> str:
+    """One line for a client error: the code and message the store gave, or the exception's text."""
+    response = getattr(exc, "response", None)
+    if response:
+        error = response.get("Error", {})
+        return f"{error.get('Code', '?')}: {error.get('Message', '') or str(exc)}".strip()
+    return " ".join(str(exc).split())[:300]
+
+
+class RangedReader(io.RawIOBase):
+    """A seekable read-only stream over one object. A read of ``READ_AHEAD_BYTES`` or more is one ranged GET
+    straight into the caller's buffer (a tensor read into its target); smaller ones are served from a window of
+    ``READ_AHEAD_BYTES`` fetched at once, so the many small reads of parsing an item (its archive's headers) cost
+    one request per window, not one each. Loaders read a file in order, so windows are rarely fetched twice."""
+
+    def __init__(self, storage: S3Storage, name: str) -> None:
+        self.storage, self.name, self.position = storage, name, 0
+        self.size = storage.file_size(name)
+        self.window, self.window_start = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        wanted = min(len(view), self.size - self.position)
+        if wanted <= 0:
+            return 0
+        if wanted >= READ_AHEAD_BYTES:
+            return self._get_into(view, wanted)
+        offset = self.position - self.window_start
+        if not 0 <= offset < len(self.window):
+            self.window_start, offset = self.position, 0
+            self.window = bytearray(min(READ_AHEAD_BYTES, self.size - self.position))
+            saved = self.position
+            self._get_into(memoryview(self.window), len(self.window))
+            self.position = saved
+        got = min(wanted, len(self.window) - offset)
+        view[:got] = self.window[offset : offset + got]
+        self.position += got
+        return got
+
+    def _get_into(self, view: memoryview, wanted: int) -> int:
+        """One ranged GET of ``wanted`` bytes at the position into ``view``."""
+        end = self.position + wanted - 1
+        try:
+            response = self.storage.client.get_object(
+                Bucket=self.storage.bucket, Key=self.storage.key(self.name), Range=f"bytes={self.position}-{end}"
+            )
+        except Exception as exc:
+            raise StorageError(f"reading {self.storage.describe(self.name)}: {describe_s3_error(exc)}") from None
+        body, got = response["Body"], 0
+        while got < wanted:
+            chunk = body.read(min(wanted - got, 8 << 20))
+            if not chunk:
+                break
+            view[got : got + len(chunk)] = chunk
+            got += len(chunk)
+        self.position += got
+        return got
+
+
+class Upload(io.RawIOBase):
+    """A write stream that becomes one object when closed: a single PUT when small, else a multipart upload whose
+    parts (``PART_BYTES``) are sent in the background as they fill. ``abort`` (or a failed part) leaves nothing."""
+
+    def __init__(self, storage: S3Storage, key: str, pool: ThreadPoolExecutor, step: int | None = None) -> None:
+        self.storage, self.key, self.pool, self.step = storage, key, pool, step
+        self.buffer = bytearray()
+        self.written = 0
+        self.upload_id: str | None = None
+        self.parts: list[Future] = []
+        self.finished = False
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.written
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.buffer += view
+        self.written += len(view)
+        while len(self.buffer) >= PART_BYTES:
+            self._send_part(bytes(self.buffer[:PART_BYTES]))
+            del self.buffer[:PART_BYTES]
+        return len(view)
+
+    def _send_part(self, data: bytes) -> None:
+        client, bucket = self.storage.client, self.storage.bucket
+        if self.upload_id is None:
+            self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=self.key)["UploadId"]
+        number = len(self.parts) + 1
+        while sum(not part.done() for part in self.parts) >= UPLOADS_IN_FLIGHT:
+            next(part for part in self.parts if not part.done()).exception()  # wait for the oldest
+        upload_id = self.upload_id
+        self.parts.append(
+            self.pool.submit(
+                lambda: {
+                    "PartNumber": number,
+                    "ETag": client.upload_part(
+                        Bucket=bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=data
+                    )["ETag"],
+                }
+            )
+        )
+        if number == 1 and self.step is not None:
+            self.parts[0].result()
+            faults.pause_point(faults.WHILE_UPLOADING, self.step)
+
+    def close(self) -> None:
+        if self.finished or self.closed:
+            super().close()
+            return
+        self.finished = True
+        client, bucket = self.storage.client, self.storage.bucket
+        try:
+            if self.upload_id is None:
+                client.put_object(Bucket=bucket, Key=self.key, Body=bytes(self.buffer))
+            else:
+                if self.buffer:
+                    self._send_part(bytes(self.buffer))
+                parts = [part.result() for part in self.parts]
+                client.complete_multipart_upload(
+                    Bucket=bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
+                )
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self.buffer = bytearray()
+            super().close()
+
+    def abort(self) -> None:
+        """Give up: no object appears, and the parts sent are freed on the store."""
+        self.finished = True
+        self.buffer = bytearray()
+        if self.upload_id is not None:
+            for part in self.parts:
+                part.cancel()
+            try:
+                self.storage.client.abort_multipart_upload(
+                    Bucket=self.storage.bucket, Key=self.key, UploadId=self.upload_id
+                )
+            except Exception:  # the store's lifecycle rules, or the next start's cleanup, get the rest
+                pass
+            self.upload_id = None
+
+
+class S3FileSystem:
+    """DCP's ``FileSystemBase`` over one ``S3Storage``: what ``FileSystemWriter``/``FileSystemReader`` write and
+    read through. Paths are ``s3://bucket/key`` strings."""
+
+    def __init__(self, storage: S3Storage) -> None:
+        self.storage = storage
+        self._pool: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"storage": self.storage}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.storage, self._pool = state["storage"], None
+
+    def _name(self, path: str | os.PathLike) -> str:
+        """The storage name of an ``s3://`` path under this storage's prefix."""
+        text = str(path)
+        root = self.storage.url + "/"
+        if not text.startswith(root):
+            raise StorageError(f"{text} is not under {self.storage.url}")
+        return text[len(root):]
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[Any, None, None]:
+        name = self._name(path)
+        if mode == "rb":
+            with self.storage.open_read(name) as stream:
+                yield stream
+            return
+        if mode != "wb":
+            raise ValueError(f"S3FileSystem streams are 'rb' or 'wb', not {mode!r}")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=UPLOADS_IN_FLIGHT * 4, thread_name_prefix="ftrain-s3-upload")
+        step = _STEP.search(name)
+        stream = Upload(self.storage, self.storage.key(name), self._pool, int(step.group(1)) if step else None)
+        try:
+            yield stream
+            stream.close()
+        except BaseException:
+            stream.abort()
+            raise
+
+    def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
+        return f"{str(path).rstrip('/')}/{suffix}"
+
+    def init_path(self, path: str | os.PathLike) -> str:
+        return str(path).rstrip("/")
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        """Copy, then delete (DCP renames ``.metadata.tmp`` once; nothing else is renamed)."""
+        storage = self.storage
+        source, target = storage.key(self._name(path)), storage.key(self._name(new_path))
+        storage.client.copy({"Bucket": storage.bucket, "Key": source}, storage.bucket, target)
+        storage.client.delete_object(Bucket=storage.bucket, Key=source)
+
+    def mkdir(self, path: str | os.PathLike) -> None:
+        """Nothing to do: prefixes need no creation."""
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return str(checkpoint_id).startswith(SCHEME)
+
+    def exists(self, path: str | os.PathLike) -> bool:
+        return self.storage.exists(self._name(path))
+
+    def rm_file(self, path: str | os.PathLike) -> None:
+        self.storage.client.delete_object(Bucket=self.storage.bucket, Key=self.storage.key(self._name(path)))
+
+    def ls(self, path: str | os.PathLike) -> list[str]:
+        return [self.concat_path(path, info.name) for info in self.storage.files(self._name(path))]
