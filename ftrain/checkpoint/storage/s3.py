@@ -71,6 +71,10 @@ def make_client() -> Any:
         read_timeout=READ_TIMEOUT_S,
         max_pool_connections=32,
         s3={"addressing_style": "path"} if endpoint else {},
+        # ftrain sums every byte itself (xxh3-64 as written, verified as read): botocore's own CRC32 of every
+        # part, sent and checked again, would cost the training machine's CPU a second pass for nothing.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
 
