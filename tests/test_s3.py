@@ -371,3 +371,17 @@ def test_keep_every_reshard_warm_start_and_convert_from_the_store(s3_env, s3_buc
     out = tmp_path / "model.safetensors"
     converted = _ckpt("convert", url, str(out), "--format", "safetensors")
     assert converted.returncode == 0 and out.is_file(), converted.stderr
+
+
+def test_rollback_and_auto_interval_on_the_store(s3_env, s3_bucket, tmp_path):
+    """checkpoint.interval=auto and a rollback past a NaN step, with every durable checkpoint in the store: the
+    rollback restores the newest checkpoint from there, and every committed tensor is finite."""
+    url = f"s3://{s3_bucket}/run"
+    proc = run_train(
+        tmp_path, f"checkpoint.dir={url}", "checkpoint.interval=auto", "debug.nan_at_steps=[12]", "train.max_steps=30"
+    )
+    check_ok(proc)
+    assert proc.stderr.count("rollback: step 12 was unhealthy") == 1 and "; restored step " in proc.stderr, proc.stderr[-3000:]
+    assert [d.step for d in layout.complete_steps(open_storage(url))][-1] == 30
+    verdict = _ckpt("verify", url, "--values")
+    assert verdict.returncode == 0 and "every value finite" in verdict.stdout, verdict.stdout + verdict.stderr
