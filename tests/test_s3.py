@@ -385,3 +385,20 @@ def test_rollback_and_auto_interval_on_the_store(s3_env, s3_bucket, tmp_path):
     assert [d.step for d in layout.complete_steps(open_storage(url))][-1] == 30
     verdict = _ckpt("verify", url, "--values")
     assert verdict.returncode == 0 and "every value finite" in verdict.stdout, verdict.stdout + verdict.stderr
+
+
+def test_start_up_cleaning_touches_only_what_ftrain_writes(s3_env, s3_bucket):
+    """At a start, open uploads of step files and leftovers of step directories go; another program's open upload
+    and a directory that merely ends in .deleting under the same prefix stay."""
+    storage = open_storage(f"s3://{s3_bucket}/run")
+    client = s3_env.client()
+    ours = client.create_multipart_upload(Bucket=s3_bucket, Key="run/step_00000003/__0_0.distcp")["UploadId"]
+    theirs = client.create_multipart_upload(Bucket=s3_bucket, Key="run/user/data.bin")["UploadId"]
+    storage.write_atomic("notes.deleting/keep.txt", b"user's")
+    storage.write_atomic("step_00000002.deleting/__0_0.distcp", b"half removed")
+    layout.remove_incomplete(storage)
+    open_ids = {u["UploadId"] for u in client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", [])}
+    assert ours not in open_ids and theirs in open_ids
+    assert storage.read_bytes("notes.deleting/keep.txt") == b"user's"
+    assert "step_00000002.deleting" not in storage.dirs()
+    client.abort_multipart_upload(Bucket=s3_bucket, Key="run/user/data.bin", UploadId=theirs)

@@ -265,8 +265,13 @@ def remove_dir(where: Where) -> None:
 
 
 def _leftovers(storage: Storage) -> list[CheckpointDir]:
-    """Directories an interrupted removal left behind (renamed out of the ``step_*`` namespace)."""
-    return [CheckpointDir(storage, name) for name in storage.dirs() if name.endswith(TRASH_SUFFIX)]
+    """Directories an interrupted removal left behind (``step_N`` renamed out of the ``step_*`` namespace); any
+    other name is not ftrain's and is never touched."""
+    return [
+        CheckpointDir(storage, name)
+        for name in storage.dirs()
+        if name.endswith(TRASH_SUFFIX) and _STEP_DIR.match(name[: -len(TRASH_SUFFIX)])
+    ]
 
 
 def plan_purge(root: Root, keep_last: int, keep_every: int = 0, in_flight: int | None = None) -> list[CheckpointDir]:

@@ -29,6 +29,7 @@ server (docs/bench.md).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from contextlib import AbstractContextManager
 from typing import IO, Any, Generator
@@ -42,6 +43,7 @@ RETRIES = 8  # attempts per request unless AWS_MAX_ATTEMPTS says otherwise (boto
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 10, 120
 _DELETE_BATCH = 1000  # S3's limit per DeleteObjects call
 OWNER_NAME = "OWNER"  # at the prefix: which run writes here
+_STEP_FILE = re.compile(r"step_\d{8}/[^/]+$")  # a file of a step directory: what ftrain's saves upload
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -252,14 +254,16 @@ class S3Storage(Storage):
         self.remove_dir(dir_name)
 
     def abort_unfinished_writes(self) -> int:
-        """Abort the multipart uploads left open under the prefix by killed saves (their parts cost storage and
-        never become objects). Only at a start, before any save: one run writes under a prefix."""
+        """Abort the multipart uploads left open in step directories by killed saves (their parts cost storage and
+        never become objects). Only at a start, before any save: one run writes under a prefix. Uploads of any
+        other key (another program's, in the same bucket or prefix) are not ftrain's and are left alone."""
         aborted = 0
-        pages = self.client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=self.bucket, Prefix=self._dir_prefix("")
-        )
+        base = self._dir_prefix("")
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=base)
         for page in pages:
             for upload in page.get("Uploads", []):
+                if not _STEP_FILE.match(upload["Key"][len(base):]):
+                    continue
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 aborted += 1
         return aborted
