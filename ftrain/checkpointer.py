@@ -27,13 +27,13 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from ftrain import tags
 from ftrain.checkpoint import keys, layout
-from ftrain.checkpoint.collectives import DistContext, max_over_ranks, sum_over_ranks
+from ftrain.checkpoint.collectives import DistContext, max_over_ranks
 from ftrain.checkpoint.compat import RunSignature, model_fingerprint
 from ftrain.checkpoint.errors import CheckpointError
 from ftrain.checkpoint.local import open_for_run
 from ftrain.checkpoint.lock import RunLock
 from ftrain.checkpoint.manager import CheckpointManager, SaveStats
-from ftrain.checkpoint.options import AUTO, MODE_ASYNC_PROCESS, MODE_OFF, ON_FAILURE_ABORT, CheckpointOptions
+from ftrain.checkpoint.options import AUTO, MODE_ASYNC_PROCESS, MODE_OFF, CheckpointOptions
 from ftrain.checkpoint.options import merge_options, show_options_in_signature
 from ftrain.checkpoint.path_limits import check_path_limits
 from ftrain.checkpoint.run_dir import RunDirectory
@@ -45,6 +45,8 @@ from ftrain.local_snapshots import LocalSnapshotting
 from ftrain.model_weights import Exports, warm_start
 from ftrain.preemption import EXIT_PREEMPTED, PreemptionFlag
 from ftrain.state import OPTIMIZER_FRESH, TrainProgress
+from ftrain.step_agreement import StepAgreement
+from ftrain.step_timing import StepTimer
 from ftrain.telemetry import Telemetry, show_ftrain_logs
 from ftrain.user_objects import (
     SavedStates,
@@ -142,7 +144,6 @@ class Checkpointer:
         self._health_record: dict[str, Any] = {"judged": False}
         self.schedule = SaveSchedule(self.options.interval, self.options.overhead_budget, self.options.max_interval_s)
         self.local_schedule = LocalSchedule(self.options.local_interval, self.options.overhead_budget)
-        self._last_call: float | None = None
         self._loaded = False
         self._closed = False
         self._run = RunDirectory(self.run_dir, self.ctx)
@@ -177,6 +178,8 @@ class Checkpointer:
             self.local, self.local_schedule, self._states, self.manager, self._run, self.ctx, self._telemetry
         )
         self._exports = Exports(self.options, model, self.run_dir, self.manager)
+        self._agreement = StepAgreement(self.preemption, self.manager, self._monitor, self.options.on_failure, self.ctx)
+        self._timer = StepTimer(self.schedule, self.local_schedule, self.manager, self._telemetry)
         self._finished = False
         self._hooks = [optimizer.register_step_pre_hook(self._before_update)]
         if has_persistent_buffers(model):  # forward changes them (e.g. batch-norm statistics)
@@ -254,7 +257,7 @@ class Checkpointer:
         if self.schedule.auto and self.manager.enabled:
             self._telemetry.announce_interval("starts at", self.schedule, self.step)
         self._loaded = True
-        self._loaded_at = time.perf_counter()
+        self._timer.start()
         return self.step
 
     def maybe_save(
@@ -270,40 +273,17 @@ class Checkpointer:
         """
         self._require_loaded("maybe_save")
         self._advance_to(step)
-        now = time.perf_counter()
-        if not self.metrics.logged(tags.STEP_TIME_S, step):  # the loop did not log it: ftrain-report needs it
-            self.metrics.log({tags.STEP_TIME_S: now - (self._last_call or self._loaded_at)}, step)
-        if self._last_call is not None:
-            # a background write that ran during any part of this step slowed it, even if it has finished since
-            self.schedule.observe_step(now - self._last_call, save_in_flight=self.manager.busy_since(self._last_call))
-            self.local_schedule.observe_step(now - self._last_call)
-        self._last_call = now
-        self._telemetry.step_done(step, finished=last)
-        problem = self._monitor.judge(loss, grad_norm)
-        poisoned = self.manager.nonfinite_pending()
-        if poisoned and not problem:
-            problem = f"a saved tensor held NaN or Inf ({self.manager.last_error})"
+        self._timer.step_done(step, last)
+        verdict = self._agreement.agree(loss, grad_norm)
         self._health_record = {"judged": loss is not None or grad_norm is not None, "loss": loss, "grad_norm": grad_norm}
-        stop, failed, unhealthy = sum_over_ranks(
-            [
-                float(self.preemption.requested is not None),
-                float(self.manager.failed_pending() and not poisoned),
-                float(bool(problem)),
-            ],
-            self.ctx.device,
-        )
-        if failed and self.options.on_failure == ON_FAILURE_ABORT:
-            raise CheckpointError(
-                f"stopping because checkpoint.on_failure=abort and a background save failed: "
-                f"{self.manager.last_error or 'on another rank'}"
-            )
+        stop, unhealthy = verdict.stop, verdict.unhealthy
         self.healthy = not unhealthy
         keep = self.options.keep_every
         # a step that retention keeps forever is saved whatever the interval (auto's steps fall anywhere)
         save_due = bool(stop) or last or self.schedule.due(step) or bool(keep and step % keep == 0)
         snapshotted = False
         if unhealthy:
-            self._on_unhealthy(step, problem or "on another rank")
+            self._on_unhealthy(step, verdict.reason)
             if self.health.on_unhealthy != health_words.IGNORE:
                 return bool(stop)  # never save an unhealthy step
         else:
