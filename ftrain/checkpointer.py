@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ftrain import tags
+from ftrain import faults, tags
 from ftrain.checkpoint import keys, layout
 from ftrain.checkpoint.collectives import DistContext, max_over_ranks
 from ftrain.checkpoint.compat import RunSignature, model_fingerprint
@@ -273,6 +273,7 @@ class Checkpointer:
         """
         self._require_loaded("maybe_save")
         self._advance_to(step)
+        faults.pause_point(faults.STEP_DONE, step)
         self._timer.step_done(step, last)
         verdict = self._agreement.agree(loss, grad_norm)
         self._health_record = {"judged": loss is not None or grad_norm is not None, "loss": loss, "grad_norm": grad_norm}

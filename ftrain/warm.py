@@ -23,9 +23,10 @@ import threading
 import time
 from typing import Callable
 
+from ftrain.faults import GENERATION_ENV
+
 logger = logging.getLogger("ftrain")
 
-GENERATION_ENV = "FTRAIN_WARM_GENERATION"  # the training process's generation (0: the first fork)
 NOT_FAILURES = frozenset({0, 2, 65, 75, 130})  # ftrain's exit codes that end a run on purpose
 POLL_S = 0.05  # how often a parent looks at its child and at the store
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)

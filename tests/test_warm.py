@@ -8,6 +8,7 @@ import signal
 import time
 
 import psutil
+import pytest
 
 from conftest import (
     assert_same_tensors,
@@ -26,9 +27,24 @@ from ftrain.run_status import read_status
 WARM = ("train.max_steps=60", "checkpoint.interval=20", "checkpoint.local_interval=1", "train.warm_restarts=2")
 
 
-def test_killed_training_processes_are_forked_again_in_the_same_round(tmp_path):
-    reference = tmp_path / "reference"
-    check_ok(run_train(reference, *WARM))
+@pytest.fixture(scope="module")
+def warm_reference(tmp_path_factory: pytest.TempPathFactory):
+    """An uninterrupted run of WARM: the yardstick of every test here."""
+    run_dir = tmp_path_factory.mktemp("warm-reference")
+    check_ok(run_train(run_dir, *WARM))
+    return run_dir
+
+
+def assert_same_as(run_dir, reference) -> None:
+    assert scalars(run_dir / "tb", "train/loss") == scalars(reference / "tb", "train/loss")
+    assert_same_tensors(
+        checkpoint_tensors(run_dir / "checkpoints" / "step_00000060"),
+        checkpoint_tensors(reference / "checkpoints" / "step_00000060"),
+    )
+
+
+def test_killed_training_processes_are_forked_again_in_the_same_round(tmp_path, warm_reference):
+    reference = warm_reference
     run_dir = tmp_path / "run"
     proc = start_train(run_dir, *WARM)
     wait_for(lambda: read_status(run_dir) is not None and read_status(run_dir).step >= 10, what="step 10", proc=proc)
@@ -75,3 +91,46 @@ def test_a_killed_warm_parent_takes_its_training_process_with_it(tmp_path):
             except ProcessLookupError:
                 pass
         kill_job(proc)
+
+
+@pytest.mark.parametrize("action", ["raise", "stall"])
+def test_an_exception_or_a_stall_on_one_rank_is_recovered_in_the_same_round(tmp_path, warm_reference, action):
+    """An exception in rank 1's training process at step 15, or rank 1 stalling there past train.timeout_s (rank 0
+    waits for it in a collective and fails): both ranks' training processes are forked again from their warm
+    parents and the run ends as if nothing happened."""
+    env = {"FTRAIN_FAULT": "step_done@15", "FTRAIN_FAULT_RANK": "1"}
+    env["FTRAIN_FAULT_ACTION" if action == "raise" else "FTRAIN_FAULT_SECONDS"] = "raise" if action == "raise" else "600"
+    proc = start_train(tmp_path, *WARM, "train.timeout_s=8", env=env)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert "in a fork of the warm parent (generation 1)" in err and "Restarting" not in err
+    if action == "raise":
+        assert "FTRAIN_FAULT: failing at step_done of step 15" in err
+    else:  # rank 0 gave up on rank 1 after the timeout; rank 1's parent ended the stalled process
+        assert "rank 0: training process ended (exit 1); forking a new one from the warm parent" in err
+    assert_same_as(tmp_path, warm_reference)
+    assert read_status(tmp_path).resumed_from == 14  # the newest snapshot both ranks held
+
+
+def test_a_failure_during_recovery_is_recovered_too(tmp_path, warm_reference):
+    """Rank 1's training process is SIGKILLed, then its replacement as soon as it exists (while it starts and
+    loads): a third generation finishes the run, bit-identical."""
+    proc = start_train(tmp_path, *WARM)
+    wait_for(lambda: read_status(tmp_path) is not None and read_status(tmp_path).step >= 10, what="step 10", proc=proc)
+    parent = psutil.Process(worker_pids(proc)[1])
+    first = parent.children()[0]
+    first.send_signal(signal.SIGKILL)
+
+    def replacement():
+        kids = [c for c in parent.children() if c.pid != first.pid]
+        return kids[0] if kids else None
+
+    deadline = time.time() + 60
+    while (second := replacement()) is None and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    assert second is not None, "no replacement was forked"
+    second.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert "(generation 2)" in err and "Restarting" not in err
+    assert_same_as(tmp_path, warm_reference)
