@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 
+from ftrain import warm
 from ftrain.config import Config, ConfigError, keys, load_config, format_value, to_yaml
 
 EXIT_OK = 0
@@ -91,13 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ftrain: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if cfg.train.warm_restarts:
-        from ftrain import warm  # noqa: PLC0415
-
         why_not = warm.available()
         if not why_not:
             warm.preload()
             return warm.run(lambda: _train(cfg), cfg.train.warm_restarts, cfg.train.timeout_s)
-        if _local_rank() == 0:
+        if _local_rank() == 0 and why_not != warm.NOT_UNDER_TORCHRUN:  # a single process: nothing to keep warm
             print(f"ftrain: train.warm_restarts: off ({why_not})", file=sys.stderr)
     return _train(cfg)
 
@@ -129,6 +128,7 @@ def _train(cfg: Config) -> int:
     except (CheckpointError, ValueError) as exc:
         print(f"ftrain: error: {exc}", file=sys.stderr)
         code = EXIT_ERROR
+        warm.end_for_good()  # ftrain stopped the run on purpose (on_failure=abort, a failed final save, ...)
     except RuntimeError as exc:
         if not is_peer_failure(exc):
             logger.exception("training failed")

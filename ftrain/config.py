@@ -97,7 +97,7 @@ class TrainConfig:
     grad_clip: float = _key(1.0, "clip the global grad norm at this value; 0 disables")
     device: str = _key("auto", "auto (CUDA if present), cpu or cuda", ("auto", "cpu", "cuda"))
     timeout_s: float = _key(300.0, "a collective waiting longer (a stalled or lost rank) is an error, not a hang")
-    warm_restarts: int = _key(0, "under torchrun: training processes each rank's warm parent forks again after a failure, resuming from the local tier, before leaving it to torchrun's restart (0 = off)")
+    warm_restarts: int = _key(3, "under torchrun: training processes each rank's warm parent forks again after a failure, resuming from the local tier, before leaving it to torchrun's restart (0 = off)")
     gc_interval: int = _key(50, "Python GC at every N-th step boundary instead of mid-step (0 = automatic)")
     on_unhealthy: str = _key("rollback", "a step with a non-finite loss or grad norm (or a spike): rollback | stop | ignore", ("rollback", "stop", "ignore"))
     spike_factor: float = _key(0.0, "a loss more than max((factor - 1) x |median|, 6 robust std) above the median of the last 50 healthy ones is unhealthy: for an ordinary positive loss, one above factor x the median (0 = off)")

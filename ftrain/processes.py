@@ -11,6 +11,8 @@ import time
 
 import psutil
 
+from ftrain.warm import TRAINING_PROCESS_NAME
+
 
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children, grandchildren, ...); empty if ``pid`` is gone."""
@@ -66,6 +68,21 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
         if rank is not None:
             found[int(rank)] = child.pid
     return found
+
+
+def training_pid(worker: int) -> int:
+    """The process that trains for a launcher's worker: the worker's warm-restart child (``train.warm_restarts``)
+    if it has one, else the worker itself."""
+    try:
+        for child in psutil.Process(worker).children():
+            try:
+                if child.name() == TRAINING_PROCESS_NAME:
+                    return child.pid
+            except psutil.NoSuchProcess:
+                continue
+    except psutil.NoSuchProcess:
+        pass
+    return worker
 
 
 def nice(pid: int) -> int:

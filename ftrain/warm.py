@@ -10,7 +10,8 @@ process needs (``docs/bench.md``).
 
 What stays with torchrun: a warm parent that dies (or a node that is lost) ends the round as before, and
 torchrun's own restart (``--max-restarts``) starts fresh processes. Outcomes that are not failures (finished,
-preempted, unhealthy, bad configuration, Ctrl-C) end the parent with the same exit code.
+preempted, unhealthy, bad configuration, Ctrl-C), and errors with which ftrain stops a run on purpose
+(``end_for_good``: ``checkpoint.on_failure=abort``, a failed final save), end the parent with the same exit code.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from ftrain.faults import GENERATION_ENV
 logger = logging.getLogger("ftrain")
 
 NOT_FAILURES = frozenset({0, 2, 65, 75, 130})  # ftrain's exit codes that end a run on purpose
+NOT_UNDER_TORCHRUN = "not under torchrun"
+TRAINING_PROCESS_NAME = "ftrain-train"  # the process name (comm) of a warm parent's training process
 POLL_S = 0.05  # how often a parent looks at its child and at the store
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
@@ -42,7 +45,7 @@ def available() -> str:
     if not hasattr(os, "fork"):
         return "this platform cannot fork"
     if "RANK" not in os.environ or "MASTER_ADDR" not in os.environ:
-        return "not under torchrun"
+        return NOT_UNDER_TORCHRUN
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return "torchrun's agent store is not shared with the workers (TORCH_DISABLE_SHARE_RDZV_TCP_STORE)"
     if threading.active_count() > 1:
@@ -80,13 +83,18 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
         gen = 0
         while True:
             parent = os.getpid()
+            final_r, final_w = os.pipe()
             child = os.fork()
             if child == 0:
+                os.close(final_r)
+                _keep_final_fd(final_w)
                 _die_with(parent)
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
                 os.environ[GENERATION_ENV] = str(gen)
                 os._exit(train())
+            os.close(final_w)
+            os.set_blocking(final_r, False)  # a forked data worker may still hold the write end open
             peers_failed = False
             while True:
                 done, status = os.waitpid(child, os.WNOHANG)
@@ -98,7 +106,8 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
                 time.sleep(POLL_S)
             code = os.waitstatus_to_exitcode(status)
             child = 0
-            failed = code not in NOT_FAILURES or peers_failed
+            on_purpose = _said_final(final_r)
+            failed = (code not in NOT_FAILURES and not on_purpose) or peers_failed
             if not failed or forwarded or gen >= max_restarts:
                 return code if code >= 0 else 128 - code
             what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
@@ -114,13 +123,45 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
             signal.signal(sig, handler)
 
 
+def end_for_good() -> None:
+    """In a training process: the error it is about to exit with ends the run on purpose (ftrain stopped it:
+    ``checkpoint.on_failure=abort``, a failed final save or export, ...), so its warm parent passes the exit code
+    on instead of forking again. A no-op anywhere else."""
+    if _final_fd is not None:
+        try:
+            os.write(_final_fd, b"1")
+        except OSError:
+            pass
+
+
+def _keep_final_fd(fd: int) -> None:
+    global _final_fd
+    _final_fd = fd
+
+
+def _said_final(read_end: int) -> bool:
+    """Whether the ended training process called ``end_for_good`` (its end of the pipe is closed by now)."""
+    try:
+        return os.read(read_end, 1) == b"1"
+    except OSError:
+        return False
+    finally:
+        os.close(read_end)
+
+
+_final_fd: int | None = None  # in a training process: the write end of the pipe end_for_good() writes to
+
+
 def _die_with(parent: int) -> None:
     """In a training process: be SIGKILLed when the warm parent dies (Linux), so a parent that torchrun or a user
-    kills never leaves its training process running on; if the parent is already gone, end now."""
+    kills never leaves its training process running on; if the parent is already gone, end now. It is also named
+    ``TRAINING_PROCESS_NAME``, so that ``ps`` and ``ftrain-chaos`` tell it from its parent."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        libc.prctl(_PR_SET_NAME, ctypes.c_char_p(TRAINING_PROCESS_NAME.encode()), 0, 0, 0)
     except (OSError, AttributeError):  # not Linux: the parent's own signal forwarding is all there is
         pass
     if os.getppid() != parent:
@@ -128,6 +169,7 @@ def _die_with(parent: int) -> None:
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_PR_SET_NAME = 15
 
 
 def _parent_store(timeout_s: float):  # noqa: ANN202 - a torch.distributed.Store

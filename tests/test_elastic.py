@@ -107,7 +107,8 @@ def test_stalled_rank_becomes_an_error_torchrun_can_restart(reference_run, tmp_p
     cut short; the soak form leaves it stopped until torchrun kills it."""
     import psutil
 
-    proc = Job(chaos_cmd(tmp_path, "train.timeout_s=4", max_restarts=1))
+    # torchrun's restart path (a stalled training process under warm restarts: tests/test_warm.py)
+    proc = Job(chaos_cmd(tmp_path, "train.timeout_s=4", "train.warm_restarts=0", max_restarts=1))
     wait_for(lambda: (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file(), proc=proc, what="step 5")
     workers = worker_pids(proc)
     os.kill(workers[1], signal.SIGSTOP)

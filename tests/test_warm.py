@@ -3,14 +3,21 @@ parent, not by a new torchrun round, and the run stays bit-identical to an unint
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 
 from conftest import (
+    FAST,
+    REPO,
+    TORCHRUN,
     assert_same_tensors,
     check_ok,
     checkpoint_tensors,
@@ -134,3 +141,22 @@ def test_a_failure_during_recovery_is_recovered_too(tmp_path, warm_reference):
     assert proc.returncode == 0, err[-4000:]
     assert "(generation 2)" in err and "Restarting" not in err
     assert_same_as(tmp_path, warm_reference)
+
+
+def test_ftrain_chaos_aims_at_training_processes(tmp_path, warm_reference):
+    """`ftrain-chaos --kinds process` SIGKILLs rank's training processes (the warm parents' children, named
+    ftrain-train), never the parents: every failure is recovered in the same torchrun round (--max-restarts=0), and
+    the report gives the time lost per failure."""
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=0", str(REPO / "recipes" / "train.py"), *FAST, *WARM]
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "ftrain-chaos"), "--workdir", str(tmp_path), "--kills", "2", "--kinds", "process",
+         "--seed", "1", "--min-delay", "0.5", "--max-delay", "1.5", "--reference", str(warm_reference), "--json", "--", *cmd],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    report = json.loads(done.stdout)
+    assert report["kills"] == 2 and len(report["recoveries"]) == 2 and report["ok"], report
+    assert all(r["kind"] == "process" for r in report["recoveries"])
+    assert len(report["cost_per_failure_s"]) == 2 and report["ettr"] is not None
+    log = (tmp_path / "chaos.chaos.log").read_text()
+    assert log.count("forking a new one from the warm parent") >= 2 and "Restarting" not in log

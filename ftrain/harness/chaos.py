@@ -4,7 +4,10 @@ A failure is data: ``(kind, delay)``, drawn from a seeded RNG. Kinds:
 
     job       SIGKILL torchrun and every process under it (workers run in sessions of their own, so a
               process-group kill is not enough); the same command is started again
-    rank      SIGKILL one worker; torchrun (``--max-restarts``) restarts the group on its own
+    rank      SIGKILL one worker (the process torchrun started, with warm restarts the warm parent); torchrun
+              (``--max-restarts``) restarts the group on its own
+    process   SIGKILL one rank's training process: with warm restarts (``train.warm_restarts``) the warm
+              parent's child, which the parents replace in the same torchrun round; without, the worker
     sigterm   SIGTERM to one worker: the ranks agree, save, and exit 75; torchrun or this tool restarts
 
 Used by ``tools/chaos.py`` and by the tests.
@@ -25,10 +28,10 @@ from ftrain.checkpoint import layout
 from ftrain.checkpoint.reader import differing_tensors, read_tensors
 from ftrain.checkpoint.run_dir import CHECKPOINTS_DIR
 from ftrain.events import read_run_scalars
-from ftrain.processes import kill_tree, send, worker_pids
+from ftrain.processes import kill_tree, send, training_pid, worker_pids
 from ftrain.run_status import RunStatus, read_status
 
-KINDS = ("job", "rank", "sigterm")
+KINDS = ("job", "rank", "process", "sigterm")
 
 
 # ---------------------------------------------------------------------------------------- the job
@@ -108,7 +111,10 @@ def _inject(job: Job, kind: str, rng: random.Random) -> bool:
     if not workers:
         return False
     rank = rng.choice(sorted(workers))
-    send(workers[rank], signal.SIGKILL if kind == "rank" else signal.SIGTERM)
+    if kind == "process":
+        send(training_pid(workers[rank]), signal.SIGKILL)
+    else:
+        send(workers[rank], signal.SIGKILL if kind == "rank" else signal.SIGTERM)
     return True
 
 
