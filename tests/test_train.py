@@ -1,5 +1,6 @@
 """The recipe end to end, as a user runs it: real torchrun, real TensorBoard files."""
 
+import os
 import subprocess
 import sys
 import psutil
@@ -70,7 +71,8 @@ def test_missing_data_path_is_one_line(tmp_path):
 
 def test_writer_process_runs_at_lower_priority_than_training(tmp_path):
     """async_process: DCP's writer process (started before the first save) takes what CPU training leaves; the
-    ranks keep their priority."""
+    ranks keep their priority: the niceness they inherit (from this process, through torchrun), 0 unless the tests
+    themselves run under nice."""
     proc = start_train(tmp_path, "checkpoint.mode=async_process", "train.max_steps=200")
     try:
         wait_for(lambda: (tmp_path / "checkpoints" / "step_00000005" / "COMPLETE").is_file(), what="first commit",
@@ -79,8 +81,9 @@ def test_writer_process_runs_at_lower_priority_than_training(tmp_path):
         writers = [pid for rank_pid in ranks.values() for pid in descendants(rank_pid)
                    if "spawn_main" in " ".join(psutil.Process(pid).cmdline())]
         assert len(ranks) == 2 and writers, f"ranks {ranks}, writer processes {writers}"
-        assert all(nice(pid) == 0 for pid in ranks.values())
-        assert all(nice(pid) >= WRITER_PROCESS_NICE for pid in writers), [nice(pid) for pid in writers]
+        inherited = nice(os.getpid())
+        assert all(nice(pid) == inherited for pid in ranks.values()), (inherited, [nice(p) for p in ranks.values()])
+        assert all(nice(pid) >= max(WRITER_PROCESS_NICE, inherited) for pid in writers), [nice(p) for p in writers]
         assert not (tmp_path / "checkpoints" / WRITER_START_DIR).exists(), "the writer's start-up save was left behind"
     finally:
         kill_job(proc)
