@@ -112,7 +112,7 @@ def test_bad_argument_is_reported(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith(
-        "--parts must name micro, trainer, goodput and/or s3, got everything")
+        "--parts must name micro, trainer, goodput, s3 and/or loop, got everything")
 
 
 def test_target_rows_say_by_how_much(monkeypatch: pytest.MonkeyPatch):
@@ -287,3 +287,81 @@ def test_object_storage_part_in_its_quick_form(tmp_path):
     assert set(s3["loop"]["modes"]) == {"off", "async", "async-s3"}
     assert "## Object storage (S3)" in (out / "bench.md").read_text()
     assert not (out / "s3server").exists()  # the server and its data are gone
+
+
+# ------------------------------------------------------------------------------------------------ loop part
+LOOP_CONFIGS = ("none", "tier-off", "defaults")
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench-loop")
+    proc = subprocess.run([sys.executable, str(TOOL), "--quick", "--parts", "loop", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return out
+
+
+def test_loop_part_reports_every_configuration(loop):
+    """The own-loop part in its quick form (4 MB, 7 steps, a save every 3, 1 round): every configuration has its
+    loop time, and the checkpointing ones their save cost and resume time; the target row is there."""
+    result = json.loads((loop / "bench.json").read_text())
+    part = result["loop"]
+    assert list(part["configs"]) == list(LOOP_CONFIGS) and part["config"]["before"] is None
+    assert [r["label"] for r in part["runs"]] == list(LOOP_CONFIGS)
+    for label in ("tier-off", "defaults"):
+        entry = part["configs"][label]
+        assert entry["ratio_to_none"]["n"] == 1 and entry["ratio_to_none"]["median"] > 0, label
+        for key in ("blocking_s", "save_call_s", "final_save_s", "resume_s"):
+            assert entry[key] is not None and positive(entry[key]), (label, key)
+    assert part["configs"]["tier-off"]["snapshots_all"]["median"] == 0
+    assert part["configs"]["defaults"]["snapshots_all"]["median"] > 0  # the tier is on by default
+    rows = [row for row in result["targets"] if row["target"] == "loop_defaults_minus_tier_off"]
+    # loop time and CPU time, each defaults minus tier-off
+    assert [row["mode"] for row in rows] == ["defaults", "defaults"] and len({row["what"] for row in rows}) == 2
+    assert all(row["met"] in (True, False) for row in rows)
+    assert part["configs"]["defaults"]["cpu_ratio_to_none"]["median"] > 0
+    text = (loop / "bench.md").read_text()
+    assert "## Own loop (`ftrain.Checkpointer`)" in text and "defaults minus local_interval=0" in text
+    for label in LOOP_CONFIGS:
+        assert f"| {label} |" in text, label
+    assert "python tools/bench_checkpoint.py --quick --parts loop" in text
+    assert not any((loop / "loop").iterdir())  # run directories removed, and their local snapshots
+    assert not (loop / "trees").exists()  # the copy of the sources the jobs ran on
+    assert not default_directory(loop / "loop" / "defaults-0").exists()
+
+
+def test_loop_report_with_a_before_tree(loop, monkeypatch: pytest.MonkeyPatch):
+    """With --loop-before, the same configurations of the older tree sit beside the current ones: the report gets
+    their rows, the before/after table and the after/before target rows (here from the quick run's numbers)."""
+    monkeypatch.syspath_prepend(str(TOOL.parent))
+    from bench.own_loop import compare, loop_labels
+    from bench.report import report_markdown
+    from bench.targets import evaluate_targets
+
+    result = json.loads((loop / "bench.json").read_text())
+    part = result["loop"]
+    part["config"]["before"] = {"rev": "HEAD~1", "commit": "0123456789ab", "subject": "s", "path": "/x"}
+    for label in ("tier-off", "defaults"):
+        part["configs"][f"before {label}"] = part["configs"][label]
+    part["configs"] = {label: part["configs"][label] for label in loop_labels(part["config"]["before"])}
+    part["comparisons"] = compare(part["configs"], True)
+    rows = {(row["target"], row["mode"]): row for row in evaluate_targets(result)}
+    assert rows[("loop_defaults_minus_tier_off", "before (0123456789ab)")]["measured"] is not None
+    for target in ("loop_save_cost_after_vs_before", "loop_resume_after_vs_before"):
+        for config in ("tier-off", "defaults"):
+            assert rows[(target, config)]["measured"] == pytest.approx(1.0), (target, config)
+    text = report_markdown(result)
+    assert "| before tier-off |" in text and "| before defaults |" in text
+    assert "| resume: load() | defaults |" in text and "after / before" in text
+
+
+def test_loop_before_tree_is_extracted_and_checked(tmp_path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.syspath_prepend(str(TOOL.parent))
+    from bench.common import BenchError
+    from bench.own_loop import prepare_before
+
+    before = prepare_before("HEAD", tmp_path)
+    assert (Path(before["path"]) / "ftrain" / "checkpointer.py").is_file() and len(before["commit"]) == 12
+    with pytest.raises(BenchError, match="rev-parse"):
+        prepare_before("no-such-revision", tmp_path)

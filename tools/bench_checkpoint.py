@@ -8,8 +8,9 @@ takes, and what it measured: docs/bench.md):
     python tools/bench_checkpoint.py --parts goodput --out runs/bench-goodput   # failures
     python tools/bench_checkpoint.py --quick --parts goodput --out /tmp/bench-goodput   # its CI form
     python tools/bench_checkpoint.py --parts s3 --out runs/bench-s3   # object storage (a SeaweedFS of its own)
+    python tools/bench_checkpoint.py --parts loop --loop-before REV --out runs/bench-loop   # own loop, REV beside
 
-It has four parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
+It has five parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
 
 * ``micro`` runs in one process group, ``torchrun --standalone --nproc_per_node=N`` of this same script (launched
   for you; you may also launch it yourself, then only this part is reported). Every rank holds an equal share of a
@@ -31,6 +32,11 @@ It has four parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
 * ``s3`` (``bench/object_storage.py``): save and resume through ``checkpoint.dir=s3://`` against the same
   server's floor (parallel plain PUT/GET of the same bytes), and the recipe's loop saving to local disk and to the
   store, side by side with checkpointing off (``--s3-url``, or a SeaweedFS server of its own).
+* ``loop`` (``bench/own_loop.py``): a training loop of its own through the public ``ftrain.Checkpointer`` (an FSDP2
+  MLP of ``--loop-size-mb`` with AdamW, ``--loop-steps`` steps, a save every ``--loop-interval``): loop time with no
+  Checkpointer, with the local tier off and with the defaults, alternating over ``--loop-reps`` rounds; save cost
+  and the time of one ``load()`` per configuration; with ``--loop-before REV`` the same configurations on the
+  sources of ``REV`` interleaved with them (before and after in one run).
 
 Times are the maximum over ranks of one repetition; tables show the median and [min-max] over repetitions.
 Exit codes: 0 done (targets missed or not), 1 a run failed, 2 bad arguments.
@@ -55,6 +61,7 @@ from bench.goodput import CONFIGS, run_goodput_part
 from bench.launch import run_logged, tail, torchrun_cmd
 from bench.micro import run_worker
 from bench.object_storage import cleanup as cleanup_s3, run_s3_part
+from bench.own_loop import run_loop_part
 from bench.report import write_report
 from bench.system import OtherLoad, environment, source_fingerprint, wait_for_quiet
 from bench.trainer_runs import first_window, run_trainer_part
@@ -82,11 +89,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench", help="directory for results and scratch files")
-    parser.add_argument("--parts", default="micro,trainer", help="comma-separated: micro, trainer, goodput")
+    parser.add_argument("--parts", default="micro,trainer", help="comma-separated: micro, trainer, goodput, s3, loop")
     parser.add_argument("--quick", action="store_true",
                         help="small and fast (16 MB, 1 rep, 20-step trainer runs of off and async only; goodput: 30 "
-                        "steps of a smaller batch, 1 run per tier, 1 kill of each kind with the tier on only): checks "
-                        "that it works, for CI; its numbers mean little")
+                        "steps of a smaller batch, 1 run per tier, 1 kill of each kind with the tier on only; loop: "
+                        "4 MB, 7 steps, a save every 3, 1 round): checks that it works, for CI; its numbers mean little")
     parser.add_argument("--nproc", type=int, default=2, help="ranks (torchrun --nproc_per_node)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the state lives")
     parser.add_argument("--size-mb", type=float, default=None,
@@ -116,6 +123,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--goodput-max-delay", type=float, default=None,
                         help="goodput part: most seconds of training before each kill [default: spread the kills "
                         "over the run, from the measured steps/s]")
+    parser.add_argument("--loop-steps", type=int, default=40, help="loop part: steps of each loop job")
+    parser.add_argument("--loop-interval", type=int, default=10, help="loop part: a durable save every N steps")
+    parser.add_argument("--loop-reps", type=int, default=3,
+                        help="loop part: rounds, each running every configuration once")
+    parser.add_argument("--loop-skip", type=int, default=2,
+                        help="loop part: first steps left out of the loop time (the first optimizer step allocates "
+                        "AdamW's state, the first snapshots fault in their memory)")
+    parser.add_argument("--loop-size-mb", type=float, default=240.0,
+                        help="loop part: the MLP's parameters + AdamW's two moments in MB (float32, all ranks)")
+    parser.add_argument("--loop-layers", type=int, default=4, help="loop part: square Linear layers of the MLP")
+    parser.add_argument("--loop-batch", type=int, default=32, help="loop part: rows per rank and step")
+    parser.add_argument("--loop-before", default="", metavar="GIT_REV",
+                        help="loop part: also run the tier-off and defaults configurations on the ftrain sources of "
+                        "this commit (git archive into --out), interleaved with the current ones")
     parser.add_argument("--quiet-wait", type=float, default=30.0,
                         help="before each torchrun launch, wait up to this many seconds for the machine to be "
                         "quiet (other processes under 10%% of the CPUs for a second)")
@@ -132,6 +153,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.reps, args.warmup, args.quiet_wait = 1, 1, 0.0
         args.trainer_steps, args.trainer_reps, args.trainer_skip = 20, 1, 5
         args.goodput_steps, args.goodput_interval, args.goodput_kills, args.goodput_reps = 30, 10, 1, 1
+        args.loop_steps, args.loop_interval, args.loop_reps, args.loop_skip = 7, 3, 1, 1
+        args.loop_size_mb, args.loop_batch = 4.0, 4
     # not options: the restart floor's launches (the last one also times the health check), and a bound per chaos run
     args.goodput_floor_reps, args.goodput_health_iters = (1, 200) if args.quick else (3, 2000)
     args.goodput_timeout = 600.0 if args.quick else 1800.0
@@ -153,8 +176,8 @@ def _split(text: str) -> list[str]:
 
 
 def _check_args(args: argparse.Namespace) -> str:
-    if not args.parts or set(args.parts) - {"micro", "trainer", "goodput", "s3"}:
-        return f"--parts must name micro, trainer, goodput and/or s3, got {','.join(args.parts) or 'nothing'}"
+    if not args.parts or set(args.parts) - {"micro", "trainer", "goodput", "s3", "loop"}:
+        return f"--parts must name micro, trainer, goodput, s3 and/or loop, got {','.join(args.parts) or 'nothing'}"
     if set(args.trainer_modes) - set(MANAGER_MODES):
         return f"--trainer-modes takes {', '.join(MANAGER_MODES)}; got {','.join(args.trainer_modes)}"
     if args.nproc < 1 or args.reps < 1 or args.warmup < 0 or args.trainer_reps < 1:
@@ -172,6 +195,10 @@ def _check_args(args: argparse.Namespace) -> str:
     window = first_window(args.trainer_skip, args.goodput_interval) + args.goodput_interval
     if "goodput" in args.parts and window > args.goodput_steps:
         return "--goodput-steps must leave one --goodput-interval window after --trainer-skip"
+    if args.loop_reps < 1 or args.loop_layers < 1 or args.loop_batch < 1 or args.loop_size_mb <= 0:
+        return "--loop-reps, --loop-layers and --loop-batch must be >= 1, --loop-size-mb > 0"
+    if args.loop_interval < 1 or not 0 <= args.loop_skip < args.loop_steps - 1 or args.loop_steps <= args.loop_interval:
+        return "--loop-steps must exceed --loop-interval (>= 1) and leave steps after --loop-skip (>= 0)"
     return ""
 
 
@@ -229,6 +256,8 @@ def main(argv: list[str]) -> int:
             result["trainer"] = run_trainer_part(args)
         if "goodput" in args.parts:
             result["goodput"] = run_goodput_part(args)
+        if "loop" in args.parts:
+            result["loop"] = run_loop_part(args)
         if "s3" in args.parts:
             try:
                 result["s3"] = run_s3_part(args)

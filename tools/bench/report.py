@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ def report_markdown(result: dict[str, Any]) -> str:
         lines += goodput_tables(result["goodput"])
     if "s3" in result:
         lines += s3_lines(result["s3"])
+    if "loop" in result:
+        lines += loop_lines(result["loop"])
     return "\n".join(lines) + "\n"
 
 
@@ -273,3 +276,88 @@ def s3_lines(s3: dict[str, Any]) -> list[str]:
     if points is not None:
         lines.append(f"\nSaving to the store costs {points:+.1f} points of throughput more than saving to local disk.")
     return lines
+
+
+def _tree(source: dict[str, Any]) -> str:
+    changed = source.get("changed") or []
+    return f"`{source['commit']}`" + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
+def loop_lines(loop: dict[str, Any]) -> list[str]:
+    """The loop part: loop time per configuration against no Checkpointer, save cost, resume; before and after."""
+    cfg, configs = loop["config"], loop["configs"]
+    before = cfg.get("before")
+    run = next(iter(loop["runs"]), {})
+    lines = [
+        "", "## Own loop (`ftrain.Checkpointer`)", "",
+        f"`tools/bench/loop_worker.py` under torchrun, {cfg['nproc']} ranks: an MLP of {cfg['layers']} `Linear` layers "
+        f"of width {run.get('width', '?')} ({run.get('params', 0) / 1e6:.1f} M parameters; with AdamW's two moments "
+        f"{cfg['size_mb']:.0f} MB), each layer and the model `fully_shard`'ed, gloo on CPU, {cfg['batch']} rows per "
+        "rank; "
+        f"{cfg['steps']} steps, a durable save every {cfg['interval']} (`mode=async`, `keep_last=2`); "
+        f"{cfg['reps']} round(s), each running every configuration once, the order rotated. *none*: no Checkpointer; "
+        "*tier-off*: `local_interval=0`; *defaults*: the local tier on (`local_interval=auto`). After: ftrain "
+        + _tree(cfg["after"]) + "."
+        + (f" Before: `{before['commit']}` ({before['rev']}: {before['subject']}), the same worker with "
+           "`PYTHONPATH` on its sources." if before else ""), "",
+        f"- *loop time*: from the end of step {cfg['skip']} until the last step's `maybe_save(last=True)` returned "
+        "(the final commit included), the slowest rank; *vs none*: divided by the *none* job of the same round; "
+        "*last step left out*: the same without the last step (no final commit wait); *CPU time vs none*: the CPU "
+        "time the ranks' processes (all their threads) used in the same steps, divided likewise (outside load on a "
+        "shared machine moves it far less than wall time).",
+        "- *snapshots*: local snapshots in the measured steps / in all steps (from the snapshot schedule in force; a "
+        "durable save takes one too); *blocked per save*: the checkpointer's `checkpoint/blocking_s` of the saves "
+        "before the last; *maybe_save at a save*: the call at those steps; *final save*: the last step's call, "
+        "until the commit; *resume*: one `load()` of the last checkpoint in a second job (page cache warm).", "",
+        "| configuration | loop time | vs none | last step left out | CPU time vs none | median step | snapshots "
+        "| blocked per save | maybe_save at a save | final save | resume: load() | other load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, entry in configs.items():
+        snaps = entry.get("snapshots_measured")
+        snap_text = "-" if label == "none" else "?" if snaps is None else (
+            f"{snaps['median']:.0f} / {entry['snapshots_all']['median']:.0f}")
+        lines.append(
+            f"| {label} | {fmt_s(entry['loop_s'])} | {_spread(entry.get('ratio_to_none'), 3)} | "
+            f"{_spread(entry.get('ratio_to_none_without_last'), 3)} | {_spread(entry.get('cpu_ratio_to_none'), 3)} | "
+            f"{fmt_s(entry['median_step_s'])} | {snap_text} | "
+            f"{fmt_s(entry.get('blocking_s'))} | {fmt_s(entry.get('save_call_s'))} | "
+            f"{fmt_s(entry.get('final_save_s'))} "
+            f"| {fmt_s(entry.get('resume_s'))} | {_spread(entry['other_cpu_share'], 2)} |")
+    lines.append("")
+    for label, entry in configs.items():
+        if label == "none" or entry.get("snapshots_measured") is None or not entry["snapshots_all"]["median"]:
+            continue
+        chosen = ", ".join(f"{int(v)} at step {s}" for s, v in entry["auto_intervals"]) or "none in these steps"
+        costs = entry["auto_snapshot_cost_s"]
+        cost = statistics.median(c for _, c in costs) * 1e3 if costs else None
+        lines.append(
+            f"- {label}: `local_interval=auto` chose {chosen}"
+            + (f" (rank 0's median snapshot cost {cost:.0f} ms)" if cost is not None else "")
+            + f"; `maybe_save` on a measured step with a snapshot (no save) {fmt_s(entry.get('call_snapshot_s'))}, "
+            f"without one {fmt_s(entry.get('call_plain_s'))}.")
+    comparisons = loop["comparisons"]
+    gap = comparisons.get("defaults_minus_tier_off")
+    for key, what in (("defaults_minus_tier_off", "loop time"), ("cpu defaults_minus_tier_off", "CPU time")):
+        if comparisons.get(key):
+            lines.append(f"- defaults minus tier-off, {what} / none: {comparisons[key]['median']:+.3f} (median of the "
+                         f"rounds' differences; of the medians {comparisons[key]['of_medians']:+.3f}); target <= 0.01.")
+    if before:
+        lines += ["", "| measure | configuration | before | after | after / before |", "|---|---|---|---|---|"]
+        names = {"blocking_s": "blocked per save", "save_call_s": "maybe_save at a save",
+                 "final_save_s": "final save (until commit)", "resume_s": "resume: load()"}
+        for config in ("tier-off", "defaults"):
+            now, then = configs[config], configs[f"before {config}"]
+            ratios = comparisons[f"after_vs_before {config}"]
+            for key, name in names.items():
+                lines.append(f"| {name} | {config} | {fmt_s(then.get(key))} | {fmt_s(now.get(key))} | "
+                             f"{fmt_x(ratios.get(key))} |")
+            for key, name in (("ratio_to_none", "loop time / none"), ("cpu_ratio_to_none", "CPU time / none")):
+                lines.append(f"| {name} | {config} | {_spread(then.get(key), 3)} | {_spread(now.get(key), 3)} | "
+                             f"{fmt_x(ratios.get(key), 3)} |")
+        for key, what in (("defaults_minus_tier_off", "loop time"), ("cpu defaults_minus_tier_off", "CPU time")):
+            now_gap, then_gap = comparisons.get(key), comparisons.get(f"{key.replace('defaults', 'before_defaults')}")
+            if now_gap and then_gap:
+                lines.append(f"\nDefaults minus tier-off, {what} / none: before {then_gap['median']:+.3f}, after "
+                             f"{now_gap['median']:+.3f}.")
+    return [*lines, ""]

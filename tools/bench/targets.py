@@ -22,6 +22,11 @@ TARGETS = {
     "identical_to_uninterrupted": (1.0, ">="),
     "auto_overhead_vs_budget": (1.0, "<="),
     "health_cost_vs_noise": (1.0, "<="),
+    # the loop part (own loop through ftrain.Checkpointer): the local tier's cost with the defaults, and
+    # after / before of save cost and resume time; 1.1, not 1.0: a margin for run-to-run noise chosen here
+    "loop_defaults_minus_tier_off": (0.01, "<="),
+    "loop_save_cost_after_vs_before": (1.1, "<="),
+    "loop_resume_after_vs_before": (1.1, "<="),
 }
 KILL_NAMES = {"job": "whole-job SIGKILL", "rank": "one-rank SIGKILL (--max-restarts)"}
 
@@ -58,7 +63,48 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                                    f"run against run: {entry['ratio_to_off']['median']:.3f}"))
     if result.get("goodput"):
         rows += goodput_rows(result["goodput"])
+    if result.get("loop"):
+        rows += loop_rows(result["loop"])
     return rows
+
+
+def loop_rows(loop: dict[str, Any]) -> list[dict[str, Any]]:
+    """The local tier's cost in the loop with the defaults (and the same figure before, for comparison), and after /
+    before of save cost and resume time when the run had a before tree."""
+    comparisons, configs = loop["comparisons"], loop["configs"]
+    before = loop["config"].get("before")
+    rows = []
+    trees = [("", "defaults", "defaults_minus_tier_off")]
+    if before:
+        trees.append(("before ", f"before ({before['commit']})", "before_defaults_minus_tier_off"))
+    for measure, what, ratio_key in (("", "loop time", "ratio_to_none"), ("cpu ", "CPU time", "cpu_ratio_to_none")):
+        for prefix, mode, key in trees:
+            gap, note = comparisons.get(measure + key), ""
+            if gap:
+                on, off = configs[f"{prefix}defaults"], configs[f"{prefix}tier-off"]
+                note = (f"{what} / none: {on[ratio_key]['median']:.3f} defaults, {off[ratio_key]['median']:.3f} "
+                        f"tier off; median of {gap['n']} paired round(s)")
+            rows.append(target_row("loop_defaults_minus_tier_off", mode, gap["median"] if gap else None,
+                                   f"own loop: {what} / none, defaults minus local_interval=0", note))
+    for config in ("tier-off", "defaults"):
+        after_before = comparisons.get(f"after_vs_before {config}")
+        if not after_before:
+            continue
+        rows.append(target_row("loop_save_cost_after_vs_before", config, after_before["blocking_s"],
+                               "own loop: blocked per save (checkpoint/blocking_s), after / before",
+                               _after_before_note(configs, config, "blocking_s")))
+        rows.append(target_row("loop_resume_after_vs_before", config, after_before["resume_s"],
+                               "own loop: one load() of the last checkpoint, after / before",
+                               _after_before_note(configs, config, "resume_s")))
+    return rows
+
+
+def _after_before_note(configs: dict[str, Any], config: str, key: str) -> str:
+    now, then = configs[config].get(key), configs[f"before {config}"].get(key)
+    if not now or not then:
+        return ""
+    unit = (1e3, "ms") if then["median"] < 1 else (1.0, "s")
+    return f"{now['median'] * unit[0]:.1f} vs {then['median'] * unit[0]:.1f} {unit[1]} (medians)"
 
 
 def goodput_rows(goodput: dict[str, Any]) -> list[dict[str, Any]]:
