@@ -25,6 +25,8 @@ Public names:
     CheckpointError    a checkpoint could not be saved or no usable one could be loaded
     LockedError        another live job holds the run directory
     EXIT_PREEMPTED     the exit code (75) for "saved after a preemption signal; run again to resume"
+    run_with_warm_restarts  runs a script's main so that under torchrun a dead training process is replaced by
+                       a fork of a warm parent, in the same torchrun round
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ if TYPE_CHECKING:
     from ftrain.checkpoint.options import CheckpointOptions
     from ftrain.checkpointer import Checkpointer
     from ftrain.preemption import EXIT_PREEMPTED
+    from ftrain.warm import run_with_warm_restarts
 
-__all__ = ["Checkpointer", "CheckpointError", "CheckpointOptions", "EXIT_PREEMPTED", "LockedError", "__version__"]
+__all__ = [
+    "Checkpointer", "CheckpointError", "CheckpointOptions", "EXIT_PREEMPTED", "LockedError", "run_with_warm_restarts",
+    "__version__",
+]
 
 # Imported on first use, so that ``import ftrain.config`` (a command's --help) does not pay for torch.
 _PUBLIC = {
@@ -49,6 +55,7 @@ _PUBLIC = {
     "CheckpointOptions": "ftrain.checkpoint.options",
     "LockedError": "ftrain.checkpoint.lock",
     "EXIT_PREEMPTED": "ftrain.preemption",
+    "run_with_warm_restarts": "ftrain.warm",
 }
 
 

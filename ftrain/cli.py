@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.warm_restarts:
         why_not = warm.available()
         if not why_not:
-            warm.preload()
+            warm.preload("ftrain.trainer")
             return warm.run(lambda: _train(cfg), cfg.train.warm_restarts, cfg.train.timeout_s)
         if _local_rank() == 0 and why_not != warm.NOT_UNDER_TORCHRUN:  # a single process: nothing to keep warm
             print(f"ftrain: train.warm_restarts: off ({why_not})", file=sys.stderr)

@@ -53,15 +53,69 @@ def available() -> str:
     return ""
 
 
-def preload() -> None:
-    """Import what every training process needs, once, in the parent: its forks start with it."""
+def preload(*modules: str) -> None:
+    """Import what every training process needs, once, in the parent: its forks start with it. ``modules``: more
+    to import (the recipe's trainer)."""
+    import importlib
+
     import torch  # noqa: F401
     import torch._dynamo  # noqa: F401 - the optimizer's first use imports it: about half of a fresh start
     import torch.distributed.checkpoint  # noqa: F401
     import torch.distributed.checkpoint.state_dict  # noqa: F401
 
     import ftrain.checkpointer  # noqa: F401
-    import ftrain.trainer  # noqa: F401
+
+    for module in modules:
+        importlib.import_module(module)
+
+
+def run_with_warm_restarts(main: Callable[[], int | None], restarts: int = 3, timeout_s: float = 300.0) -> int:
+    """Run a training script's ``main`` (your own loop on ``ftrain.Checkpointer``) so that under torchrun a
+    training process that dies is replaced by a fork of a warm parent, in the same torchrun round; returns the
+    exit code to end with (``sys.exit`` it). ``main`` returns an exit code (None = 0) or raises.
+
+    What ``main`` must do: everything that starts a thread, a process group or CUDA happens inside it (imports at
+    module level are fine and are what the forks reuse), and it resumes with ``Checkpointer.load()`` as always:
+    the replacement resumes from the newest local snapshot every rank holds. A plain
+    ``dist.init_process_group()`` works: every generation of training processes gets a store of its own.
+    ``restarts=0``, or not under torchrun, calls ``main`` once in this process."""
+    why_not = available()
+    if restarts <= 0 or why_not:
+        if restarts > 0 and why_not != NOT_UNDER_TORCHRUN and os.environ.get("LOCAL_RANK", "0") == "0":
+            logger.warning("warm restarts off: %s", why_not)
+        return _exit_code(main)
+    preload()
+    return run(lambda: _leave(_exit_code(main)), restarts, timeout_s)
+
+
+def _exit_code(main: Callable[[], int | None]) -> int:
+    """``main``'s exit code: what it returned or exited with; 1 after an exception (printed), ending the run for
+    good when ftrain raised it on purpose (a ``CheckpointError``: on_failure=abort, a failed final save)."""
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException as exc:  # noqa: BLE001 - a training process's last word: the parent decides what follows
+        import traceback
+
+        traceback.print_exc()
+        from ftrain.checkpoint.errors import CheckpointError
+
+        if isinstance(exc, CheckpointError):
+            end_for_good()
+        code = 1
+    return 0 if code is None else int(code)
+
+
+def _leave(code: int) -> int:
+    """End a training process now, without interpreter finalization (as the recipe does: gloo's threads can abort
+    a finished process while the interpreter tears down)."""
+    import sys
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
@@ -80,7 +134,7 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
     # The parents' own key space in torchrun's store (a client connection; the children never use it).
     store = _parent_store(timeout_s)
     try:
-        gen = 0
+        gen, port = 0, 0
         while True:
             parent = os.getpid()
             final_r, final_w = os.pipe()
@@ -92,6 +146,8 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
                 os.environ[GENERATION_ENV] = str(gen)
+                if gen > 0:  # a store of its own for this generation's process group (see _next_store_port)
+                    os.environ.update({"MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "False"})
                 os._exit(train())
             os.close(final_w)
             os.set_blocking(final_r, False)  # a forked data worker may still hold the write end open
@@ -118,6 +174,7 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
                 logger.error("rank %d: not every rank's warm parent came back within %.0f s: leaving it to torchrun", rank, timeout_s)
                 return code if code >= 0 else 128 - code
             gen += 1
+            port = _next_store_port(store, gen, rank)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -182,6 +239,22 @@ def _parent_store(timeout_s: float):  # noqa: ANN202 - a torch.distributed.Store
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return dist.PrefixStore(f"ftrain/{run_id}/round{round_id}/warm-parents/", client)
+
+
+def _next_store_port(store, gen: int, rank: int) -> int:  # noqa: ANN001
+    """The port on which generation ``gen``'s rank 0 hosts the store of its process group, as torch does when the
+    agent's store is not shared (``TORCHELASTIC_USE_AGENT_STORE=False``): a new store holds no key of the
+    generation that failed, so a plain ``init_process_group()`` in the new training processes cannot meet a dead
+    peer's address. Rank 0's parent picks a free port on its host (``MASTER_ADDR``: warm restarts need the
+    agent's store shared, so rank 0 runs there) and the others read it."""
+    key = f"gen{gen}/store-port"
+    if rank == 0:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            store.set(key, str(probe.getsockname()[1]))
+    return int(store.get(key))
 
 
 def _key(gen: int) -> str:

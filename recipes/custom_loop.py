@@ -4,7 +4,8 @@
     torchrun --standalone --nproc_per_node=2 recipes/custom_loop.py --run-dir runs/custom   # DDP on gloo
 
 Kill it at any moment (SIGKILL, Ctrl-C, a preemption's SIGTERM) and run the same command again: it continues
-from the latest complete checkpoint and ends with the same weights and the same losses as a run that was never
+from the latest complete checkpoint (under torchrun, one rank's training process killed alone is replaced in
+place: ``ftrain.run_with_warm_restarts``) and ends with the same weights and the same losses as a run that was never
 interrupted. Nothing here is ftrain's own model or data: an MLP with batch norm and dropout on a synthetic
 classification set, a plain ``torch.utils.data.Dataset`` in torchdata's ``StatefulDataLoader``.
 """
@@ -143,7 +144,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
+    # Under torchrun, a training process that dies (SIGKILL, OOM kill, an exception on one rank) is replaced by a
+    # fork of this rank's warm parent, which has imported everything above: no new torchrun round, no new imports.
+    # Without torchrun, main simply runs here.
+    code = ftrain.run_with_warm_restarts(lambda: main(sys.argv[1:]))
     # Leave without interpreter finalization, as ftrain-train does: with gloo (here DDP's and the default group's
     # threads), a process that finished cleanly can still abort while the interpreter tears down (SIGABRT,
     # "terminate called without an active exception"; pytorch/pytorch#179291 describes the mechanism), and

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import (
     FAST,
+    Job,
     REPO,
     TORCHRUN,
     assert_same_tensors,
@@ -160,3 +161,30 @@ def test_ftrain_chaos_aims_at_training_processes(tmp_path, warm_reference):
     assert len(report["cost_per_failure_s"]) == 2 and report["ettr"] is not None
     log = (tmp_path / "chaos.chaos.log").read_text()
     assert log.count("forking a new one from the warm parent") >= 2 and "Restarting" not in log
+
+
+def test_an_own_loop_under_run_with_warm_restarts_recovers_a_killed_training_process(tmp_path):
+    """recipes/custom_loop.py (DDP, a plain dist.init_process_group()) runs its main through
+    ftrain.run_with_warm_restarts: rank 1's training process SIGKILLed mid-run is replaced by a fork of its warm
+    parent in the same torchrun round, and the run ends bit-identical to an uninterrupted one."""
+    from ftrain import tags
+    from ftrain.checkpoint.reader import read_tensors
+
+    def cmd(run_dir):
+        return [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--max-restarts=0", str(REPO / "recipes" / "custom_loop.py"),
+                "--run-dir", str(run_dir), "--steps", "600", "--interval", "50"]
+
+    reference = tmp_path / "reference"
+    check_ok(subprocess.run(cmd(reference), capture_output=True, text=True, timeout=300, cwd=REPO))
+    run_dir = tmp_path / "run"
+    proc = Job(cmd(run_dir), cwd=REPO)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000100" / "COMPLETE").is_file(), what="step 100", proc=proc)
+    victim = psutil.Process(worker_pids(proc)[1]).children()[0]
+    assert victim.name() == "ftrain-train"
+    victim.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert "forking a new one from the warm parent" in err and "(generation 1)" in err and "Restarting" not in err
+    final = Path("checkpoints") / "step_00000600"
+    assert_same_tensors(read_tensors(reference / final), read_tensors(run_dir / final))
+    assert scalars(run_dir / "tb", tags.LOSS) == scalars(reference / "tb", tags.LOSS)
