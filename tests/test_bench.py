@@ -144,7 +144,7 @@ def test_goodput_failures_are_recovered_from_the_local_tier(goodput):
     assert positive(result["restart_floor_s"])
     # the same launches then take the recipe's first step without ftrain: later than joining
     assert result["first_step_floor_s"]["median"] > result["restart_floor_s"]["median"]
-    assert set(result["failures"]) == {"job/on", "rank/on"}  # the quick form: tier on only
+    assert set(result["failures"]) == {"job/warm", "process/warm"}  # the quick form: the defaults only
     for name, entry in result["failures"].items():
         assert entry["kills"] == entry["recovered"] == 1, (name, entry["report"])  # a real SIGKILL, recovered
         # snapshots every step: a kill redoes a step or two, not the steps since the durable checkpoint (<= 9)

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import MANAGER_MODES, REPO, BenchError
-from bench.goodput import CONFIGS, run_goodput_part
+from bench.goodput import CONFIGS, QUICK_CONFIGS, run_goodput_part
 from bench.launch import run_logged, tail, torchrun_cmd
 from bench.micro import run_worker
 from bench.object_storage import cleanup as cleanup_s3, run_s3_part
@@ -123,6 +123,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--goodput-max-delay", type=float, default=None,
                         help="goodput part: most seconds of training before each kill [default: spread the kills "
                         "over the run, from the measured steps/s]")
+    parser.add_argument("--goodput-configs", default="",
+                        help="goodput part: comma-separated kill/setup pairs to run, e.g. rank/on,process/warm "
+                        "[default: all; with --quick: job/warm,process/warm]")
     parser.add_argument("--loop-steps", type=int, default=40, help="loop part: steps of each loop job")
     parser.add_argument("--loop-interval", type=int, default=10, help="loop part: a durable save every N steps")
     parser.add_argument("--loop-reps", type=int, default=3,
@@ -160,7 +163,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.goodput_timeout = 600.0 if args.quick else 1800.0
     args.goodput_model = ["model.seq_len=64", "train.batch_size=4"] if args.quick else []  # quick: shorter steps
     # quick: the failures only with the local tier on (the tier-off path is the same code, and time is short)
-    args.goodput_configs = [c for c in CONFIGS if c[1] == "on"] if args.quick else list(CONFIGS)
+    if args.goodput_configs:
+        wanted = _split(args.goodput_configs)
+        known = {f"{kind}/{setup}": (kind, setup) for kind, setup in CONFIGS}
+        if set(wanted) - set(known):
+            parser.error(f"--goodput-configs: choose from {', '.join(known)}")
+        args.goodput_configs = [known[name] for name in wanted]
+    else:
+        args.goodput_configs = list(QUICK_CONFIGS if args.quick else CONFIGS)
     if args.trainer_modes is None:
         args.trainer_modes = "async" if args.quick else ",".join(MANAGER_MODES)
     args.parts = _split(args.parts)

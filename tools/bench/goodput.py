@@ -4,12 +4,13 @@ and off (durable checkpoints only), measured side by side in one benchmark run.
 1. *restart floor*: ``torchrun`` starting the same number of workers that only import torch and
    ``torch.distributed.checkpoint`` and join a gloo group (a script written into the work directory); from the
    launch until every worker has joined, median of 3 launches;
-2. *throughput*: uninterrupted recipe runs with the tier on and off, alternating, same seed; steps/s from
+2. *throughput*: uninterrupted recipe runs with the tier off, on, and on with warm restarts, alternating, same seed; steps/s from
    TensorBoard's wall times (``trainer_runs.read_run``). The runs of the first repetition are the references the
    runs under failures are compared with, and each other's (bit-identical weights and losses);
 3. *failures*: ``ftrain.harness.chaos.run_chaos`` SIGKILLs the whole job (``job``), and separately one worker under
-   ``torchrun --max-restarts`` (``rank``), each with the tier on and off, at the same random moments (same
-   seed); per configuration: steps redone and time lost per failure (from the kill to the first step after it),
+   ``torchrun --max-restarts`` (``rank``), each with the tier on and off and warm restarts off; then, with the
+   defaults (tier and warm restarts on), the whole job and one rank's training process (``process``: its warm
+   parent forks a new one), all at the same random moments (same seed); per configuration: steps redone and time lost per failure (from the kill to the first step after it),
    the cost per failure, ETTR, and whether the final weights and every loss match the reference;
 4. *health check*: it cannot be switched off, so its per-step cost is a micro-benchmark in the last floor
    launch: ``HealthMonitor.judge`` + ``record`` and a 3-float vs a 2-float ``sum_over_ranks`` (the verdict is
@@ -41,9 +42,18 @@ from .launch import TORCHRUN, run_logged, tail
 from .system import OtherLoad, wait_for_quiet
 from .trainer_runs import read_run
 
-LOCAL_TIER = {"off": "checkpoint.local_interval=0", "on": "checkpoint.local_interval=auto"}  # on: the default; off: durable only
-KILL_KINDS = ("job", "rank")
-CONFIGS = tuple((kind, tier) for kind in KILL_KINDS for tier in ("off", "on"))  # (kill kind, local tier)
+# The setups compared ("tiers" in the results): durable checkpoints only (off), the local tier on (on), both as
+# before warm restarts; and the default (warm): the local tier on and warm restarts on.
+WARM_RESTARTS_OFF = "train.warm_restarts=0"
+LOCAL_TIER = {
+    "off": ["checkpoint.local_interval=0", WARM_RESTARTS_OFF],
+    "on": ["checkpoint.local_interval=auto", WARM_RESTARTS_OFF],
+    "warm": ["checkpoint.local_interval=auto"],
+}
+# (kill kind, setup): a whole-job kill and one worker SIGKILLed (torchrun's restart) without warm restarts, then
+# with them: a whole-job kill, and one rank's training process SIGKILLed (the warm parent forks a new one).
+CONFIGS = (("job", "off"), ("job", "on"), ("rank", "off"), ("rank", "on"), ("job", "warm"), ("process", "warm"))
+QUICK_CONFIGS = (("job", "warm"), ("process", "warm"))
 MIN_DELAY_S = 0.5  # training time before a kill, at least
 FLOOR_SCRIPT = "restart_floor.py"
 JOINED, TRAINED, HEALTH = "GOODPUT_JOINED", "GOODPUT_TRAINED", "GOODPUT_HEALTH"
@@ -180,7 +190,7 @@ def recipe_cmd(args: argparse.Namespace, run_dir: Path, tier: str, *, interval: 
                max_restarts: int = 0) -> list[str]:
     interval = args.goodput_interval if interval is None else interval
     return [*TORCHRUN, "--standalone", f"--nproc_per_node={args.nproc}", f"--max-restarts={max_restarts}",
-            str(REPO / "recipes" / "train.py"), *recipe_overrides(args, run_dir, interval), LOCAL_TIER[tier]]
+            str(REPO / "recipes" / "train.py"), *recipe_overrides(args, run_dir, interval), *LOCAL_TIER[tier]]
 
 
 def run_recipe(args: argparse.Namespace, cmd: list[str], name: str) -> dict[str, Any]:
@@ -286,7 +296,8 @@ def run_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Uninterrupted runs, tier off and on, alternating (order swapped each repetition), same seed."""
     runs = []
     for rep in range(args.goodput_reps):
-        for tier in ("off", "on") if rep % 2 == 0 else ("on", "off"):
+        order = list(LOCAL_TIER)
+        for tier in order if rep % 2 == 0 else order[::-1]:
             runs.append(run_uninterrupted(args, work, tier, rep))
     tiers = {}
     for tier in LOCAL_TIER:
@@ -303,6 +314,8 @@ def run_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "ratio_on_off": summarize([by_rep["on", r]["steps_per_s"] / by_rep["off", r]["steps_per_s"] for r in reps]),
         "ratio_on_off_median_step": summarize(
             [by_rep["off", r]["plain_step_s"] / by_rep["on", r]["plain_step_s"] for r in reps]),
+        # what keeping a warm parent per rank costs a run without failures (the local tier on in both)
+        "ratio_warm_on": summarize([by_rep["warm", r]["steps_per_s"] / by_rep["on", r]["steps_per_s"] for r in reps]),
         "identical_on_off": {"weights": same_weights, "losses": same_losses, "differences": differences},
         "step_time_noise": step_time_noise(tiers),
     }
@@ -335,6 +348,8 @@ def run_failures(args: argparse.Namespace, work: Path, kind: str, tier: str, ref
     run_dir = work / name
     restarts = args.goodput_kills + 3 if kind == "rank" else 0  # a whole-job kill is relaunched by run_chaos
     cmd = recipe_cmd(args, run_dir, tier, max_restarts=restarts)
+    if kind == "process":  # every failure is the warm parents' to recover, none torchrun's
+        cmd.append(f"train.warm_restarts={args.goodput_kills + 3}")
     waited = wait_for_quiet(args.quiet_wait)
     load = OtherLoad()
     prefix = f"[bench] goodput {kind} kills, local tier {tier}:"
@@ -403,7 +418,7 @@ def own_recovery(run_dir: Path) -> dict[str, Any]:
 def run_auto_interval(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One run with ``checkpoint.interval=auto`` (tier on): the intervals chosen and the overhead measured."""
     run_dir = work / "auto"
-    result = run_recipe(args, recipe_cmd(args, run_dir, "on", interval="auto"), "auto")
+    result = run_recipe(args, recipe_cmd(args, run_dir, "warm", interval="auto"), "auto")  # the defaults
     result.update(auto_overhead(run_dir / TENSORBOARD_DIR))
     result["budget"] = overhead_budget(run_dir)
     result["overhead_vs_budget"] = ratio(result["overhead_share"], result["budget"])

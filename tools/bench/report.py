@@ -215,12 +215,15 @@ def throughput_lines(goodput: dict[str, Any]) -> list[str]:
              "that does not follow a checkpoint.", "",
              "| local tier | steps/s | vs off (paired) | median step | vs off | other load |",
              "|---|---|---|---|---|---|"]
-    for tier in ("off", "on"):
+    for tier in tiers:
         entry, vs = tiers[tier], tier == "on"
         lines.append(f"| {tier} | {_spread(entry['steps_per_s'], 2)} | "
                      f"{_spread(throughput['ratio_on_off'], 3) if vs else '-'} | {fmt_s(entry['plain_step_s'])} | "
                      f"{_spread(throughput['ratio_on_off_median_step'], 3) if vs else '-'} | "
                      f"{_spread(entry['other_cpu_share'], 2)} |")
+    if throughput.get("ratio_warm_on"):
+        lines += ["", "*off*, *on*: the local tier off and on, warm restarts off; *warm*: the defaults (local tier on, "
+                  f"warm restarts on). Steps/s warm / on, paired: {_spread(throughput['ratio_warm_on'], 3)}."]
     noise = health["step_time_noise"]
     differ = "**differ**: " + "; ".join(same["differences"][:5])
     lines += ["", "Final weights and every loss, tier on vs off: "

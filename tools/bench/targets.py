@@ -18,6 +18,10 @@ TARGETS = {
     "goodput_steps_redone": (1.0, "<="),
     "goodput_time_lost_over_floor": (0.5, "<="),
     "goodput_ettr": (0.8, ">="),
+    # warm restarts (#27): one training process SIGKILLed, its warm parent forks a new one
+    "warm_time_lost_s": (0.5, "<="),
+    "warm_ettr": (0.95, ">="),
+    "warm_throughput_vs_cold": (0.99, ">="),
     "local_tier_throughput_vs_off": (0.99, ">="),
     "identical_to_uninterrupted": (1.0, ">="),
     "auto_overhead_vs_budget": (1.0, "<="),
@@ -28,7 +32,13 @@ TARGETS = {
     "loop_save_cost_after_vs_before": (1.1, "<="),
     "loop_resume_after_vs_before": (1.1, "<="),
 }
-KILL_NAMES = {"job": "whole-job SIGKILL", "rank": "one-rank SIGKILL (--max-restarts)"}
+KILL_NAMES = {
+    "job": "whole-job SIGKILL",
+    "rank": "one-rank SIGKILL (--max-restarts)",
+    "process": "one training process SIGKILL",
+}
+SETUP_NAMES = {"on": "local tier on", "warm": "defaults (local tier, warm restarts)"}
+FAILURE_ROWS = ("job/on", "rank/on", "job/warm", "process/warm")  # the configurations with target rows
 
 
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -112,16 +122,28 @@ def goodput_rows(goodput: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     floor = goodput["restart_floor_s"]["median"]
     first_step = (goodput.get("first_step_floor_s") or {}).get("median")
-    for kind, name in KILL_NAMES.items():
-        entry, mode = goodput["failures"][f"{kind}/on"], f"{name}, local tier on"
+    for config in FAILURE_ROWS:
+        if config not in goodput["failures"]:
+            continue
+        entry = goodput["failures"][config]
+        kind, setup = config.split("/")
+        mode = f"{KILL_NAMES[kind]}, {SETUP_NAMES[setup]}"
         rows.append(target_row("goodput_steps_redone", mode, _median(entry["steps_redone"]),
                                "median steps redone per failure", _landed(entry)))
         lost = _median(entry["time_lost_s"])
+        if kind == "process":  # no new process at all: the target is absolute
+            rows.append(target_row("warm_time_lost_s", mode, lost, "median time lost per failure (s)",
+                                   _lost_note(lost, floor, first_step)))
+            rows.append(target_row("warm_ettr", mode, entry["ettr"], "ETTR (effective training time ratio)"))
+            continue
         rows.append(target_row("goodput_time_lost_over_floor", mode, None if lost is None else lost - floor,
                                "median time lost per failure - restart floor (s)",
                                _lost_note(lost, floor, first_step)))
         rows.append(target_row("goodput_ettr", mode, entry["ettr"], "ETTR (effective training time ratio)"))
     throughput = goodput["throughput"]
+    if throughput.get("ratio_warm_on"):
+        rows.append(target_row("warm_throughput_vs_cold", "warm restarts on / off", throughput["ratio_warm_on"]["median"],
+                               "recipe steps/s without failures, warm restarts on / off, local tier on (paired runs)"))
     rows.append(target_row("local_tier_throughput_vs_off", "local tier on / off", throughput["ratio_on_off"]["median"],
                            "recipe steps/s without failures, local tier on / off (paired runs)",
                            f"median step: {throughput['ratio_on_off_median_step']['median']:.3f}"))
