@@ -12,7 +12,7 @@ fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "${FTRAIN_TORCH:-torch==2.13.0}"
 fi
-if ! "$PY" -c "import ftrain, torchdata, omegaconf, tensorboard, matplotlib, pytest" 2>/dev/null \
+if ! "$PY" -c "import ftrain, torchdata, omegaconf, tensorboard, matplotlib, pytest, xdist" 2>/dev/null \
    || [ "$ROOT/pyproject.toml" -nt "$VENV/.ftrain-installed" ]; then
   "$PY" -m pip install --quiet -e "$ROOT[dev]"
   touch "$VENV/.ftrain-installed"

@@ -6,6 +6,7 @@ the quick in-process tests alone, in seconds."""
 
 from __future__ import annotations
 
+import fcntl
 import inspect
 import os
 import shutil
@@ -71,15 +72,45 @@ def kill_job(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _no_local_snapshots_left_behind():
-    """Runs the tests kill keep their local snapshots in /dev/shm, as they should (a restart would use them); the
-    runs' directories are temporary, so the snapshots are removed when the session ends."""
-    shm = Path("/dev/shm")
-    before = set(shm.glob("ftrain-*")) if shm.is_dir() else set()
-    yield
-    if shm.is_dir():
-        for leftover in set(shm.glob("ftrain-*")) - before:
+# The local snapshots of the runs the tests kill stay in /dev/shm, as they should (a restart would use them); the
+# runs' directories are temporary, so their snapshots are removed when the session ends. With pytest-xdist that is
+# done by the controller, after every worker has finished (a worker that ended first would otherwise remove the
+# snapshots of runs another worker still has going), and only for runs under this session's temporary directory (not
+# another test session's, or a user's, made on the same machine meanwhile).
+_SHM = Path("/dev/shm")
+_SNAPSHOTS_BEFORE = pytest.StashKey[set]()
+
+
+def _snapshot_dirs() -> set[Path]:
+    return set(_SHM.glob("ftrain-*")) if _SHM.is_dir() else set()
+
+
+def _run_dir_of(snapshots: Path) -> Path | None:
+    from ftrain.checkpoint.local.directory import OWNER_NAME, Owner
+
+    for owner in snapshots.glob(f"rank-*/{OWNER_NAME}"):
+        try:
+            found = Owner.decode(owner.read_bytes())
+        except OSError:
+            continue
+        if found is not None and found.run_dir:
+            return Path(found.run_dir)
+    return None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller, or a run without xdist
+        session.config.stash[_SNAPSHOTS_BEFORE] = _snapshot_dirs()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    if hasattr(config, "workerinput") or _SNAPSHOTS_BEFORE not in config.stash:
+        return
+    ours = config._tmp_path_factory.getbasetemp().resolve()  # the workers' directories are under it
+    for leftover in _snapshot_dirs() - config.stash[_SNAPSHOTS_BEFORE]:
+        run_dir = _run_dir_of(leftover)
+        if run_dir is not None and ours in run_dir.resolve().parents:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -87,12 +118,30 @@ def worker_pids(proc: subprocess.Popen) -> dict[int, int]:
     return processes.worker_pids(proc.pid)
 
 
+def shared_run(tmp_path_factory: pytest.TempPathFactory, name: str, make) -> Path:
+    """A directory that ``make(path)`` fills once per test session, for session fixtures that tests only read.
+    Under pytest-xdist each worker has a session of its own: the first worker that needs it makes it in the
+    directory all workers share (under a lock); the others wait for it and read the same one."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        path = tmp_path_factory.mktemp(name)
+        make(path)
+        return path
+    root = tmp_path_factory.getbasetemp().parent  # the controller's: every worker's own is under it
+    path, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (also if this worker dies)
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)  # a worker that failed to make it may have left a part
+            path.mkdir()
+            make(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted 2-rank run of the fast config; the yardstick for every resume test."""
-    run_dir = tmp_path_factory.mktemp("reference")
-    check_ok(run_train(run_dir))
-    return run_dir
+    return shared_run(tmp_path_factory, "reference", lambda run_dir: check_ok(run_train(run_dir)))
 
 
 
@@ -104,9 +153,7 @@ LOCAL_OPTIONS = ("train.max_steps=30", "checkpoint.interval=10", "log.interval=1
 
 @pytest.fixture(scope="session")
 def local_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    run_dir = tmp_path_factory.mktemp("local-reference")
-    check_ok(run_train(run_dir, *LOCAL_OPTIONS))
-    return run_dir
+    return shared_run(tmp_path_factory, "local-reference", lambda run_dir: check_ok(run_train(run_dir, *LOCAL_OPTIONS)))
 
 
 def wait_for(condition, timeout: float = 120, what: str = "condition", proc: subprocess.Popen | None = None) -> None:
@@ -275,8 +322,26 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+# ------------------------------------------------------------------------------- pytest-xdist: what stays together
+# scripts/test.sh runs the suite on several workers with --dist loadgroup: a test goes to whichever worker is free,
+# except those of one xdist_group, which go to one worker. A module- or class-scoped fixture (a reference run that
+# several tests of a file compare with) is made once per worker that needs it, so the tests of a file that use such
+# a fixture form one group: it is made once, as without xdist. Session fixtures that tests only read are
+# shared otherwise (shared_run above).
+_SHARED_SCOPES = {"module", "class", "package"}
+
+
+def _uses_shared_fixture(item: pytest.Item) -> bool:
+    for definitions in getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {}).values():
+        if definitions and definitions[-1].scope in _SHARED_SCOPES and _ours(definitions[-1].func):
+            return True
+    return False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     seen: dict = {}
     for item in items:
         if starts_processes(item, seen):
             item.add_marker(pytest.mark.scenario)
+        if _uses_shared_fixture(item) and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
