@@ -82,6 +82,11 @@ local_tensor: Callable[[Any], torch.Tensor] = operator.attrgetter("_local_tensor
 dtensor_spec: Callable[[Any], Any] = operator.attrgetter("_spec")
 
 
+def local_tensor_or_self(tensor: Any) -> Any:
+    """``DTensor._local_tensor`` of a DTensor (this rank's shard), or ``tensor`` itself when it is no DTensor."""
+    return getattr(tensor, "_local_tensor", tensor)
+
+
 # ------------------------------------------------------------------------------------------------ optimizers
 
 
@@ -133,3 +138,97 @@ def own_persistent_buffers(module: torch.nn.Module) -> Iterator[tuple[str, torch
 def module_version(module: torch.nn.Module) -> int:
     """``module._version``: what ``state_dict()`` records in ``_metadata`` for the module."""
     return module._version
+
+
+# ------------------------------------------------------------------------------------------------ DCP internals
+
+
+def dcp_storage_info_class() -> type:
+    """``torch.distributed.checkpoint.filesystem._StorageInfo``: the record DCP's metadata holds for where an entry
+    lies (``relative_path``, ``offset``, ``length``, ``transform_descriptors``)."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    return _StorageInfo
+
+
+def dcp_memory_format_enum() -> type:
+    """``torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING``: the enum DCP's ``TensorProperties`` pickles
+    a tensor's memory format as."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    return _MEM_FORMAT_ENCODING
+
+
+def layout_from_name() -> Callable[[str], torch.layout]:
+    """``torch.serialization._get_layout``: the function torch pickles a ``torch.layout`` as (the layout from its
+    name). The function itself, not called: a pickle names it (the safe unpickler matches it)."""
+    return torch.serialization._get_layout
+
+
+def empty_state_dict_load_planner_class() -> type:
+    """``torch.distributed.checkpoint.default_planner._EmptyStateDictLoadPlanner``: the load planner that fills an
+    empty dict with everything a checkpoint holds (nested as saved), needing no model."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+
+    return _EmptyStateDictLoadPlanner
+
+
+def set_state_dict_element(root: dict[str, Any], path: Any, value: Any) -> None:
+    """``torch.distributed.checkpoint._traverse.set_element``: put ``value`` in the nested ``root`` at the object
+    path (keys and list indices) a flattened key stands for, making the containers on the way."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    set_element(root, path, value)
+
+
+def load_state_dict_in_place(state_dict: dict[str, Any], storage_reader: Any, planner: Any) -> None:
+    """``torch.distributed.checkpoint.state_dict_loader._load_state_dict`` with ``no_dist=True``: DCP's load, in one
+    process, into ``state_dict`` itself. (``dcp.load`` loads into a copy and keeps only the keys that were there:
+    what an empty-dict planner builds would be dropped.)"""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    _load_state_dict(state_dict, storage_reader=storage_reader, planner=planner, no_dist=True)
+
+
+def dcp_metadata_path(reader: Any, rank: int | None) -> Any:
+    """``FileSystemReader._get_metadata_path(rank)``: where a file-system reader finds DCP's ``.metadata`` (a
+    rank's own file when every rank wrote one, else the one shared file when ``rank`` is None)."""
+    return reader._get_metadata_path(rank)
+
+
+def dcp_writer_process() -> Any:
+    """``torch.distributed.checkpoint._async_process_executor._CHECKPOINT_PROCESS``: this process's handle on
+    DCP's writer process (``async_process`` saves), None when none was started. DCP keeps it in that module
+    global for the life of the interpreter."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    return getattr(executor, "_CHECKPOINT_PROCESS", None)
+
+
+def forget_dcp_writer_process() -> None:
+    """Set ``_async_process_executor._CHECKPOINT_PROCESS`` to None: the next ``async_process`` save starts a new
+    writer process."""
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    executor._CHECKPOINT_PROCESS = None
+
+
+def dcp_writer_process_alive(process: Any) -> bool:
+    """``_AsyncCheckpointProcess._save_process.is_alive()``: whether the OS process behind a handle from
+    ``dcp_writer_process`` still runs."""
+    return process._save_process.is_alive()
+
+
+def close_dcp_writer_process(process: Any) -> None:
+    """``_AsyncCheckpointProcess.__del__``: what DCP does at garbage collection: send the writer process TERMINATE
+    and join it (SIGTERM after 5 s). A second call does nothing."""
+    process.__del__()
+
+
+# ------------------------------------------------------------------------------------------------ startup
+
+
+def import_dynamo() -> None:
+    """``import torch._dynamo``: the compiler stack an optimizer's first use imports (about half of a fresh
+    process's start); a warm parent imports it once for all its forks."""
+    import torch._dynamo  # noqa: F401

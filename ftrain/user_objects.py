@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
+from ftrain._torch_compat import local_tensor_or_self
 from ftrain.checkpoint import keys, safe_types
 from ftrain.checkpoint.errors import CheckpointError
 from ftrain.checkpoint.local import LocalModelState, LocalOptimizerState, LocalProgressState
@@ -69,16 +70,16 @@ class SavedStates:
 
 def model_device(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
-        local = getattr(tensor, "_local_tensor", tensor)  # DTensor (FSDP2): the shard's device
+        local = local_tensor_or_self(tensor)  # DTensor (FSDP2): the shard's device
         return local.device
     return torch.device("cpu")
 
 
 def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """This rank's bytes of model and optimizer state (an optimizer with no state yet: as much as Adam's)."""
-    local = [getattr(t, "_local_tensor", t) for t in (*model.parameters(), *model.buffers())]
+    local = [local_tensor_or_self(t) for t in (*model.parameters(), *model.buffers())]
     size = sum(t.nbytes for t in local)
-    optim = [getattr(v, "_local_tensor", v) for state in optimizer.state.values() for v in state.values()]
+    optim = [local_tensor_or_self(v) for state in optimizer.state.values() for v in state.values()]
     tensors = [t for t in optim if isinstance(t, torch.Tensor)]
     return size + (sum(t.nbytes for t in tensors) if tensors else 2 * size)
 

@@ -59,7 +59,10 @@ def preload(*modules: str) -> None:
     import importlib
 
     import torch  # noqa: F401
-    import torch._dynamo  # noqa: F401 - the optimizer's first use imports it: about half of a fresh start
+
+    from ftrain._torch_compat import import_dynamo
+
+    import_dynamo()  # the optimizer's first use imports it: about half of a fresh start
     import torch.distributed.checkpoint  # noqa: F401
     import torch.distributed.checkpoint.state_dict  # noqa: F401
 

@@ -6,6 +6,8 @@ snapshot or a staging copy going wrong somewhere downstream.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import io
 import os
 import pickle
@@ -87,6 +89,7 @@ def test_local_tensor_is_a_dtensors_shard():
         dtensor = DTensor.from_local(local, mesh, [Replicate()], run_check=False)
         shard = compat.local_tensor(dtensor)
         assert type(shard) is torch.Tensor and torch.equal(shard, local), _broke("DTensor._local_tensor", "changed")
+        assert compat.local_tensor_or_self(dtensor) is shard, _broke("DTensor._local_tensor", "changed")
         rebuilt = DTensor(shard, compat.dtensor_spec(dtensor), requires_grad=False)
         assert rebuilt.placements == dtensor.placements and torch.equal(rebuilt.full_tensor(), dtensor.full_tensor()), (
             _broke("DTensor._spec", "no longer rebuilds the DTensor with its local tensor")
@@ -94,6 +97,11 @@ def test_local_tensor_is_a_dtensors_shard():
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def test_local_tensor_or_self_leaves_a_plain_tensor():
+    tensor = torch.ones(2)
+    assert compat.local_tensor_or_self(tensor) is tensor, _broke("torch.Tensor", "now has a _local_tensor")
 
 
 def test_init_optimizer_state_gives_every_parameter_its_state():
@@ -173,3 +181,131 @@ def test_torch_archive_reader_finds_a_records_bytes(tmp_path):
     assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.float32), tensor), _broke(
         "torch._C.PyTorchFileReader.get_record_offset", "no longer points at the record's bytes"
     )
+
+
+# ------------------------------------------------------------------------------------------------ DCP internals
+
+
+@pytest.fixture(scope="module")
+def dcp_checkpoint(tmp_path_factory):
+    """A small DCP checkpoint saved in this process: a tensor and a non-tensor entry, nested."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    path = tmp_path_factory.mktemp("dcp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: DCP saves as one process and says so
+        dcp.save({"m": {"w": torch.arange(4.0)}, "n": {"x": [1, "s"]}}, checkpoint_id=path)
+    return path
+
+
+def test_dcp_storage_info_is_where_the_metadata_puts_an_entry(dcp_checkpoint):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage_info = compat.dcp_storage_info_class()
+    metadata = FileSystemReader(dcp_checkpoint).read_metadata()
+    for info in metadata.storage_data.values():
+        assert isinstance(info, storage_info), _broke(
+            "torch.distributed.checkpoint.filesystem._StorageInfo", f"is no longer what DCP writes ({type(info)})"
+        )
+        fields = {field.name for field in dataclasses.fields(info)}
+        assert {"relative_path", "offset", "length", "transform_descriptors"} <= fields, _broke(
+            "_StorageInfo", "changed its fields"
+        )
+
+
+def test_dcp_memory_format_enum_is_what_tensor_properties_pickle(dcp_checkpoint):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    properties = FileSystemReader(dcp_checkpoint).read_metadata().state_dict_metadata["m.w"].properties
+    state = properties.__getstate__()
+    assert len(state) == 5 and isinstance(state[3], compat.dcp_memory_format_enum()), _broke(
+        "torch.distributed.checkpoint.metadata._MEM_FORMAT_ENCODING", "is no longer what TensorProperties pickles"
+    )
+
+
+def test_layout_from_name_is_what_a_layout_pickles_as():
+    import pickletools
+
+    get_layout = compat.layout_from_name()
+    assert get_layout("torch.sparse_coo") is torch.sparse_coo, _broke("torch.serialization._get_layout", "changed")
+    pickled = pickle.dumps(torch.sparse_coo, protocol=2)
+    named = [arg for op, arg, _ in pickletools.genops(pickled) if op.name == "GLOBAL"]
+    assert named == [f"{get_layout.__module__} {get_layout.__qualname__}"], _broke(
+        "torch.serialization._get_layout", f"is no longer what a torch.layout pickles as ({named})"
+    )
+
+
+def test_set_state_dict_element_builds_the_nested_containers():
+    root: dict = {}
+    compat.set_state_dict_element(root, ("a", "b"), 1)
+    compat.set_state_dict_element(root, ("c", 0), 2)
+    assert root == {"a": {"b": 1}, "c": [2]}, _broke("torch.distributed.checkpoint._traverse.set_element", "changed")
+
+
+def test_load_state_dict_in_place_with_the_empty_planner_reads_everything(dcp_checkpoint):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    planner = compat.empty_state_dict_load_planner_class()()
+    state: dict = {}
+    compat.load_state_dict_in_place(state, FileSystemReader(dcp_checkpoint), planner)
+    assert set(state) == {"m", "n"} and state["n"] == {"x": [1, "s"]}, _broke(
+        "state_dict_loader._load_state_dict / default_planner._EmptyStateDictLoadPlanner", "no longer fill the dict"
+    )
+    assert torch.equal(state["m"]["w"], torch.arange(4.0)), _broke("_EmptyStateDictLoadPlanner", "changed the tensor")
+
+
+def test_dcp_metadata_path_is_the_metadata_file(dcp_checkpoint):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = compat.dcp_metadata_path(FileSystemReader(dcp_checkpoint), None)
+    assert os.fspath(path) == os.fspath(dcp_checkpoint / ".metadata"), _broke(
+        "FileSystemReader._get_metadata_path", f"now gives {path!r}"
+    )
+
+
+def test_dcp_writer_process_global(monkeypatch):
+    from torch.distributed.checkpoint import _async_process_executor as executor
+
+    assert hasattr(executor, "_CHECKPOINT_PROCESS"), _broke("_async_process_executor._CHECKPOINT_PROCESS", "is gone")
+    handle = object()
+    monkeypatch.setattr(executor, "_CHECKPOINT_PROCESS", handle)
+    assert compat.dcp_writer_process() is handle, _broke("_async_process_executor._CHECKPOINT_PROCESS", "changed")
+    compat.forget_dcp_writer_process()
+    assert executor._CHECKPOINT_PROCESS is None and compat.dcp_writer_process() is None
+
+
+def test_dcp_writer_process_handle_reads_its_os_process():
+    """A handle's ``_save_process`` is what both ``__del__`` (closing) and ftrain (alive or not) look at."""
+    from torch.distributed.checkpoint._async_process_executor import _AsyncCheckpointProcess
+
+    class OsProcess:
+        def __init__(self, alive: bool) -> None:
+            self.alive = alive
+
+        def is_alive(self) -> bool:
+            return self.alive
+
+    assert "self._save_process = " in inspect.getsource(_AsyncCheckpointProcess.__init__), _broke(
+        "_AsyncCheckpointProcess._save_process", "is gone"
+    )
+    for alive in (True, False):
+        handle = object.__new__(_AsyncCheckpointProcess)
+        handle._save_process = OsProcess(alive)
+        assert compat.dcp_writer_process_alive(handle) is alive, _broke("_AsyncCheckpointProcess._save_process", "changed")
+        handle._save_process.alive = False  # what __del__ (here and at collection) finds: nothing left to stop
+    try:
+        compat.close_dcp_writer_process(handle)  # __del__ of a handle whose process has ended: nothing to do
+    except AttributeError as exc:
+        pytest.fail(_broke("_AsyncCheckpointProcess.__del__", f"no longer goes by _save_process ({exc})"))
+    assert "__del__" in vars(_AsyncCheckpointProcess), _broke("_AsyncCheckpointProcess.__del__", "is gone")
+
+
+# ------------------------------------------------------------------------------------------------ startup
+
+
+def test_dynamo_is_there_to_preload():
+    import importlib.util
+
+    assert importlib.util.find_spec("torch._dynamo") is not None, _broke("torch._dynamo", "is gone")

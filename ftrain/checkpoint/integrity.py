@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -28,6 +27,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from ftrain._torch_compat import dcp_storage_info_class
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.safe_load import read_metadata_safely
 from ftrain.checkpoint.storage import CheckpointDir, StorageError, checkpoint_at
@@ -36,6 +36,7 @@ from ftrain.checkpoint.sums import SUM_KEYS, WRITE_SUM
 CHECKSUMS = "CHECKSUMS.json"
 VERIFY_THREADS = 4
 MAX_PROBLEMS = 3  # metadata problems reported per checkpoint (the first ones; the rest are counted)
+_STORAGE_INFO = dcp_storage_info_class()  # DCP's record of where an entry lies in a file
 
 
 def file_entries(where: layout.Where) -> list[dict[str, Any]]:
@@ -185,7 +186,7 @@ def _storage_problem(index: Any, info: Any, sizes: dict[str, int]) -> str:
     if not isinstance(index, MetadataIndex) or not isinstance(index.fqn, str) or not _is_shape(index.offset, none_ok=True):
         return f"a storage key is {type(index).__name__} {_short(index)}, not an index of an entry"
     where = f"{index.fqn!r}"
-    if not isinstance(info, _StorageInfo):
+    if not isinstance(info, _STORAGE_INFO):
         return f"storage of {where} is a {type(info).__name__}, not a file location"
     name = info.relative_path
     if not isinstance(name, str) or not layout.is_plain_name(name):

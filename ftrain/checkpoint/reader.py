@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+from ftrain._torch_compat import load_state_dict_in_place
 from ftrain.checkpoint import integrity, layout
 from ftrain.checkpoint.safe_load import SafeFileSystemReader, SafeWholeLoadPlanner, read_metadata_safely
 from ftrain.checkpoint.storage import checkpoint_at
@@ -36,7 +36,7 @@ def read_state(path: layout.Where) -> dict[str, Any]:
     state: dict[str, Any] = {}
     # dcp.load would copy into a fresh dict and drop what the empty-dict planner builds: go one level down.
     reader = SafeFileSystemReader(checkpoint)
-    _load_state_dict(state, storage_reader=reader, planner=SafeWholeLoadPlanner(), no_dist=True)
+    load_state_dict_in_place(state, reader, SafeWholeLoadPlanner())
     return state
 
 

@@ -25,15 +25,21 @@ from typing import Any, Callable
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint import filesystem as _dcp_fs
 from torch.distributed.checkpoint import metadata as _dcp_meta
 from torch.distributed.checkpoint import planner as _dcp_planner
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from ftrain._torch_compat import (
+    dcp_memory_format_enum,
+    dcp_metadata_path,
+    dcp_storage_info_class,
+    empty_state_dict_load_planner_class,
+    layout_from_name,
+    set_state_dict_element,
+)
 from ftrain.checkpoint.sums import Summer
 
 
@@ -52,10 +58,11 @@ _RECORDS: dict[type, frozenset[str]] = {
         _dcp_meta.MetadataIndex,
         _dcp_meta.TensorProperties,
         _dcp_meta.StorageMeta,
-        _dcp_fs._StorageInfo,
+        dcp_storage_info_class(),
     )
 }
-_ENUMS = (_dcp_meta._MEM_FORMAT_ENCODING, _dcp_planner.LoadItemType, _dcp_planner.WriteItemType)
+_MEM_FORMAT_ENCODING = dcp_memory_format_enum()
+_ENUMS = (_MEM_FORMAT_ENCODING, _dcp_planner.LoadItemType, _dcp_planner.WriteItemType)
 _LAYOUTS = {str(v): v for v in vars(torch).values() if isinstance(v, torch.layout)}
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 
@@ -95,13 +102,13 @@ _CONSTRUCTORS: dict[Any, tuple[Callable[[tuple], bool], Callable[..., Any]]] = {
     collections.OrderedDict: (_pairs, collections.OrderedDict),
     pathlib.PosixPath: (_strs, pathlib.PosixPath),
     pathlib.PurePosixPath: (_strs, pathlib.PurePosixPath),
-    torch.serialization._get_layout: (lambda a: len(a) == 1 and type(a[0]) is str, _get_layout),
+    layout_from_name(): (lambda a: len(a) == 1 and type(a[0]) is str, _get_layout),
     **{cls: (_one_scalar, cls) for cls in _ENUMS},
 }
 _GLOBALS: dict[tuple[str, str], Any] = {
     (obj.__module__, obj.__qualname__): obj for obj in (*_RECORDS, *_CONSTRUCTORS)
 }
-_GLOBALS[("torch._utils", "_get_layout")] = torch.serialization._get_layout  # older torch pickled it from here
+_GLOBALS[("torch._utils", "_get_layout")] = layout_from_name()  # older torch pickled it from here
 _CONTAINERS = {
     pickle.APPEND[0]: (list,),
     pickle.APPENDS[0]: (list,),
@@ -222,7 +229,7 @@ for _op, _opname in _NEVER.items():
 
 def _build_tensor_properties(inst: Any, state: Any) -> None:
     """TensorProperties pickles a 5-tuple; its own ``__setstate__`` applies it to this fresh instance."""
-    kinds = (torch.dtype, torch.layout, bool, _dcp_meta._MEM_FORMAT_ENCODING, bool)
+    kinds = (torch.dtype, torch.layout, bool, _MEM_FORMAT_ENCODING, bool)
     if type(state) is not tuple or len(state) != 5 or not all(isinstance(v, k) for v, k in zip(state, kinds)):
         raise _refuse("sets TensorProperties to something other than (dtype, layout, bool, memory format, bool)")
     _dcp_meta.TensorProperties.__setstate__(inst, state)
@@ -323,7 +330,7 @@ class SafeFileSystemReader(FileSystemReader):
         return future
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        path = self._get_metadata_path(kwargs.get("rank"))
+        path = dcp_metadata_path(self, kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
             metadata = read_metadata_safely(stream)
         if getattr(metadata, "storage_meta", None) is None:
@@ -347,7 +354,7 @@ class _SafeBytes:
                 f"checkpoint entry {read_item.dest_index.fqn} needs code execution to load: {str(exc).splitlines()[0]}"
             ) from None
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            set_state_dict_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
 
@@ -368,5 +375,5 @@ class SafeLoadPlanner(_SafeBytes, DefaultLoadPlanner):
                     del self.state_dict[fqn]
 
 
-class SafeWholeLoadPlanner(_SafeBytes, _EmptyStateDictLoadPlanner):
+class SafeWholeLoadPlanner(_SafeBytes, empty_state_dict_load_planner_class()):  # type: ignore[misc]
     """Loads everything a checkpoint holds into an empty dict (for tools: no model needed)."""

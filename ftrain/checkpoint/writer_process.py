@@ -10,6 +10,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ftrain._torch_compat import (
+    close_dcp_writer_process,
+    dcp_writer_process,
+    dcp_writer_process_alive,
+    forget_dcp_writer_process,
+)
 from ftrain.checkpoint.collectives import max_over_ranks
 
 if TYPE_CHECKING:
@@ -30,21 +36,17 @@ def stop() -> None:
     in a module global for the life of the interpreter, so a trainer that leaves with ``os._exit`` (as ftrain's
     do) would leave it to find a closed pipe and print an ``EOFError`` traceback at the end of every run. The next
     ``async_process`` save in this process starts a new one."""
-    from torch.distributed.checkpoint import _async_process_executor as executor
-
-    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
+    process = dcp_writer_process()
     if process is None:
         return
-    executor._CHECKPOINT_PROCESS = None
-    process.__del__()  # sends TERMINATE and joins (SIGTERM after 5 s); a second call at collection does nothing
+    forget_dcp_writer_process()
+    close_dcp_writer_process(process)  # sends TERMINATE and joins (SIGTERM after 5 s); a second call at collection does nothing
 
 
 def alive() -> bool:
     """Whether DCP's writer process of this rank is running (True when none was started yet)."""
-    from torch.distributed.checkpoint import _async_process_executor as executor
-
-    process = getattr(executor, "_CHECKPOINT_PROCESS", None)
-    return process is None or process._save_process.is_alive()
+    process = dcp_writer_process()
+    return process is None or dcp_writer_process_alive(process)
 
 
 def check_before_save(previous: SaveStats | None, staging_bytes: int, device: torch.device, rank: int) -> str:
