@@ -273,12 +273,16 @@ def test_store_down_during_a_save_then_back(tmp_path, monkeypatch):
             monkeypatch.setenv(key, value)
         server.make_bucket("outage")
         url = "s3://outage/run"
-        env = {"FTRAIN_FAULT": "while_writing@10,while_writing@15", "FTRAIN_FAULT_SECONDS": "12", "AWS_MAX_ATTEMPTS": "2"}
+        # Step 10's writer pauses (the server goes down meanwhile) and the training thread pauses at steps 11 and
+        # 15, so that step 15's save starts only ~12 s after step 10's failed, whatever the machine's load.
+        env = {"FTRAIN_FAULT": "while_writing@10,step_done@11,step_done@15", "FTRAIN_FAULT_SECONDS": "12",
+               "AWS_MAX_ATTEMPTS": "2"}
         proc = start_train(tmp_path / "run", f"checkpoint.dir={url}", NO_LOCAL, env=env)
         said = lambda text: text in "".join(proc._said[1]) + "".join(proc._said[0])  # noqa: E731
         wait_for(lambda: said("pausing at while_writing of step 10"), what="step 10's writer pause", proc=proc)
         server.stop(kill=True)
-        wait_for(lambda: said("checkpoint step 10 FAILED"), what="step 10's failure", proc=proc)
+        wait_for(lambda: said("checkpoint step 10 FAILED") and said("pausing at step_done of step 15"), timeout=180,
+                 what="step 10's failure with training held before step 15's save", proc=proc)
         server.start()
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-3000:]
