@@ -221,8 +221,15 @@ def dcp_writer_process_alive(process: Any) -> bool:
 
 def close_dcp_writer_process(process: Any) -> None:
     """``_AsyncCheckpointProcess.__del__``: what DCP does at garbage collection: send the writer process TERMINATE
-    and join it (SIGTERM after 5 s). A second call does nothing."""
+    and join it (SIGTERM after 5 s). Then it is joined until it is gone (SIGKILL after 5 more seconds): DCP does
+    not join after its SIGTERM, and a writer still alive when the handle is collected would make DCP's second
+    ``__del__`` send into a closed pipe (a BrokenPipeError traceback at the end of a finished run)."""
     process.__del__()
+    save_process = process._save_process
+    save_process.join(timeout=5)
+    if save_process.is_alive():
+        save_process.kill()
+        save_process.join(timeout=5)
 
 
 # ------------------------------------------------------------------------------------------------ startup

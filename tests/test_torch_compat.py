@@ -287,6 +287,12 @@ def test_dcp_writer_process_handle_reads_its_os_process():
         def is_alive(self) -> bool:
             return self.alive
 
+        def join(self, timeout: float | None = None) -> None:  # multiprocessing.Process's, as closing uses it
+            pass
+
+        def kill(self) -> None:
+            self.alive = False
+
     assert "self._save_process = " in inspect.getsource(_AsyncCheckpointProcess.__init__), _broke(
         "_AsyncCheckpointProcess._save_process", "is gone"
     )
