@@ -239,3 +239,16 @@ def import_dynamo() -> None:
     """``import torch._dynamo``: the compiler stack an optimizer's first use imports (about half of a fresh
     process's start); a warm parent imports it once for all its forks."""
     import torch._dynamo  # noqa: F401
+
+
+# ------------------------------------------------------------------------------------------------ process groups
+
+
+def init_fake_process_group(rank: int, world_size: int) -> None:
+    """``torch.testing._internal.distributed.fake_pg``: make the default process group one of torch's ``fake``
+    backend (registered by importing that module), which completes every collective at once without sending
+    anything and starts no thread. Destroy it with ``dist.destroy_process_group()``."""
+    import torch.distributed as dist
+    import torch.testing._internal.distributed.fake_pg  # noqa: F401 - registers the backend
+
+    dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)

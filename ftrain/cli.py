@@ -95,10 +95,21 @@ def main(argv: list[str] | None = None) -> int:
         why_not = warm.available()
         if not why_not:
             warm.preload("ftrain.trainer")
-            return warm.run(lambda: _train(cfg), cfg.train.warm_restarts, cfg.train.timeout_s)
+            from ftrain.trainer import rehearse_step
+
+            rehearse = (lambda: rehearse_step(cfg)) if _rehearsable(cfg) else None
+            return warm.run(lambda: _train(cfg), cfg.train.warm_restarts, cfg.train.timeout_s, rehearse)
         if _local_rank() == 0 and why_not != warm.NOT_UNDER_TORCHRUN:  # a single process: nothing to keep warm
             print(f"ftrain: train.warm_restarts: off ({why_not})", file=sys.stderr)
     return _train(cfg)
+
+
+def _rehearsable(cfg: Config) -> bool:
+    """Whether the warm parent may rehearse a step (``ftrain.trainer.rehearse_step``): CPU training only, decided
+    without asking CUDA anything (a parent that initialises CUDA cannot fork usable children)."""
+    import torch
+
+    return cfg.train.device == "cpu" or (cfg.train.device == "auto" and torch.version.cuda is None)
 
 
 def _train(cfg: Config) -> int:
@@ -140,15 +151,7 @@ def _train(cfg: Config) -> int:
         code = EXIT_ERROR
     if trainer is not None:
         trainer.abort()  # the lock and signal handlers go; a save in flight is not waited for
-    # Leave without interpreter finalization, on every path. After an error, background saves or data workers
-    # may be stuck on a dead peer: torchrun must see the failure now to restart the group. After success,
-    # gloo's run-loop threads may still be releasing the last collective's tensors; if that happens while the
-    # interpreter finalizes, taking the GIL aborts the process (SIGABRT, exit -6 after a finished run;
-    # pytorch/pytorch#179291 describes it).
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    warm.exit_now(code)  # on every path (see there why)
 
 
 def _rank() -> int:

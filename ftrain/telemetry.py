@@ -72,7 +72,8 @@ class Telemetry:
         lost = self.status.status.first_step_at - recovery.pop("previous_step_at")
         self.metrics.log({tags.RECOVERY_TIME_LOST_S: lost, **recovery}, step)
         generation = warm.generation()
-        how = f"a fork of the warm parent (generation {generation})" if generation else "a new process"
+        rehearsed = ", which had rehearsed a step" if warm.rehearsed() else ""
+        how = f"a fork of the warm parent{rehearsed} (generation {generation})" if generation else "a new process"
         logger.info(
             "recovered: %.2f s lost (start-up %.2f s, of which loading %.2f s), %d step(s) redone, from the %s "
             "tier's step %d, in %s",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from ftrain import health, tags
+from ftrain import health, tags, warm
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.run_dir import CONFIG_NAME, SAMPLES_DIR, TENSORBOARD_DIR
 from ftrain.checkpointer import Checkpointer
@@ -107,6 +108,43 @@ class DebugFaults:
             logger.warning("debug.poison_param_at_steps: a NaN was written into a parameter after step %d", step)
 
 
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay)
+
+
+def rehearse_step(cfg: Config) -> None:
+    """In a warm parent (``ftrain.warm``): build this run's model and optimizer and take one training step, a
+    state-dict read and the optimizer-state set-up of a restore, on a process group of torch's ``fake`` backend
+    (no peer, no thread), then let it all go. What a process does the first time (FSDP2's set-up, DTensor's
+    sharding decisions for each op and shape, first calls into the kernels) stays in the parent's memory, and the
+    training processes forked from it after a failure skip it.
+
+    The parent never touches CUDA, so this runs only for CPU training; one intra-op thread, because an OpenMP
+    thread pool made before a fork hangs the children's parallel regions."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from ftrain._torch_compat import init_fake_process_group, init_optimizer_state
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    init_fake_process_group(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    try:
+        model = build_model(cfg.model, torch.device("cpu"), cfg.train.seed)
+        optimizer = build_optimizer(model, cfg)
+        init_optimizer_state(optimizer)  # as a restore does (ftrain.checkpoint.local), before any step
+        tokens = torch.zeros(cfg.train.batch_size, cfg.model.seq_len, dtype=torch.long)
+        model(tokens, tokens).backward()
+        if cfg.train.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            getattr(norm, "full_tensor", lambda: norm)()  # as train_step reads the global norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        get_state_dict(model, optimizer)
+    finally:
+        torch.distributed.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
 class Trainer:
     """The recipe: builds model, optimizer, schedule and data from the config and trains them under
     ``ftrain.Checkpointer``, the same public class a user puts under a loop of their own."""
@@ -122,9 +160,7 @@ class Trainer:
         # Build order: the model before the optimizer (its state refers to the parameters), the data loader
         # before the checkpointer that records its position. Nothing is written before the lock is taken.
         self.model = build_model(cfg.model, self.device, cfg.train.seed)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay
-        )
+        self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = LambdaLR(
             self.optimizer,
             partial(
@@ -237,6 +273,7 @@ class Trainer:
                 record.write(step, indices)
             mean_loss = sum_over_ranks([loss.item()], self.device)[0] / self.env.world_size
             step_time = time.perf_counter() - started
+            warm.trained_a_step()  # once: the warm parent may rehearse now, without delaying the start
             self.last_loss = mean_loss
             self.metrics.log(
                 {

@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Callable, NoReturn
 
 from ftrain.faults import GENERATION_ENV
 
@@ -31,13 +31,20 @@ logger = logging.getLogger("ftrain")
 NOT_FAILURES = frozenset({0, 2, 65, 75, 130})  # ftrain's exit codes that end a run on purpose
 NOT_UNDER_TORCHRUN = "not under torchrun"
 TRAINING_PROCESS_NAME = "ftrain-train"  # the process name (comm) of a warm parent's training process
-POLL_S = 0.05  # how often a parent looks at its child and at the store
+POLL_S = 0.05  # how often a training parent looks at the store for another rank's failure
+BARRIER_POLL_S = 0.005  # how often a parent that is waiting for the others' parents after a failure looks
+REHEARSED_ENV = "FTRAIN_WARM_REHEARSED"  # set in a training process whose parent had rehearsed a step
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
 
 def generation() -> int:
     """This training process's generation (0 unless it was forked again after a failure)."""
     return int(os.environ.get(GENERATION_ENV, "0") or 0)
+
+
+def rehearsed() -> bool:
+    """Whether this training process was forked from a parent that had rehearsed a step (see ``run``)."""
+    return os.environ.get(REHEARSED_ENV, "") == "1"
 
 
 def available() -> str:
@@ -88,7 +95,7 @@ def run_with_warm_restarts(main: Callable[[], int | None], restarts: int = 3, ti
             logger.warning("warm restarts off: %s", why_not)
         return _exit_code(main)
     preload()
-    return run(lambda: _leave(_exit_code(main)), restarts, timeout_s)
+    return run(lambda: exit_now(_exit_code(main)), restarts, timeout_s)
 
 
 def _exit_code(main: Callable[[], int | None]) -> int:
@@ -110,9 +117,12 @@ def _exit_code(main: Callable[[], int | None]) -> int:
     return 0 if code is None else int(code)
 
 
-def _leave(code: int) -> int:
-    """End a training process now, without interpreter finalization (as the recipe does: gloo's threads can abort
-    a finished process while the interpreter tears down)."""
+def exit_now(code: int) -> NoReturn:
+    """End this process with ``code`` now, without interpreter finalization: after an error, background saves or
+    data workers may be stuck on a dead peer, and the parent or torchrun must see the failure at once; after
+    success, gloo's threads may still be releasing the last collective's tensors, and if that happens while the
+    interpreter finalizes, taking the GIL aborts the process (SIGABRT, exit -6 after a finished run;
+    pytorch/pytorch#179291 describes it)."""
     import sys
 
     logging.shutdown()
@@ -121,9 +131,11 @@ def _leave(code: int) -> int:
     os._exit(code)
 
 
-def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
+def run(train: Callable[[], int], max_restarts: int, timeout_s: float, rehearse: Callable[[], None] | None = None) -> int:
     """Fork ``train`` (which does not return: it ends its process with an exit code) and replace it after a
-    failure, at most ``max_restarts`` times; returns the exit code the parent should end with."""
+    failure, at most ``max_restarts`` times; returns the exit code the parent should end with. ``rehearse``: run
+    once in the parent when a training process has trained its first step (``trained_a_step``), to make first-use
+    work that its later forks then skip; it must start no thread and leave no process group."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     forwarded: list[int] = []
     child = 0
@@ -134,82 +146,127 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float) -> int:
             os.kill(child, signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
     # The parents' own key space in torchrun's store (a client connection; the children never use it).
     store = _parent_store(timeout_s)
     try:
-        gen, port = 0, 0
+        gen, port, rehearsed = 0, 0, False
         while True:
             parent = os.getpid()
-            final_r, final_w = os.pipe()
+            said_r, said_w = os.pipe()
             child = os.fork()
             if child == 0:
-                os.close(final_r)
-                _keep_final_fd(final_w)
+                os.close(said_r)
+                _keep_said_fd(said_w)
                 _die_with(parent)
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 os.environ[GENERATION_ENV] = str(gen)
-                if gen > 0:  # a store of its own for this generation's process group (see _next_store_port)
+                os.environ[REHEARSED_ENV] = "1" if rehearsed else ""
+                if gen > 0:  # a store of its own for this generation's process group (see _offer_store_port)
                     os.environ.update({"MASTER_PORT": str(port), "TORCHELASTIC_USE_AGENT_STORE": "False"})
                 os._exit(train())
-            os.close(final_w)
-            os.set_blocking(final_r, False)  # a forked data worker may still hold the write end open
+            os.close(said_w)
+            os.set_blocking(said_r, False)  # a forked data worker may still hold the write end open
+            said = bytearray()
             peers_failed = False
             while True:
                 done, status = os.waitpid(child, os.WNOHANG)
                 if done:
                     break
-                if gen < max_restarts and _count(store, gen) > 0:
+                said += _read_all(said_r)
+                if rehearse is not None and _TRAINED in said:
+                    rehearsed = _rehearse(rehearse, rank)
+                    rehearse = None
+                if gen < max_restarts and not peers_failed and _count(store, gen) > 0:
                     peers_failed = True  # another rank's training process failed: this one cannot go on
                     os.kill(child, signal.SIGKILL)
-                time.sleep(POLL_S)
+                # Wakes as soon as the child ends (SIGCHLD is blocked, so it waits here, pending, and no ending
+                # between waitpid and this call is missed); otherwise looks at the store again after POLL_S.
+                signal.sigtimedwait([signal.SIGCHLD], POLL_S)
             code = os.waitstatus_to_exitcode(status)
             child = 0
-            on_purpose = _said_final(final_r)
+            said += _read_all(said_r)
+            os.close(said_r)
+            on_purpose = _FINAL in said
             failed = (code not in NOT_FAILURES and not on_purpose) or peers_failed
             if not failed or forwarded or gen >= max_restarts:
                 return code if code >= 0 else 128 - code
             what = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
             if rank == 0 or not peers_failed:
                 logger.warning("rank %d: training process ended (%s); forking a new one from the warm parent", rank, what)
+            if rank == 0:  # before arriving, so that the others find it as soon as all have arrived
+                _offer_store_port(store, gen + 1)
             store.add(_key(gen), 1)
             if not _all_arrived(store, gen, world_size, timeout_s):
                 logger.error("rank %d: not every rank's warm parent came back within %.0f s: leaving it to torchrun", rank, timeout_s)
                 return code if code >= 0 else 128 - code
             gen += 1
-            port = _next_store_port(store, gen, rank)
+            port = int(store.get(_port_key(gen)))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def end_for_good() -> None:
     """In a training process: the error it is about to exit with ends the run on purpose (ftrain stopped it:
     ``checkpoint.on_failure=abort``, a failed final save or export, ...), so its warm parent passes the exit code
     on instead of forking again. A no-op anywhere else."""
-    if _final_fd is not None:
+    _say(_FINAL)
+
+
+def trained_a_step() -> None:
+    """In a training process: its first step is done (the parent may now rehearse, see ``run``). A no-op
+    anywhere else and after the first call."""
+    global _trained
+    if not _trained:
+        _trained = True
+        _say(_TRAINED)
+
+
+_FINAL = b"f"  # what a training process tells its parent through a pipe: end_for_good
+_TRAINED = b"t"  # ... and trained_a_step
+_said_fd: int | None = None  # in a training process: the write end of that pipe
+_trained = False
+
+
+def _say(message: bytes) -> None:
+    if _said_fd is not None:
         try:
-            os.write(_final_fd, b"1")
+            os.write(_said_fd, message)
         except OSError:
             pass
 
 
-def _keep_final_fd(fd: int) -> None:
-    global _final_fd
-    _final_fd = fd
+def _keep_said_fd(fd: int) -> None:
+    global _said_fd
+    _said_fd = fd
 
 
-def _said_final(read_end: int) -> bool:
-    """Whether the ended training process called ``end_for_good`` (its end of the pipe is closed by now)."""
+def _read_all(read_end: int) -> bytes:
+    """What the training process has said so far (non-blocking; b'' when nothing new)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(read_end, 64)
+        except (BlockingIOError, InterruptedError):
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _rehearse(rehearse: Callable[[], None], rank: int) -> bool:
+    """Run the parent's rehearsal; a failed one only costs the later forks its benefit."""
     try:
-        return os.read(read_end, 1) == b"1"
-    except OSError:
+        rehearse()
+    except Exception as exc:  # noqa: BLE001 - an optimisation, never a reason to stop training
+        logger.warning("rank %d: the warm parent's rehearsal failed (%s); replacements start without it", rank, exc)
         return False
-    finally:
-        os.close(read_end)
-
-
-_final_fd: int | None = None  # in a training process: the write end of the pipe end_for_good() writes to
+    return True
 
 
 def _die_with(parent: int) -> None:
@@ -244,20 +301,23 @@ def _parent_store(timeout_s: float):  # noqa: ANN202 - a torch.distributed.Store
     return dist.PrefixStore(f"ftrain/{run_id}/round{round_id}/warm-parents/", client)
 
 
-def _next_store_port(store, gen: int, rank: int) -> int:  # noqa: ANN001
-    """The port on which generation ``gen``'s rank 0 hosts the store of its process group, as torch does when the
-    agent's store is not shared (``TORCHELASTIC_USE_AGENT_STORE=False``): a new store holds no key of the
-    generation that failed, so a plain ``init_process_group()`` in the new training processes cannot meet a dead
-    peer's address. Rank 0's parent picks a free port on its host (``MASTER_ADDR``: warm restarts need the
-    agent's store shared, so rank 0 runs there) and the others read it."""
-    key = f"gen{gen}/store-port"
-    if rank == 0:
-        import socket
+def _offer_store_port(store, gen: int) -> None:  # noqa: ANN001
+    """Rank 0's parent: the port on which generation ``gen``'s rank 0 will host the store of its process group,
+    as torch does when the agent's store is not shared (``TORCHELASTIC_USE_AGENT_STORE=False``). A new store holds
+    no key of the generation that failed, so a plain ``init_process_group()`` in the new training processes cannot
+    meet a dead peer's address. The port is free on rank 0's host (``MASTER_ADDR``: warm restarts need the agent's
+    store shared, so rank 0 runs there) when it is chosen; as with torchrun's own choice of a free port, another
+    process could take it before the new training process binds it (then that generation fails and the next one
+    gets another port)."""
+    import socket
 
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            store.set(key, str(probe.getsockname()[1]))
-    return int(store.get(key))
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        store.set(_port_key(gen), str(probe.getsockname()[1]))
+
+
+def _port_key(gen: int) -> str:
+    return f"gen{gen}/store-port"
 
 
 def _key(gen: int) -> str:
@@ -269,9 +329,12 @@ def _count(store, gen: int) -> int:  # noqa: ANN001
 
 
 def _all_arrived(store, gen: int, world_size: int, timeout_s: float) -> bool:  # noqa: ANN001
+    """Wait until every rank's parent has counted its failure of generation ``gen``. Polled (briefly: every
+    parent arrives within a poll of the others) rather than a blocking ``store.wait``, so that a signal from
+    torchrun is handled at once."""
     deadline = time.monotonic() + timeout_s
     while _count(store, gen) < world_size:
         if time.monotonic() > deadline:
             return False
-        time.sleep(POLL_S)
+        time.sleep(BARRIER_POLL_S)
     return True
