@@ -7,7 +7,7 @@ itself: TFRecord framing (length, masked CRC-32C, data, masked CRC-32C) around h
 Reading stays with TensorBoard (``ftrain.events``), which checks every record it reads.
 
 Same behaviour as ``SummaryWriter`` where ftrain relies on it: one new file per writer
-(``events.out.tfevents.<time>.<host>.<pid>.<n>``), ``purge_step`` (a session-start event that makes TensorBoard drop
+(``events.out.tfevents.<time in ns>.<host>.<pid>.<n>``), ``purge_step`` (a session-start event that makes TensorBoard drop
 what an earlier attempt logged at or after that step), wall time at ``add_scalar``. Records are buffered and
 written by ``flush()`` (ftrain flushes before each checkpoint commits), or when ``FLUSH_BYTES`` or ``FLUSH_S`` is
 reached; an I/O error is raised as ``OSError`` to the caller (``ftrain.metrics`` pauses logging on it).
@@ -33,7 +33,10 @@ class ScalarWriter:
     """``add_scalar`` / ``flush`` / ``close`` of TensorBoard's ``SummaryWriter``, for scalars."""
 
     def __init__(self, log_dir: str | Path, purge_step: int | None = None) -> None:
-        name = "events.out.tfevents.%010d.%s.%s.%s" % (time.time(), socket.gethostname(), os.getpid(), next(_UIDS))
+        # Nanoseconds, not SummaryWriter's seconds: TensorBoard reads a directory's files in name order and applies a
+        # purge to what it read before it, so a resumed writer's file must sort after the one it purges, also when
+        # both are made within one second (a rollback reopens the writer in the same process).
+        name = "events.out.tfevents.%019d.%s.%s.%s" % (time.time_ns(), socket.gethostname(), os.getpid(), next(_UIDS))
         Path(log_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(log_dir) / name
         self._file = open(self.path, "wb")

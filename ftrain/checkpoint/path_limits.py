@@ -35,7 +35,7 @@ def check_path_limits(
 
 def run_dir_deepest() -> tuple[str, ...]:
     """``RUN_DIR_DEEPEST`` and the TensorBoard event file, whose name holds this host's name."""
-    return (*RUN_DIR_DEEPEST, f"tb/events.out.tfevents.0000000000.{socket.gethostname()}.4194304.0")
+    return (*RUN_DIR_DEEPEST, f"tb/events.out.tfevents.0000000000000000000.{socket.gethostname()}.4194304.0")
 
 
 def check_path_length(path: Path, key: str, deepest: tuple[str, ...], run_name: str = "") -> None:
