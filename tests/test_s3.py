@@ -131,6 +131,17 @@ def test_a_large_file_goes_up_in_parts_and_verifies(s3_env, s3_bucket, tmp_path)
     reader = SafeFileSystemReader(checkpoint, expected_sums=data_sums(marker))
     dcp.load(loaded, storage_reader=reader, no_dist=True)
     assert torch.equal(loaded["big"], state["big"]) and loaded["blob"] == {"a": 1}
+    # a second save's uploads go through the same threads: no pool (and its threads) per save
+    import threading
+
+    from ftrain.checkpoint.storage.s3_io import upload_pool
+
+    pool = upload_pool()
+    dcp.save(state, storage_writer=CheckpointWriter(CheckpointDir(open_storage(f"s3://{s3_bucket}/big"), "step_00000002")),
+             no_dist=True)
+    assert upload_pool() is pool
+    uploaders = [t for t in threading.enumerate() if t.name.startswith("ftrain-s3-upload")]
+    assert 0 < len(uploaders) <= pool._max_workers
 
 
 # ------------------------------------------------------------------------------------ the recipe on s3://
@@ -278,10 +289,9 @@ def test_store_down_during_a_save_then_back(tmp_path, monkeypatch):
         env = {"FTRAIN_FAULT": "while_writing@10,step_done@11,step_done@15", "FTRAIN_FAULT_SECONDS": "12",
                "AWS_MAX_ATTEMPTS": "2"}
         proc = start_train(tmp_path / "run", f"checkpoint.dir={url}", NO_LOCAL, env=env)
-        said = lambda text: text in "".join(proc._said[1]) + "".join(proc._said[0])  # noqa: E731
-        wait_for(lambda: said("pausing at while_writing of step 10"), what="step 10's writer pause", proc=proc)
+        wait_for(lambda: proc.said("pausing at while_writing of step 10"), what="step 10's writer pause", proc=proc)
         server.stop(kill=True)
-        wait_for(lambda: said("checkpoint step 10 FAILED") and said("pausing at step_done of step 15"), timeout=180,
+        wait_for(lambda: proc.said("checkpoint step 10 FAILED") and proc.said("pausing at step_done of step 15"), timeout=180,
                  what="step 10's failure with training held before step 15's save", proc=proc)
         server.start()
         out, err = proc.communicate(timeout=300)
@@ -377,6 +387,7 @@ def test_keep_every_reshard_warm_start_and_convert_from_the_store(s3_env, s3_buc
     assert converted.returncode == 0 and out.is_file(), converted.stderr
 
 
+@pytest.mark.soak  # CI: rollback in test_health, auto in test_interval, loading from the store in the kills above
 def test_rollback_and_auto_interval_on_the_store(s3_env, s3_bucket, tmp_path):
     """checkpoint.interval=auto and a rollback past a NaN step, with every durable checkpoint in the store: the
     rollback restores the newest checkpoint from there, and every committed tensor is finite."""

@@ -23,6 +23,7 @@ import torch
 from torch.distributed.checkpoint.planner import LoadPlanner, ReadItem
 
 from ftrain._torch_compat import torch_archive_reader, weights_only_unpickler
+from ftrain.checkpoint.byte_streams import SizedReader
 
 _SCRATCH = 8 << 20  # bytes read at a time for summing what is not read into a target
 
@@ -118,29 +119,15 @@ class _NotPlain(Exception):
     """The archive holds more than one plain storage."""
 
 
-class _Window(io.RawIOBase):
-    """``length`` bytes of ``stream`` from ``offset``, as a file of their own (what the zip reader needs)."""
+class _Window(SizedReader):
+    """``size`` bytes of ``stream`` from ``offset``, as a file of their own (what the zip reader needs)."""
 
-    def __init__(self, stream: IO[bytes], offset: int, length: int) -> None:
-        self.stream, self.start, self.length, self.position = stream, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, position: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
-        self.position = max(0, min(self.length, base + position))
-        return self.position
+    def __init__(self, stream: IO[bytes], offset: int, size: int) -> None:
+        self.stream, self.start, self.size, self.position = stream, offset, size, 0
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        wanted = min(len(view), self.length - self.position)
+        wanted = min(len(view), self.size - self.position)
         if wanted <= 0:
             return 0
         self.stream.seek(self.start + self.position)

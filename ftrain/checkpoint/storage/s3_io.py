@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import os
 import re
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generator
 
 from ftrain import faults
+from ftrain.checkpoint.byte_streams import SizedReader
 from ftrain.checkpoint.storage.base import StorageError
 
 if TYPE_CHECKING:
@@ -30,7 +32,7 @@ def describe_s3_error(exc: Exception) -> str:
     return " ".join(str(exc).split())[:300]
 
 
-class RangedReader(io.RawIOBase):
+class RangedReader(SizedReader):
     """A seekable read-only stream over one object. A read of ``READ_AHEAD_BYTES`` or more is one ranged GET
     straight into the caller's buffer (a tensor read into its target); smaller ones are served from a window of
     ``READ_AHEAD_BYTES`` fetched at once, so the many small reads of parsing an item (its archive's headers) cost
@@ -40,20 +42,6 @@ class RangedReader(io.RawIOBase):
         self.storage, self.name, self.position = storage, name, 0
         self.size = storage.file_size(name)
         self.window, self.window_start = b"", 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.position
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
-        self.position = max(0, base + offset)
-        return self.position
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
@@ -182,19 +170,27 @@ class Upload(io.RawIOBase):
             self.upload_id = None
 
 
+def upload_pool() -> ThreadPoolExecutor:
+    """The pool that sends every upload's parts in this process, made at the first upload and kept: a file system
+    object is made per save (and per writer process), and a pool of its own would start threads each time and
+    leave them to the garbage collector."""
+    global _upload_pool
+    with _upload_pool_lock:
+        if _upload_pool is None:
+            _upload_pool = ThreadPoolExecutor(max_workers=UPLOADS_IN_FLIGHT * 4, thread_name_prefix="ftrain-s3-upload")
+        return _upload_pool
+
+
+_upload_pool: ThreadPoolExecutor | None = None
+_upload_pool_lock = threading.Lock()
+
+
 class S3FileSystem:
     """DCP's ``FileSystemBase`` over one ``S3Storage``: what ``FileSystemWriter``/``FileSystemReader`` write and
     read through. Paths are ``s3://bucket/key`` strings."""
 
     def __init__(self, storage: S3Storage) -> None:
         self.storage = storage
-        self._pool: ThreadPoolExecutor | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"storage": self.storage}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.storage, self._pool = state["storage"], None
 
     def _name(self, path: str | os.PathLike) -> str:
         """The storage name of an ``s3://`` path under this storage's prefix."""
@@ -213,10 +209,8 @@ class S3FileSystem:
             return
         if mode != "wb":
             raise ValueError(f"S3FileSystem streams are 'rb' or 'wb', not {mode!r}")
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=UPLOADS_IN_FLIGHT * 4, thread_name_prefix="ftrain-s3-upload")
         step = _STEP.search(name)
-        stream = Upload(self.storage, self.storage.key(name), self._pool, int(step.group(1)) if step else None)
+        stream = Upload(self.storage, self.storage.key(name), upload_pool(), int(step.group(1)) if step else None)
         try:
             yield stream
             stream.close()
