@@ -186,6 +186,10 @@ class Job(subprocess.Popen):
         for line in pipe:
             into.append(line)
 
+    def said(self, text: str) -> bool:
+        """Whether the job has written ``text`` to its stdout or stderr so far."""
+        return text in "".join(self._said[1]) or text in "".join(self._said[0])
+
     def communicate(self, input=None, timeout: float | None = None) -> tuple[str, str]:
         assert input is None, "a Job takes no input"
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -338,6 +342,9 @@ def _uses_shared_fixture(item: pytest.Item) -> bool:
     return False
 
 
+# tryfirst: on a worker, xdist reads the xdist_group marks in a hook of its own, registered after this file's and
+# so called before it; the marks must be on the items by then.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     seen: dict = {}
     for item in items:

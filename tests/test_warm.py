@@ -122,6 +122,30 @@ def test_an_exception_or_a_stall_on_one_rank_is_recovered_in_the_same_round(tmp_
     assert read_status(tmp_path).resumed_from == 14  # the newest snapshot both ranks held
 
 
+@pytest.mark.parametrize(
+    "point, step, rank",
+    [("after_local_snapshot", 12, 1), ("while_writing", 20, 1), ("before_commit", 20, 0)],
+    ids=["mid-snapshot", "durable-save-in-flight", "mid-commit"],
+)
+def test_a_training_process_killed_at_an_instant_of_the_save_path_is_recovered(tmp_path, warm_reference, point, step, rank):
+    """One rank's training process held at an instant of the save path and SIGKILLed there: right after its local
+    snapshot of step 12 was handed to the background copy; while its writer holds step 20's staged data and has
+    written none (a durable save in flight, training going on); rank 0 with every rank's data of step 20 durable
+    and the COMPLETE marker not yet written. The warm parents recover in the same round, step 20 is never marked
+    complete by the killed attempt, and the run ends bit-identical."""
+    env = {"FTRAIN_FAULT": f"{point}@{step}", "FTRAIN_FAULT_RANK": str(rank)}
+    proc = start_train(tmp_path, *WARM, env=env)
+    wait_for(lambda: proc.said(f"pausing at {point} of step {step}"), what=f"the pause at {point}", proc=proc)
+    victim = psutil.Process(worker_pids(proc)[rank]).children()[0]
+    assert victim.name() == "ftrain-train"
+    victim.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-4000:]
+    assert f"rank {rank}: training process ended (signal SIGKILL)" in err and "(generation 1)" in err
+    assert "Restarting" not in err  # torchrun never started a new round
+    assert_same_as(tmp_path, warm_reference)
+
+
 def test_a_failure_during_recovery_is_recovered_too(tmp_path, warm_reference):
     """Rank 1's training process is SIGKILLed, then its replacement as soon as it exists (while it starts and
     loads): a third generation finishes the run, bit-identical."""
