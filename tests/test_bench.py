@@ -33,6 +33,7 @@ def positive(summary: dict) -> bool:
     return summary["n"] >= 1 and 0 < summary["min"] <= summary["median"] <= summary["max"]
 
 
+@pytest.mark.soak  # the default --quick run, ~66 s: CI runs the tool end to end with the loop part
 def test_floors_and_saves(quick):
     result = json.loads((quick / "bench.json").read_text())
     cfg = result["config"]
@@ -56,6 +57,7 @@ def test_floors_and_saves(quick):
     assert unverified is None or positive(unverified)
 
 
+@pytest.mark.soak  # the default --quick run, ~66 s: CI runs the tool end to end with the loop part
 def test_memory_is_reported_for_every_part(quick):
     memory = json.loads((quick / "bench.json").read_text())["memory"]
     expected = {"floor: staging copy", "floor: disk write+read", "dcp.save", "resume", *(f"manager {m}" for m in MODES)}
@@ -66,6 +68,7 @@ def test_memory_is_reported_for_every_part(quick):
     assert memory["manager async"]["ratio_to_rank_size"] > 0.5
 
 
+@pytest.mark.soak  # the default --quick run, ~66 s: CI runs the tool end to end with the loop part
 def test_trainer_ratios_and_targets(quick):
     result = json.loads((quick / "bench.json").read_text())
     modes = result["trainer"]["modes"]
@@ -96,6 +99,7 @@ def test_trainer_ratios_and_targets(quick):
     assert rows[("trainer_throughput_vs_off", "async")]["measured"] > 0
 
 
+@pytest.mark.soak  # the default --quick run, ~66 s: CI runs the tool end to end with the loop part
 def test_markdown_report_and_cleanup(quick):
     text = (quick / "bench.md").read_text()
     for heading in ("## Targets", "## Saves and floors", "## Resume", "## Trainer"):
@@ -273,6 +277,7 @@ def test_local_tier_benchmark_runs_and_reports_every_phase(tmp_path):
     assert list(tmp_path.iterdir()) == [], "the benchmark left snapshot files behind"
 
 
+@pytest.mark.soak  # ~54 s: the s3 part end to end; CI runs the tool with the loop part, the store in test_s3.py
 def test_object_storage_part_in_its_quick_form(tmp_path):
     """The s3 part against a SeaweedFS server of its own: rates against the same server's floor, and the loop
     with saves to local disk and to the store beside the off run."""
@@ -285,7 +290,9 @@ def test_object_storage_part_in_its_quick_form(tmp_path):
     s3 = json.loads((out / "bench.json").read_text())["s3"]
     assert s3["save_to_floor"] > 0 and s3["resume_to_floor"] > 0
     assert set(s3["loop"]["modes"]) == {"off", "async", "async-s3"}
-    assert "## Object storage (S3)" in (out / "bench.md").read_text()
+    assert all(run["server_cpu_s"] >= 0 for run in s3["loop"]["runs"])  # the niced server's CPU, per run
+    text = (out / "bench.md").read_text()
+    assert "## Object storage (S3)" in text and "server CPU per run" in text and "nice 19" in text
     assert not (out / "s3server").exists()  # the server and its data are gone
 
 

@@ -231,7 +231,9 @@ def _kill_at_random(run_dir: Path, nproc: int, kills: int, rng: random.Random) -
         assert _latest_step(run_dir) < STEPS, "the run finished before it was killed: lengthen it"
 
 
-@pytest.mark.parametrize("nproc", [0, 2], ids=["python, 1 rank", "torchrun, 2 ranks"])
+@pytest.mark.parametrize(
+    "nproc", [0, pytest.param(2, marks=pytest.mark.soak)], ids=["python, 1 rank", "torchrun, 2 ranks"]
+)
 def test_custom_loop_killed_at_random_resumes_bit_for_bit(tmp_path, nproc):
     reference, run_dir = tmp_path / "reference", tmp_path / "killed"
     _run(reference, nproc)

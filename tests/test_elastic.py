@@ -21,6 +21,7 @@ def chaos_cmd(run_dir, *extra, max_restarts=0):
     ]
 
 
+@pytest.mark.soak  # random whole-job kills: their instants are CI tests of their own (test_resume, test_local_resume)
 def test_random_sigkills_of_the_whole_job(tmp_path):
     """Issue #3's acceptance in short: SIGKILL at random moments, restart the same command, same result.
 
@@ -71,7 +72,7 @@ def consumed(run_dir):
     return per_step
 
 
-@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
+@pytest.mark.parametrize("first, second", [pytest.param(2, 1, marks=pytest.mark.soak), (1, 2)])  # CI: growing
 def test_world_size_change_reads_every_sample_exactly_once(first, second, tmp_path):
     run_dir = tmp_path / "run"
     check_ok(run_train(run_dir, "data.record_samples=true", "train.max_steps=10", nproc=first))

@@ -165,7 +165,7 @@ def _final_tensors(run_dir):
     return checkpoint_tensors(run_dir / layout.step_dir("checkpoints", 20))
 
 
-@pytest.mark.parametrize("tier", ["local", "durable"])
+@pytest.mark.parametrize("tier", ["local", pytest.param("durable", marks=pytest.mark.soak)])
 def test_a_job_killed_before_a_spike_rolls_back_as_the_uninterrupted_one(tier, spike_reference, tmp_path):
     """The spike detector's window is saved with the progress state: resumed from step 12's local snapshot, or
     from the durable step 10 (the snapshots gone), the run still judges step 13 a spike and rolls back to 10."""
@@ -182,6 +182,9 @@ def test_a_job_killed_before_a_spike_rolls_back_as_the_uninterrupted_one(tier, s
     assert_same_tensors(_final_tensors(tmp_path), _final_tensors(spike_reference))
 
 
+# The control of the test above (soak); that an old checkpoint without the window loads is
+# test_train_progress_saves_and_restores_the_spike_window's, in CI.
+@pytest.mark.soak
 def test_control_a_checkpoint_without_the_window_misses_the_spike(spike_reference, tmp_path):
     """The same kill, but step 10 was saved without the window (as an older ftrain did): it still loads, the window
     starts empty, step 13 finds only 2 healthy losses before it, and the spike goes into the weights."""

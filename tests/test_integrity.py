@@ -34,7 +34,7 @@ def recommit(path):
     layout.write_marker(path, info, integrity.file_entries(path))
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", pytest.param("truncate", marks=pytest.mark.soak)])
 def test_damaged_latest_falls_back_to_the_previous(damage, reference_run, tmp_path):
     run_dir = copy_run(reference_run, tmp_path)
     victim = step_path(run_dir, 20) / "__1_0.distcp"
@@ -190,7 +190,7 @@ def fill(disk, leave_bytes):
         handle.write(b"\0" * max(free - leave_bytes, 0))
 
 
-@pytest.mark.parametrize("on_failure", ["continue", "abort"])
+@pytest.mark.parametrize("on_failure", ["continue", pytest.param("abort", marks=pytest.mark.soak)])
 def test_full_disk_mid_run(on_failure, small_disk, reference_run, tmp_path, monkeypatch):
     """The disk fills up after step 5 is committed: step 10's save fails for real (ENOSPC)."""
     run_dir = small_disk / "run"

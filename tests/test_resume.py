@@ -28,7 +28,14 @@ def assert_matches_reference(run_dir, reference_run):
 
 
 @pytest.mark.parametrize(
-    "mode, threads", [("async", 1), ("sync", 1), ("async_process", 1), ("async", 3)], ids=lambda v: str(v)
+    "mode, threads",
+    [  # every mode commits through the same path: CI kills the default one, the other modes and threads soak
+        ("async", 1),
+        pytest.param("sync", 1, marks=pytest.mark.soak),
+        pytest.param("async_process", 1, marks=pytest.mark.soak),
+        pytest.param("async", 3, marks=pytest.mark.soak),
+    ],
+    ids=lambda v: str(v),
 )
 def test_sigkill_after_data_is_durable_but_before_commit(mode, threads, reference_run, tmp_path):
     """The worst instant: every file of step 10 is on disk, only the marker is missing. (The local tier is off:

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import psutil
+import pytest
 
 from conftest import (
     REPO, assert_same_tensors, check_ok, checkpoint_tensors, kill_job, run_train, scalars, start_train, wait_for,
@@ -30,6 +31,7 @@ def test_checkpoint_scalars_are_logged(reference_run):
     assert all(v > 1e6 for v in scalars(reference_run / "tb", "checkpoint/size_bytes").values())
 
 
+@pytest.mark.soak  # in CI every kill/resume test compares a second run of the same config with reference_run
 def test_same_config_gives_identical_losses_and_weights(reference_run, tmp_path):
     check_ok(run_train(tmp_path))
     assert scalars(tmp_path / "tb", "train/loss") == scalars(reference_run / "tb", "train/loss")
