@@ -136,8 +136,9 @@ def _pick_ports() -> dict[str, int]:
 class S3Server:
     """One SeaweedFS `weed mini` on 127.0.0.1, its data, identities, log and sockets under `root`."""
 
-    def __init__(self, root: Path | str, *, start_timeout: float = 30.0):
+    def __init__(self, root: Path | str, *, start_timeout: float = 30.0, nice: int = 0):
         self.root = Path(root)
+        self.nice = nice  # the server's niceness: 19 lets it take only the CPU training leaves (a benchmark)
         self.data_dir = self.root / "data"
         self.log_path = self.root / "weed.log"
         self.identities_path = self.root / "identities.json"
@@ -248,7 +249,7 @@ class S3Server:
         env = {k: v for k, v in os.environ.items() if k not in _WEED_ENV_DROP}
         self.proc = subprocess.Popen(
             self._command(), cwd=self.root, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True,
+            env=env, start_new_session=True, preexec_fn=(lambda: os.nice(self.nice)) if self.nice else None,
         )
 
     def _expected_volumes(self) -> int:

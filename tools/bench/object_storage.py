@@ -32,21 +32,24 @@ from .micro import make_state, state_bytes
 from .trainer_runs import run_recipe, summarize_trainer
 
 @contextmanager
-def object_store(args: argparse.Namespace) -> Iterator[str]:
-    """The ``s3://bucket/prefix`` to measure under: ``--s3-url``, or a SeaweedFS server of this run's own."""
+def object_store(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
+    """The ``s3://bucket/prefix`` to measure under and the server (None with ``--s3-url``): ``--s3-url``, or a
+    SeaweedFS server of this run's own."""
     if args.s3_url:
-        yield args.s3_url.rstrip("/")
+        yield args.s3_url.rstrip("/"), None
         return
     sys.path.insert(0, str(REPO / "tests"))
     try:
         from s3server import S3Server
     finally:
         sys.path.pop(0)
-    server = S3Server(Path(args.out) / "s3server").start()
+    # At the lowest priority: on this one machine the server takes its CPU from the cores that train, which a
+    # store on other machines does not; niced, it runs on what training leaves idle (its CPU time is reported).
+    server = S3Server(Path(args.out) / "s3server", nice=19).start()
     saved = {key: os.environ.get(key) for key in server.env()}
     os.environ.update(server.env())
     try:
-        yield f"s3://{server.make_bucket('ftrain-bench')}/bench"
+        yield f"s3://{server.make_bucket('ftrain-bench')}/bench", server
     finally:
         for key, value in saved.items():
             if value is None:
@@ -57,17 +60,17 @@ def object_store(args: argparse.Namespace) -> Iterator[str]:
 
 
 def run_s3_part(args: argparse.Namespace) -> dict[str, Any]:
-    with object_store(args) as url:
+    with object_store(args) as (url, server):
         size_mb = args.size_mb or 256.0
         state = make_state(int(size_mb * 1e6), int(args.tensor_mb * 1e6), torch.device("cpu"), 0)
         threads = max(args.s3_threads, 1)
         print(f"[bench] s3: {size_mb:.0f} MB in {len(state)} tensors, {threads} files in parallel, {url}", flush=True)
         floor = measure_floor(args, url, state, threads)
         ftrain = measure_ftrain(args, url, state, threads)
-        loop = measure_loop(args, url)
+        loop = measure_loop(args, url, server)
     nbytes = state_bytes(state)
     return {
-        "config": {"url": url if args.s3_url else "SeaweedFS (weed mini) on 127.0.0.1", "size_bytes": nbytes,
+        "config": {"url": url if args.s3_url else "SeaweedFS (weed mini) on 127.0.0.1 at nice 19", "size_bytes": nbytes,
                    "threads": threads, "reps": args.reps, "warmup": args.warmup},
         "floor": floor,
         "ftrain": ftrain,
@@ -179,8 +182,19 @@ def measure_ftrain(args: argparse.Namespace, url: str, state: dict[str, torch.Te
     return {"save": _rate(saves, nbytes), "resume": _rate(loads, nbytes)}
 
 
-def measure_loop(args: argparse.Namespace, url: str) -> dict[str, Any]:
-    """The recipe with checkpointing off, to local disk, and to the store, alternating."""
+def server_cpu_s(server: Any) -> float | None:
+    """CPU seconds the server process has used so far (None without a server of our own)."""
+    if server is None or server.proc is None:
+        return None
+    import psutil
+
+    times = psutil.Process(server.proc.pid).cpu_times()
+    return times.user + times.system
+
+
+def measure_loop(args: argparse.Namespace, url: str, server: Any = None) -> dict[str, Any]:
+    """The recipe with checkpointing off, to local disk, and to the store, alternating; with a server of our own,
+    the CPU time it used during each run."""
     runs = []
     for rep in range(args.trainer_reps):
         order = S3_LOOP_MODES[rep % 3:] + S3_LOOP_MODES[: rep % 3]
@@ -189,7 +203,10 @@ def measure_loop(args: argparse.Namespace, url: str) -> dict[str, Any]:
             extra = [f"checkpoint.dir={url}/loop-{rep}", "checkpoint.local_interval=0"] if label == "async-s3" else (
                 ["checkpoint.local_interval=0"] if label == "async" else []
             )
-            runs.append({**run_recipe(args, mode, rep, extra=extra, label=f"s3-{label}"), "mode": label})
+            before = server_cpu_s(server)
+            run = run_recipe(args, mode, rep, extra=extra, label=f"s3-{label}")
+            after = server_cpu_s(server)
+            runs.append({**run, "mode": label, "server_cpu_s": None if before is None else after - before})
     summary = summarize_trainer(runs, list(S3_LOOP_MODES))
     local, s3 = summary["async"].get("ratio_to_off"), summary["async-s3"].get("ratio_to_off")
     return {"runs": runs, "modes": summary,
