@@ -95,21 +95,13 @@ def main(argv: list[str] | None = None) -> int:
         why_not = warm.available()
         if not why_not:
             warm.preload("ftrain.trainer")
-            from ftrain.trainer import rehearse_step
+            from ftrain.trainer import can_rehearse, rehearse_step
 
-            rehearse = (lambda: rehearse_step(cfg)) if _rehearsable(cfg) else None
+            rehearse = (lambda: rehearse_step(cfg)) if can_rehearse(cfg) else None
             return warm.run(lambda: _train(cfg), cfg.train.warm_restarts, cfg.train.timeout_s, rehearse)
         if _local_rank() == 0 and why_not != warm.NOT_UNDER_TORCHRUN:  # a single process: nothing to keep warm
             print(f"ftrain: train.warm_restarts: off ({why_not})", file=sys.stderr)
     return _train(cfg)
-
-
-def _rehearsable(cfg: Config) -> bool:
-    """Whether the warm parent may rehearse a step (``ftrain.trainer.rehearse_step``): CPU training only, decided
-    without asking CUDA anything (a parent that initialises CUDA cannot fork usable children)."""
-    import torch
-
-    return cfg.train.device == "cpu" or (cfg.train.device == "auto" and torch.version.cuda is None)
 
 
 def _train(cfg: Config) -> int:

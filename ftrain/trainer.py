@@ -31,7 +31,7 @@ from ftrain.distributed import close_distributed, init_distributed, max_over_ran
 from ftrain.gc_policy import StepGarbageCollector
 from ftrain.health import HealthPolicy
 from ftrain.metrics import Progress
-from ftrain.model import build_model, num_parameters
+from ftrain.model import GPT, build_model, num_parameters
 from ftrain.preemption import EXIT_PREEMPTED
 from ftrain.state import seed_rank_rngs
 
@@ -110,6 +110,23 @@ class DebugFaults:
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=cfg.train.weight_decay)
+
+
+# A rehearsal holds the model, its gradients and AdamW's two moments (fp32: 16 bytes a parameter) once more, for a
+# moment, beside the training process's own: only for models for which that is small.
+REHEARSAL_MAX_BYTES = 1 << 30
+REHEARSAL_BYTES_PER_PARAMETER = 16
+
+
+def can_rehearse(cfg: Config) -> bool:
+    """Whether a warm parent should rehearse this run's step (``rehearse_step``): CPU training only, decided without
+    asking CUDA anything (a parent that initialises CUDA cannot fork usable children), and a model whose training
+    state fits ``REHEARSAL_MAX_BYTES`` (counted on the meta device: nothing allocated)."""
+    if not (cfg.train.device == "cpu" or (cfg.train.device == "auto" and torch.version.cuda is None)):
+        return False
+    with torch.device("meta"):
+        parameters = num_parameters(GPT(cfg.model))
+    return parameters * REHEARSAL_BYTES_PER_PARAMETER <= REHEARSAL_MAX_BYTES
 
 
 def rehearse_step(cfg: Config) -> None:

@@ -214,3 +214,14 @@ def test_an_own_loop_under_run_with_warm_restarts_recovers_a_killed_training_pro
     final = Path("checkpoints") / "step_00000600"
     assert_same_tensors(read_tensors(reference / final), read_tensors(run_dir / final))
     assert scalars(run_dir / "tb", tags.LOSS) == scalars(reference / "tb", tags.LOSS)
+
+
+def test_a_warm_parent_rehearses_only_small_models_on_cpu():
+    """The rehearsal holds a model's training state once more for a moment and must never touch CUDA in the parent:
+    the default recipe is rehearsed, a model whose state exceeds REHEARSAL_MAX_BYTES or a CUDA run is not."""
+    from ftrain.config import load_config
+    from ftrain.trainer import can_rehearse
+
+    assert can_rehearse(load_config([]))
+    assert not can_rehearse(load_config(["model.d_model=4096", "model.n_layer=8"]))  # ~1.6 G parameters
+    assert not can_rehearse(load_config(["train.device=cuda"]))
