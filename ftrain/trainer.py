@@ -144,8 +144,8 @@ def rehearse_step(cfg: Config) -> None:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    init_fake_process_group(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-    try:
+    try:  # whatever fails, the forks must get the parent's thread count back and no process group
+        init_fake_process_group(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
         model = build_model(cfg.model, torch.device("cpu"), cfg.train.seed)
         optimizer = build_optimizer(model, cfg)
         init_optimizer_state(optimizer)  # as a restore does (ftrain.checkpoint.local), before any step
@@ -158,7 +158,8 @@ def rehearse_step(cfg: Config) -> None:
         optimizer.zero_grad(set_to_none=True)
         get_state_dict(model, optimizer)
     finally:
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
         torch.set_num_threads(threads)
 
 

@@ -225,3 +225,23 @@ def test_a_warm_parent_rehearses_only_small_models_on_cpu():
     assert can_rehearse(load_config([]))
     assert not can_rehearse(load_config(["model.d_model=4096", "model.n_layer=8"]))  # ~1.6 G parameters
     assert not can_rehearse(load_config(["train.device=cuda"]))
+
+
+def test_a_rehearsal_that_fails_leaves_the_parent_as_it_was(monkeypatch):
+    """A failed rehearsal (here the fake process group cannot be made) is only logged by the parent: it must not
+    leave the one intra-op thread it rehearses with, nor a process group, to the training processes it forks."""
+    import torch
+    import torch.distributed as dist
+
+    import ftrain._torch_compat as compat
+    from ftrain.config import load_config
+    from ftrain.trainer import rehearse_step
+
+    def cannot(rank: int, world_size: int) -> None:
+        raise RuntimeError("no fake backend here")
+
+    monkeypatch.setattr(compat, "init_fake_process_group", cannot)
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="no fake backend"):
+        rehearse_step(load_config([]))
+    assert torch.get_num_threads() == threads and not dist.is_initialized()
