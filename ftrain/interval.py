@@ -88,11 +88,11 @@ class LocalSchedule:
     re-evaluated only at fixed steps and agreed by the caller (``propose`` then ``set``)."""
 
     REVIEW_EVERY = 50  # steps between re-evaluations of an auto interval (the same steps on every rank)
-    # The first review comes this many steps after a start, once three snapshots past the warm-up are measured, so
-    # a large state is not snapshotted at every step until the first regular review whatever it costs.
-    FIRST_REVIEW_AFTER = 6
     # The first snapshots after a start fault in each slot's pages (one per slot): not what a snapshot costs.
     WARMUP_SNAPSHOTS = 2
+    # The first review comes right after the first snapshot past the warm-up (an auto interval starts at 1), so a
+    # large state is snapshotted at every step for no longer than it takes to measure one snapshot.
+    FIRST_REVIEW_AFTER = WARMUP_SNAPSHOTS + 1
     MAX_AUTO_INTERVAL = 100
 
     def __init__(self, interval: str | int, overhead_budget: float = 0.01) -> None:

@@ -41,6 +41,7 @@ class LocalSnapshotting:
         self._telemetry = telemetry
         self._extra_checked = False
         self._call_s = 0.0  # the training thread's share of the latest snapshot
+        self._unmeasured = False  # the latest snapshot's cost is not yet with the schedule
 
     def after_healthy_step(self, step: int, save_due: bool) -> bool:
         """A snapshot of ``step`` when one is due, and always with a durable save: the save writes from the
@@ -50,28 +51,42 @@ class LocalSnapshotting:
             return False
         snapshotted = False
         if self.schedule.due(step) or save_due:
-            snapshotted = self._take(step)
+            snapshotted = self._take(step, save_due)
         if self.schedule.review_due(step):
+            # a review with no measured snapshot yet (the first, right after the warm-up) waits for this one's
+            self._measure(block=self.schedule.cost_s is None)
             self._review_interval(step)
         return snapshotted
 
-    def _take(self, step: int) -> bool:
-        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval. True if taken."""
+    def _take(self, step: int, save_due: bool) -> bool:
+        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval. True if taken.
+        One a durable save will write from is copied in the background, as that save's staging would be."""
         assert self.local is not None
         if self.local.disabled:
             return False
         if not self._extra_checked:  # before the first snapshot, as before the first save
             self._states.check_extra()
             self._extra_checked = True
-        if self.local.background_cpu_s is not None:  # the previous snapshot's background work is done by now
-            self.schedule.observe_snapshot(self._call_s + self.local.background_cpu_s)
+        self._measure(block=False)
         called = time.perf_counter()
         # A resume may start right after this step: the curve up to it must be out of this process (a syscall).
         self._telemetry.metrics.flush()
-        self.local.snapshot(step, self._states.local)
+        self.local.snapshot(step, self._states.local, background=save_due and self._manager.takes_prestaged)
         self._call_s = time.perf_counter() - called
+        self._unmeasured = True
+        self._measure(block=False)  # a snapshot taken whole in the call is measured at once
         faults.pause_point("after_local_snapshot", step)
         return True
+
+    def _measure(self, block: bool) -> None:
+        """Hand the latest snapshot's cost (the call plus its background CPU) to the schedule once it is known;
+        with ``block``, wait for its background work."""
+        if not self._unmeasured or self.local is None:
+            return
+        background = self.local.background_cost(block)
+        if background is not None:
+            self.schedule.observe_snapshot(self._call_s + background)
+            self._unmeasured = False
 
     def _review_interval(self, step: int) -> None:
         """``local_interval=auto``: every rank re-evaluates at the same steps and they take the largest proposal."""

@@ -323,6 +323,9 @@ def test_loop_part_reports_every_configuration(loop):
             assert entry[key] is not None and positive(entry[key]), (label, key)
     assert part["configs"]["tier-off"]["snapshots_all"]["median"] == 0
     assert part["configs"]["defaults"]["snapshots_all"]["median"] > 0  # the tier is on by default
+    # what the tier's share of the loop time is made of: snapshots without a save, and the saves (2 + the last)
+    assert part["configs"]["defaults"]["saves_measured"]["median"] == 3
+    assert part["configs"]["defaults"]["snapshots_plain"] is not None
     rows = [row for row in result["targets"] if row["target"] == "loop_defaults_minus_tier_off"]
     # loop time and CPU time, each defaults minus tier-off
     assert [row["mode"] for row in rows] == ["defaults", "defaults"] and len({row["what"] for row in rows}) == 2

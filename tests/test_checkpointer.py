@@ -143,7 +143,7 @@ def test_a_save_writes_from_the_local_snapshot_whose_slot_is_kept_until_it_is_wr
     monkeypatch.setenv("FTRAIN_FAULT", f"{faults.WHILE_WRITING}@5")  # the writer thread or process pauses there
     monkeypatch.setenv("FTRAIN_FAULT_SECONDS", "1")
     if not kept:
-        monkeypatch.setattr(LocalSnapshots, "_lent_slot", lambda self: None)
+        monkeypatch.setattr(LocalSnapshots, "_lent_slots", lambda self: set())
     if mode == "async_process":  # DCP's writer process joins the job's process group: a one-rank one here
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:

@@ -239,6 +239,63 @@ def test_the_previous_snapshot_stays_complete_while_the_next_is_in_flight(tmp_pa
     tier.close()
 
 
+def test_a_background_snapshot_of_host_state_is_copied_off_the_training_thread_and_then_complete(tmp_path, monkeypatch):
+    """background=True (a snapshot a durable save will write from): snapshot() returns while the copy waits;
+    wait() returns once it is done; the snapshot is then complete and its background CPU is known."""
+    tier = tier_at(tmp_path)
+    take(tier, 1)
+    release, copying = threading.Event(), threading.Event()
+    real_copy = LocalSnapshots._copy
+
+    def held_copy(self, tensors, views, ready):
+        copying.set()
+        release.wait(10)
+        real_copy(self, tensors, views, ready)
+
+    monkeypatch.setattr(LocalSnapshots, "_copy", held_copy)
+    tier.snapshot(2, {"t": Filled(2)}, background=True)  # returns with the copy held
+    assert copying.wait(10) and tier.background_cost() is None  # still running
+    release.set()
+    tier.wait()
+    cost = tier.background_cost(block=True)
+    assert cost is not None and cost > 0
+    assert tier_at(tmp_path).complete_steps() == [1, 2]
+    restored = Filled(0)
+    tier_at(tmp_path).restore(2, {"t": restored})
+    assert torch.equal(restored.state["w"], torch.full((1000,), 2.0))
+    take(tier, 3)  # taken whole in the call: no background cost
+    assert tier.background_cost() == 0.0
+    tier.close()
+
+
+def test_a_slot_lent_to_a_save_in_flight_is_kept_while_the_next_saves_snapshot_is_placed(tmp_path):
+    """A save still writing from step 10's slot, and step 12's snapshot lent to the next save before its
+    background copy has chosen a slot: step 12 must not go into step 10's slot (the older of the two, else the
+    natural choice), and with both slots lent the next snapshot is skipped, the tier staying on."""
+    tier = tier_at(tmp_path)
+    writing = {10: True, 12: True}
+    tier.snapshot(10, {"t": Filled(10)}, background=True)
+    assert tier.lend(10, in_use=lambda: writing[10]) is not None
+    tier._finish()
+    slot_10 = _slot_of(tmp_path, 10)
+    take(tier, 11)  # into the other slot: step 10's is lent
+    hold = threading.Event()
+    tier._executor.submit(hold.wait, 10)  # step 12's copy waits in line until its lend is recorded
+    tier.snapshot(12, {"t": Filled(12)}, background=True)
+    lent = tier.lend(12, in_use=lambda: writing[12])
+    hold.set()
+    assert lent is not None and lent.ready()
+    tier._finish()
+    assert _slot_of(tmp_path, 12) != slot_10, "step 12 overwrote the slot a save in flight was writing from"
+    assert tier_at(tmp_path).complete_steps() == [10, 12]  # the save's source intact (its checksums verify)
+    take(tier, 13)  # both slots lent: skipped, nothing overwritten
+    assert tier.disabled is None and tier_at(tmp_path).complete_steps() == [10, 12]
+    writing[10] = False  # step 10's save is done: its slot is free again
+    take(tier, 14)
+    assert tier_at(tmp_path).complete_steps() == [12, 14] and _slot_of(tmp_path, 14) == slot_10
+    tier.close()
+
+
 def test_restore_and_drop_after_remove_later_steps_of_the_old_timeline(tmp_path):
     tier = tier_at(tmp_path)
     take(tier, 1)

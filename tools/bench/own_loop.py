@@ -222,6 +222,8 @@ def loop_metrics(loop: dict[str, Any], skip: int, interval: int) -> dict[str, An
             local_intervals=intervals,
             call_snapshot_s=[calls[s - 1] for s in plain if s in snapshot_steps],
             call_plain_s=[calls[s - 1] for s in plain if s not in snapshot_steps] if known else [],
+            snapshots_plain=len([s for s in plain if s in snapshot_steps]) if known else None,
+            saves_measured=len([s for s in saves if s > skip]) + 1,  # the last step's save too
         )
     return metrics
 
@@ -272,6 +274,9 @@ def summarize_loop(runs: list[dict[str, Any]], labels: list[str], skip: int) -> 
             known = [r["snapshot_steps"] for r in mine if r["snapshot_steps"] is not None]
             entry["snapshots_measured"] = summarize([float(sum(s > skip for s in k)) for k in known]) if known else None
             entry["snapshots_all"] = summarize([float(len(k)) for k in known]) if known else None
+            plain = [float(r["snapshots_plain"]) for r in mine if r.get("snapshots_plain") is not None]
+            entry["snapshots_plain"] = summarize(plain) if plain else None
+            entry["saves_measured"] = summarize([float(r["saves_measured"]) for r in mine])
             entry["auto_intervals"] = mine[0]["auto_intervals"]
             entry["auto_snapshot_cost_s"] = [c for r in mine for c in r["auto_snapshot_cost_s"]]
         summary[label] = entry

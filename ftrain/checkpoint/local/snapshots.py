@@ -9,7 +9,7 @@
         tier.drop_after(durable_step)         # snapshots of steps the run will now redo belong to another timeline
     ...
     tier.snapshot(step, states)               # after the optimizer step (host state: taken whole in the call;
-                                              # device state: copied to the host in the background)
+                                              # device state, or background=True: copied in the background)
     tier.wait()                               # before the next optimizer step changes what is being copied
     ...
     tier.remove(); tier.close()               # the run finished cleanly
@@ -24,8 +24,9 @@ processes (SIGKILL, the OOM killer, a torchrun restart round, a relaunched job) 
 the node.
 
 The durable tier writes from the tier: a durable save comes with a snapshot of its step, and ``lend`` hands that
-snapshot's copies to the save (``staging.Prestaged``) instead of a second staging copy. The lent slot is not
-written again until the save is done; snapshots meanwhile all go to the other slot.
+snapshot's copies to the save (``staging.Prestaged``) instead of a second staging copy. A lent slot is not
+written again until its save is done; snapshots meanwhile all go to the other slot (with both slots lent, a
+snapshot is skipped).
 
 Memory per rank: 2 x the per-rank tensor bytes plus 2 x the skeleton (a few KB), in /dev/shm. If the tier cannot
 get that room, or a snapshot fails, it says so once (a warning on ``ftrain.checkpoint``) and turns itself off:
@@ -36,8 +37,10 @@ Checksums: ``sums.py``'s xxh3-64 per 64 MiB chunk (the marker names the algorith
 Hot path: ``snapshot`` calls each state's ``state_dict()`` and walks the result (``state_tree.split``: tensors
 out, the rest into a new tree). Host state is then copied, summed and marked right there, in the training thread:
 a background thread would compete with training for the cores and the GIL, and training has to wait for the copy
-before the next optimizer step anyway. Device state is copied device-to-host on a side stream by a background
-thread, and ``wait`` waits for that copy only. What each part costs: ``tools/bench_local_tier.py`` and
+before the next optimizer step anyway. The exception is a snapshot a durable save will write from
+(``background=True``): without the tier that save's staging copy is made in the background, so the snapshot that
+replaces it is too. Device state is copied device-to-host on a side stream by a background thread. ``wait``
+waits for the copy only. What each part costs: ``tools/bench_local_tier.py`` and
 ``docs/bench.md``.
 """
 
@@ -115,7 +118,9 @@ class LocalSnapshots:
         self._plan: Plan | None = None
         self._held: dict[int, int] | None = None  # slot -> step of its complete snapshot, known to this process
         self._taking: Taking | None = None  # the snapshot taken since the last wait(), which lend() can offer
-        self._lent: tuple[Taking, Callable[[], bool]] | None = None  # a snapshot a durable save reads, while in use
+        # snapshots durable saves write from, while in use (a list: a save still in flight keeps its slot while the
+        # next save's snapshot, lent before its background copy has chosen a slot, waits to be placed)
+        self._lent: list[tuple[Taking, Callable[[], bool]]] = []
         self._verified: dict[int, tuple[Any, ...]] = {}  # slot -> file identity of the last snapshot verified
         self._stream = None
         if owner is None:  # no run directory to tell whether the owner still exists: never taken over
@@ -137,9 +142,9 @@ class LocalSnapshots:
         self._verified.clear()
 
     # ------------------------------------------------------------------------------------------------ taking
-    def snapshot(self, step: int, states: Mapping[str, Stateful]) -> None:
+    def snapshot(self, step: int, states: Mapping[str, Stateful], background: bool = False) -> None:
         """Take a snapshot of ``states`` after ``step``: their ``state_dict()`` now; host tensors are copied now
-        too, device tensors in the background.
+        too (with ``background``, in the background), device tensors in the background.
 
         The tensors must not change until ``wait()`` returns (call it before the next optimizer step, e.g. from
         an optimizer step pre-hook); a snapshot still in flight is waited for first. Everything else is captured
@@ -152,20 +157,23 @@ class LocalSnapshots:
         tree = {name: state_tree.split(state.state_dict(), (name,), tensors) for name, state in states.items()}
         self._copied = threading.Event()
         self._taking = Taking(step, [tensor for _, tensor, _ in tensors], self._copied)
-        if not any(tensor.is_cuda for _, tensor, _ in tensors):
+        on_device = any(tensor.is_cuda for _, tensor, _ in tensors)
+        if not on_device and not background:
             # Host state: taken here, in the training thread. A background thread's copy and Python work would
             # compete with training for the cores and the GIL, and training waits for the copy before the next
             # optimizer step anyway (docs/bench.md compares the two).
-            self._take(step, tree, tensors, None, self._taking)
+            self._take(step, tree, tensors, None, self._taking, False)
             return
-        device = next(tensor.device for _, tensor, _ in tensors if tensor.is_cuda)
-        if self._stream is None:
-            # made here, on the state's device: a new thread's current device is 0, and a stream made there would
-            # put every rank's copies (and a CUDA context) on the node's first GPU
-            self._stream = torch.cuda.Stream(device=device)
-        ready = torch.cuda.Event()  # device state: copied device-to-host on a side stream, in the background
-        ready.record(torch.cuda.current_stream(device))
-        self._job = self._executor.submit(self._take, step, tree, tensors, ready, self._taking)
+        ready = None
+        if on_device:
+            device = next(tensor.device for _, tensor, _ in tensors if tensor.is_cuda)
+            if self._stream is None:
+                # made here, on the state's device: a new thread's current device is 0, and a stream made there
+                # would put every rank's copies (and a CUDA context) on the node's first GPU
+                self._stream = torch.cuda.Stream(device=device)
+            ready = torch.cuda.Event()  # device state: copied device-to-host on a side stream
+            ready.record(torch.cuda.current_stream(device))
+        self._job = self._executor.submit(self._take, step, tree, tensors, ready, self._taking, True)
 
     def wait(self) -> None:
         """Block until the copy of the snapshot in flight is done (its checksum and marker may still follow).
@@ -182,8 +190,17 @@ class LocalSnapshots:
         taking = self._taking
         if self.disabled or taking is None or taking.step != step:
             return None
-        self._lent = (taking, in_use)
+        self._lent.append((taking, in_use))
         return LentSnapshot(taking)
+
+    def background_cost(self, block: bool = False) -> float | None:
+        """CPU seconds the latest snapshot's background work took (0.0 for one taken whole in the call); None
+        while that work still runs, unless ``block``: then it waits for it."""
+        if self._job is not None:
+            if not (block or self._job.done()):
+                return None
+            self._finish()
+        return self.background_cpu_s
 
     def _finish(self) -> None:
         """Block until the snapshot in flight is complete (marker written) or has failed."""
@@ -198,11 +215,15 @@ class LocalSnapshots:
         tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]],
         ready: Any,
         taking: Taking,
+        background: bool,
     ) -> None:
         started = time.thread_time()
         try:
             try:
                 slot = self._choose_slot(step)
+                if slot is None:
+                    logger.debug("local snapshot of step %d skipped: durable saves write from both slots", step)
+                    return
                 plan = self._layout(tensors)
                 views = self._slots.views(slot, plan, self._stream if ready is not None else None)
                 self._copy(tensors, views, ready)
@@ -233,22 +254,25 @@ class LocalSnapshots:
             memory.overwrite(files.skeleton, skeleton)  # the slot has no marker: no tmp + rename needed
             memory.replace(files.marker, marker.to_json(plan.records_json).encode(), files.marker_tmp)
             self._held[slot] = step  # type: ignore[index]  # set by _choose_slot
-            self.background_cpu_s = time.thread_time() - started if ready is not None else 0.0
+            self.background_cpu_s = time.thread_time() - started if background else 0.0
         except Disabled as exc:
             self._disable(str(exc))
         except Exception as exc:  # the tier is an optimization: it must never stop training
             self._disable(f"a local snapshot of step {step} failed: {type(exc).__name__}: {exc}")
 
-    def _choose_slot(self, step: int) -> int:
-        """The slot to write: never the one holding the newest older snapshot. Snapshots of this step or later
-        (left by an earlier attempt that got further) are of another timeline and are dropped first."""
+    def _choose_slot(self, step: int) -> int | None:
+        """The slot to write: never the one holding the newest older snapshot, never one a durable save is
+        writing from (None when both are). Snapshots of this step or later (left by an earlier attempt that got
+        further) are of another timeline and are dropped first."""
         if self._held is None:
             self._held = {slot: marker.step for slot, marker in self._markers().items()}
         for slot, held in list(self._held.items()):
             if held >= step:
                 self._invalidate(slot)
-        lent = self._lent_slot()
-        usable = [slot for slot in SLOTS if slot != lent]
+        lent = self._lent_slots()
+        usable = [slot for slot in SLOTS if slot not in lent]
+        if not usable:
+            return None
         free = [slot for slot in usable if slot not in self._held]
         # With a slot lent to a durable save, the other one is rewritten at every snapshot until the save is done:
         # a failure while it is being written finds the lent snapshot, a few steps older.
@@ -256,15 +280,15 @@ class LocalSnapshots:
         self._invalidate(slot)
         return slot
 
-    def _lent_slot(self) -> int | None:
-        """The slot a durable save may still be reading: never written to."""
-        if self._lent is None:
-            return None
-        taking, in_use = self._lent
-        if taking.slot is not None and in_use():
-            return taking.slot
-        self._lent = None
-        return None
+    def _lent_slots(self) -> set[int]:
+        """The slots durable saves may still be reading: never written to. A lent snapshot not placed yet (this
+        very snapshot, lent before its background copy chose a slot) stays on the list until it is copied."""
+        self._lent = [
+            (taking, in_use)
+            for taking, in_use in self._lent
+            if (in_use() if taking.slot is not None else not taking.copied.is_set())
+        ]
+        return {taking.slot for taking, _ in self._lent if taking.slot is not None}
 
     def _invalidate(self, slot: int) -> None:
         if self._dir is None:  # not this run's directory: never touched
