@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from ftrain import faults, tags
+from ftrain import faults, tags, warm
 from ftrain.checkpoint import keys, layout
 from ftrain.checkpoint.collectives import DistContext, max_over_ranks
 from ftrain.checkpoint.compat import RunSignature, model_fingerprint
@@ -273,6 +273,7 @@ class Checkpointer:
         """
         self._require_loaded("maybe_save")
         self._advance_to(step)
+        warm.trained_a_step()  # once, under warm restarts: the warm parent may rehearse now
         faults.pause_point(faults.STEP_DONE, step)
         self._timer.step_done(step, last)
         verdict = self._agreement.agree(loss, grad_norm)

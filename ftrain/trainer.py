@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -136,16 +135,13 @@ def rehearse_step(cfg: Config) -> None:
     sharding decisions for each op and shape, first calls into the kernels) stays in the parent's memory, and the
     training processes forked from it after a failure skip it.
 
-    The parent never touches CUDA, so this runs only for CPU training; one intra-op thread, because an OpenMP
-    thread pool made before a fork hangs the children's parallel regions."""
+    The parent never touches CUDA, so this runs only for CPU training; the rest of what it runs in (one intra-op
+    thread, nothing left behind): ``warm.rehearsal``."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from ftrain._torch_compat import init_fake_process_group, init_optimizer_state
+    from ftrain._torch_compat import init_optimizer_state
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # whatever fails, the forks must get the parent's thread count back and no process group
-        init_fake_process_group(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    with warm.rehearsal():
         model = build_model(cfg.model, torch.device("cpu"), cfg.train.seed)
         optimizer = build_optimizer(model, cfg)
         init_optimizer_state(optimizer)  # as a restore does (ftrain.checkpoint.local), before any step
@@ -157,10 +153,6 @@ def rehearse_step(cfg: Config) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         get_state_dict(model, optimizer)
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        torch.set_num_threads(threads)
 
 
 class Trainer:
@@ -291,7 +283,6 @@ class Trainer:
                 record.write(step, indices)
             mean_loss = sum_over_ranks([loss.item()], self.device)[0] / self.env.world_size
             step_time = time.perf_counter() - started
-            warm.trained_a_step()  # once: the warm parent may rehearse now, without delaying the start
             self.last_loss = mean_loss
             self.metrics.log(
                 {

@@ -16,13 +16,15 @@ preempted, unhealthy, bad configuration, Ctrl-C), and errors with which ftrain s
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Callable, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 from ftrain.faults import GENERATION_ENV
 
@@ -79,7 +81,12 @@ def preload(*modules: str) -> None:
         importlib.import_module(module)
 
 
-def run_with_warm_restarts(main: Callable[[], int | None], restarts: int = 3, timeout_s: float = 300.0) -> int:
+def run_with_warm_restarts(
+    main: Callable[[], int | None],
+    restarts: int = 3,
+    timeout_s: float = 300.0,
+    rehearse: Callable[[], None] | None = None,
+) -> int:
     """Run a training script's ``main`` (your own loop on ``ftrain.Checkpointer``) so that under torchrun a
     training process that dies is replaced by a fork of a warm parent, in the same torchrun round; returns the
     exit code to end with (``sys.exit`` it). ``main`` returns an exit code (None = 0) or raises.
@@ -88,14 +95,52 @@ def run_with_warm_restarts(main: Callable[[], int | None], restarts: int = 3, ti
     module level are fine and are what the forks reuse), and it resumes with ``Checkpointer.load()`` as always:
     the replacement resumes from the newest local snapshot every rank holds. A plain
     ``dist.init_process_group()`` works: every generation of training processes gets a store of its own.
-    ``restarts=0``, or not under torchrun, calls ``main`` once in this process."""
+    ``restarts=0``, or not under torchrun, calls ``main`` once in this process.
+
+    ``rehearse`` (optional, CPU training only): one training step on throwaway objects (build the model as ``main``
+    does, ``fully_shard`` it if ``main`` does, forward, backward, optimizer step; DDP's all-reduce cannot run on
+    the fake process group: leave a DDP model unwrapped). The parent runs it once, after the first
+    training process's first ``maybe_save``, inside ``rehearsal()`` (torch's ``fake`` process group, one intra-op
+    thread, the RNG state put back), so that what a process does the first time stays in the parent and the
+    replacements forked after a failure skip it. It must start no thread (no data loader workers) and never touch
+    CUDA: a parent with a CUDA context cannot fork usable children (after such a rehearsal, failures are left to
+    torchrun)."""
     why_not = available()
     if restarts <= 0 or why_not:
         if restarts > 0 and why_not != NOT_UNDER_TORCHRUN and os.environ.get("LOCAL_RANK", "0") == "0":
             logger.warning("warm restarts off: %s", why_not)
         return _exit_code(main)
     preload()
-    return run(lambda: exit_now(_exit_code(main)), restarts, timeout_s)
+    in_rehearsal = None if rehearse is None else (lambda: _run_in_rehearsal(rehearse))
+    return run(lambda: exit_now(_exit_code(main)), restarts, timeout_s, in_rehearsal)
+
+
+@contextlib.contextmanager
+def rehearsal() -> Iterator[None]:
+    """What a warm parent's rehearsal runs in: torch's ``fake`` process group with this rank and world size (no
+    peer, no thread), one intra-op thread (an OpenMP thread pool made before a fork hangs the children's parallel
+    regions) and torch's CPU RNG forked. Afterwards neither the group nor the thread count nor the RNG state is
+    left changed, whatever happened inside."""
+    import torch
+    import torch.distributed as dist
+
+    from ftrain._torch_compat import init_fake_process_group
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            init_fake_process_group(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+            yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
+def _run_in_rehearsal(rehearse: Callable[[], None]) -> None:
+    with rehearsal():
+        rehearse()
 
 
 def _exit_code(main: Callable[[], int | None]) -> int:
@@ -179,6 +224,9 @@ def run(train: Callable[[], int], max_restarts: int, timeout_s: float, rehearse:
                 if rehearse is not None and _TRAINED in said:
                     rehearsed = _rehearse(rehearse, rank)
                     rehearse = None
+                    if _has_cuda_context():  # its forks could not use CUDA: torchrun's restart takes over
+                        logger.error("rank %d: the rehearsal initialised CUDA; failures are left to torchrun", rank)
+                        max_restarts = gen
                 if gen < max_restarts and not peers_failed and _count(store, gen) > 0:
                     peers_failed = True  # another rank's training process failed: this one cannot go on
                     os.kill(child, signal.SIGKILL)
@@ -267,6 +315,11 @@ def _rehearse(rehearse: Callable[[], None], rank: int) -> bool:
         logger.warning("rank %d: the warm parent's rehearsal failed (%s); replacements start without it", rank, exc)
         return False
     return True
+
+
+def _has_cuda_context() -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.cuda.is_initialized()
 
 
 def _die_with(parent: int) -> None:

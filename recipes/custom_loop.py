@@ -68,6 +68,18 @@ class Epoch:
         self.value = int(state["value"])
 
 
+def rehearse() -> None:
+    """One step on throwaway objects, run once by each rank's warm parent (``ftrain.run_with_warm_restarts``) on a
+    process group of torch's ``fake`` backend: what a process does the first time (the first forward, backward and
+    optimizer step) then stays in the parent, and a training process forked after a failure skips it. CPU only, no
+    thread: no data loader here. The module is not wrapped: DDP's gradient all-reduce cannot run on the fake group
+    (FSDP2's ``fully_shard`` can)."""
+    model = Classifier(dim=16, hidden=64, classes=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    F.cross_entropy(model(torch.randn(32, 16)), torch.randint(4, (32,))).backward()
+    optimizer.step()
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True)
@@ -147,7 +159,7 @@ if __name__ == "__main__":
     # Under torchrun, a training process that dies (SIGKILL, OOM kill, an exception on one rank) is replaced by a
     # fork of this rank's warm parent, which has imported everything above: no new torchrun round, no new imports.
     # Without torchrun, main simply runs here.
-    code = ftrain.run_with_warm_restarts(lambda: main(sys.argv[1:]))
+    code = ftrain.run_with_warm_restarts(lambda: main(sys.argv[1:]), rehearse=rehearse)
     # Leave without interpreter finalization, as ftrain-train does: with gloo (here DDP's and the default group's
     # threads), a process that finished cleanly can still abort while the interpreter tears down (SIGABRT,
     # "terminate called without an active exception"; pytorch/pytorch#179291 describes the mechanism), and

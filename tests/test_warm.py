@@ -3,6 +3,8 @@ parent, not by a new torchrun round, and the run stays bit-identical to an unint
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import signal
@@ -211,6 +213,7 @@ def test_an_own_loop_under_run_with_warm_restarts_recovers_a_killed_training_pro
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]
     assert "forking a new one from the warm parent" in err and "(generation 1)" in err and "Restarting" not in err
+    assert "which had rehearsed a step" in err  # custom_loop.py passes rehearse=
     final = Path("checkpoints") / "step_00000600"
     assert_same_tensors(read_tensors(reference / final), read_tensors(run_dir / final))
     assert scalars(run_dir / "tb", tags.LOSS) == scalars(reference / "tb", tags.LOSS)
@@ -225,6 +228,28 @@ def test_a_warm_parent_rehearses_only_small_models_on_cpu():
     assert can_rehearse(load_config([]))
     assert not can_rehearse(load_config(["model.d_model=4096", "model.n_layer=8"]))  # ~1.6 G parameters
     assert not can_rehearse(load_config(["train.device=cuda"]))
+
+
+def test_a_rehearsal_leaves_no_process_group_thread_count_or_rng_change_behind():
+    """warm.rehearsal(), what the recipe's and an own loop's rehearsals run in: inside, a fake process group of
+    this rank and world size and one intra-op thread; afterwards, also after an exception, none of it, and torch's
+    RNG where it was (the forks inherit the parent's)."""
+    import torch
+    import torch.distributed as dist
+
+    from ftrain import warm
+
+    torch.manual_seed(5)
+    before, threads = torch.get_rng_state(), torch.get_num_threads()
+    for fails in (False, True):
+        with pytest.raises(ValueError) if fails else contextlib.nullcontext():
+            with warm.rehearsal():
+                assert dist.is_initialized() and dist.get_backend() == "fake" and torch.get_num_threads() == 1
+                torch.randn(100)
+                if fails:
+                    raise ValueError("a rehearsal that fails")
+        assert not dist.is_initialized() and torch.get_num_threads() == threads
+        assert torch.equal(torch.get_rng_state(), before)
 
 
 def test_a_rehearsal_that_fails_leaves_the_parent_as_it_was(monkeypatch):
