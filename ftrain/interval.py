@@ -94,6 +94,10 @@ class LocalSchedule:
     # large state is snapshotted at every step for no longer than it takes to measure one snapshot.
     FIRST_REVIEW_AFTER = WARMUP_SNAPSHOTS + 1
     MAX_AUTO_INTERVAL = 100
+    # Until this many steps are measured since a start, the step time is the fastest of them: the first steps carry
+    # one-time work (a model's first forward and backward, each slot's first pages), and a median of three would
+    # be one of those; the fastest gives the longer interval, the safe side of the budget.
+    STEADY_AFTER = 10
 
     def __init__(self, interval: str | int, overhead_budget: float = 0.01) -> None:
         self.auto = str(interval).strip() == AUTO
@@ -101,6 +105,7 @@ class LocalSchedule:
         self.budget = overhead_budget
         self._costs: deque[float] = deque(maxlen=20)
         self._steps: deque[float] = deque(maxlen=200)
+        self._since_start: list[float] = []  # step times since the last start (up to STEADY_AFTER)
         self._first_review: int | None = None
         self._warmup_left = self.WARMUP_SNAPSHOTS
 
@@ -108,6 +113,7 @@ class LocalSchedule:
         """The run (re)starts at ``step`` (the same on every rank): the first review follows shortly."""
         self._first_review = step + self.FIRST_REVIEW_AFTER
         self._warmup_left = self.WARMUP_SNAPSHOTS
+        self._since_start = []
 
     def due(self, step: int) -> bool:
         return self.interval > 0 and step % self.interval == 0
@@ -117,6 +123,8 @@ class LocalSchedule:
 
     def observe_step(self, seconds: float) -> None:
         self._steps.append(seconds)
+        if len(self._since_start) < self.STEADY_AFTER:
+            self._since_start.append(seconds)
 
     def observe_snapshot(self, cost_s: float) -> None:
         if self._warmup_left > 0:
@@ -132,7 +140,9 @@ class LocalSchedule:
     def propose(self) -> int:
         if not self._costs or len(self._steps) < 3:
             return self.interval
-        step_s, cost = statistics.median(self._steps), self.cost_s
+        recent = self._since_start
+        step_s = min(recent) if 0 < len(recent) < self.STEADY_AFTER else statistics.median(self._steps)
+        cost = self.cost_s
         if step_s <= 0 or cost is None:
             return self.interval
         return max(1, min(self.MAX_AUTO_INTERVAL, math.ceil(cost / (self.budget * step_s))))

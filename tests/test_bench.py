@@ -291,6 +291,7 @@ def test_object_storage_part_in_its_quick_form(tmp_path):
     assert s3["save_to_floor"] > 0 and s3["resume_to_floor"] > 0
     assert set(s3["loop"]["modes"]) == {"off", "async", "async-s3"}
     assert all(run["server_cpu_s"] >= 0 for run in s3["loop"]["runs"])  # the niced server's CPU, per run
+    assert all(run["job_cpu_s"] > 0 for run in s3["loop"]["runs"]) and s3["loop"]["cpu_points"] is not None
     text = (out / "bench.md").read_text()
     assert "## Object storage (S3)" in text and "server CPU per run" in text and "nice 19" in text
     assert not (out / "s3server").exists()  # the server and its data are gone

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import statistics
 import os
 import sys
 import time
@@ -210,7 +211,21 @@ def measure_loop(args: argparse.Namespace, url: str, server: Any = None) -> dict
     summary = summarize_trainer(runs, list(S3_LOOP_MODES))
     local, s3 = summary["async"].get("ratio_to_off"), summary["async-s3"].get("ratio_to_off")
     return {"runs": runs, "modes": summary,
-            "overhead_points": None if not (local and s3) else (local["median"] - s3["median"]) * 100}
+            "overhead_points": None if not (local and s3) else (local["median"] - s3["median"]) * 100,
+            "cpu_points": cpu_points(runs)}
+
+
+def cpu_points(runs: list[dict[str, Any]]) -> float | None:
+    """The job's own CPU time saving to the store minus saving to local disk, in points of the same round's
+    checkpoint-free run (medians over rounds): what the training processes pay for the store, which a server on
+    another machine would not add to. The server's CPU is not in it (it is reported per run beside it)."""
+    off = {r["rep"]: r["job_cpu_s"] for r in runs if r["mode"] == "off"}
+    points = []
+    for rep, base in off.items():
+        mine = {r["mode"]: r["job_cpu_s"] for r in runs if r["rep"] == rep}
+        if base > 0 and "async" in mine and "async-s3" in mine:
+            points.append((mine["async-s3"] - mine["async"]) / base * 100)
+    return statistics.median(points) if points else None
 
 
 def cleanup(args: argparse.Namespace) -> None:

@@ -280,6 +280,11 @@ def s3_lines(s3: dict[str, Any]) -> list[str]:
     points = s3["loop"]["overhead_points"]
     if points is not None:
         lines.append(f"\nSaving to the store costs {points:+.1f} points of throughput more than saving to local disk.")
+    cpu = s3["loop"].get("cpu_points")
+    if cpu is not None:
+        lines.append(f"The job's own CPU time (torchrun, workers, their threads; not the server's) saving to the store "
+                     f"is {cpu:+.1f} points of the checkpoint-free run's above saving to local disk (median of the "
+                     "rounds): what the training processes pay for the store, load on the machine apart.")
     return lines
 
 
