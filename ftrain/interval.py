@@ -138,9 +138,9 @@ class LocalSchedule:
         return statistics.median(self._costs) if self._costs else None
 
     def propose(self) -> int:
-        if not self._costs or len(self._steps) < 3:
+        recent = self._since_start  # a start's first step is not fed here (``StepTimer``): one-off costs
+        if not self._costs or (len(self._steps) < 3 and not recent):
             return self.interval
-        recent = self._since_start
         step_s = min(recent) if 0 < len(recent) < self.STEADY_AFTER else statistics.median(self._steps)
         cost = self.cost_s
         if step_s <= 0 or cost is None:

@@ -124,8 +124,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="goodput part: most seconds of training before each kill [default: spread the kills "
                         "over the run, from the measured steps/s]")
     parser.add_argument("--goodput-configs", default="",
-                        help="goodput part: comma-separated kill/setup pairs to run, e.g. rank/on,process/warm "
-                        "[default: all; with --quick: job/warm,process/warm]")
+                        help="goodput part: comma-separated kill/setup pairs to run, e.g. rank/on,process/warm, or "
+                        "none (the floors and uninterrupted runs only) [default: all; with --quick: job/warm,process/warm]")
     parser.add_argument("--loop-steps", type=int, default=40, help="loop part: steps of each loop job")
     parser.add_argument("--loop-interval", type=int, default=10, help="loop part: a durable save every N steps")
     parser.add_argument("--loop-reps", type=int, default=3,
@@ -163,7 +163,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args.goodput_timeout = 600.0 if args.quick else 1800.0
     args.goodput_model = ["model.seq_len=64", "train.batch_size=4"] if args.quick else []  # quick: shorter steps
     # quick: the failures only with the local tier on (the tier-off path is the same code, and time is short)
-    if args.goodput_configs:
+    if args.goodput_configs == "none":
+        args.goodput_configs = []
+    elif args.goodput_configs:
         wanted = _split(args.goodput_configs)
         known = {f"{kind}/{setup}": (kind, setup) for kind, setup in CONFIGS}
         if set(wanted) - set(known):

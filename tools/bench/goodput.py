@@ -38,7 +38,7 @@ from ftrain.checkpoint.run_dir import CONFIG_NAME, TENSORBOARD_DIR
 from ftrain.config import load_config
 
 from .common import REPO, BenchError, ratio, remove, summarize
-from .launch import TORCHRUN, run_logged, tail
+from .launch import TORCHRUN, children_cpu_s, run_logged, tail
 from .system import OtherLoad, wait_for_quiet
 from .trainer_runs import read_run
 
@@ -197,11 +197,12 @@ def run_recipe(args: argparse.Namespace, cmd: list[str], name: str) -> dict[str,
     """One uninterrupted run of ``cmd``; its wall time and the other processes' CPU share meanwhile."""
     log_path = Path(args.out) / "logs" / f"goodput-{name}.log"
     waited = wait_for_quiet(args.quiet_wait)
-    started, load = time.perf_counter(), OtherLoad()
+    started, load, cpu_before = time.perf_counter(), OtherLoad(), children_cpu_s()
     code = run_logged(cmd, log_path, dict(os.environ), echo=lambda line: False)
     if code != 0:
         raise BenchError(f"goodput run {name} exited {code}: {tail(log_path)} (full log: {log_path})")
-    return {"wall_s": time.perf_counter() - started, "quiet_wait_s": waited, **load.shares()}
+    return {"wall_s": time.perf_counter() - started, "quiet_wait_s": waited, **load.shares(),
+            "job_cpu_s": children_cpu_s() - cpu_before}
 
 
 # ----------------------------------------------------------------------------------------- restart floor
@@ -316,6 +317,11 @@ def run_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             [by_rep["off", r]["plain_step_s"] / by_rep["on", r]["plain_step_s"] for r in reps]),
         # what keeping a warm parent per rank costs a run without failures (the local tier on in both)
         "ratio_warm_on": summarize([by_rep["warm", r]["steps_per_s"] / by_rep["on", r]["steps_per_s"] for r in reps]),
+        "ratio_warm_on_median_step": summarize(
+            [by_rep["on", r]["plain_step_s"] / by_rep["warm", r]["plain_step_s"] for r in reps]),
+        # the whole job's CPU time, on / warm: the warm parents' own work (imports once, the rehearsal once, the
+        # watch loop) is in it, and outside load moves CPU time far less than wall time
+        "ratio_warm_on_cpu": summarize([by_rep["on", r]["job_cpu_s"] / by_rep["warm", r]["job_cpu_s"] for r in reps]),
         "identical_on_off": {"weights": same_weights, "losses": same_losses, "differences": differences},
         "step_time_noise": step_time_noise(tiers),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,13 @@ from typing import Callable
 from .common import REPO
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's ended children and their waited-for descendants: across one run, what the
+    job used (torchrun, its workers, their threads and writer processes), whatever else ran on the machine."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def torchrun_cmd(nproc: int, script: Path, args: list[str]) -> list[str]:

@@ -223,7 +223,10 @@ def throughput_lines(goodput: dict[str, Any]) -> list[str]:
                      f"{_spread(entry['other_cpu_share'], 2)} |")
     if throughput.get("ratio_warm_on"):
         lines += ["", "*off*, *on*: the local tier off and on, warm restarts off; *warm*: the defaults (local tier on, "
-                  f"warm restarts on). Steps/s warm / on, paired: {_spread(throughput['ratio_warm_on'], 3)}."]
+                  f"warm restarts on). Steps/s warm / on, paired: {_spread(throughput['ratio_warm_on'], 3)}"
+                  + (f"; median step on / warm: {_spread(throughput['ratio_warm_on_median_step'], 3)}; the job's "
+                     f"CPU time on / warm: {_spread(throughput['ratio_warm_on_cpu'], 3)}"
+                     if throughput.get("ratio_warm_on_cpu") else "") + "."]
     noise = health["step_time_noise"]
     differ = "**differ**: " + "; ".join(same["differences"][:5])
     lines += ["", "Final weights and every loss, tier on vs off: "

@@ -143,7 +143,10 @@ def goodput_rows(goodput: dict[str, Any]) -> list[dict[str, Any]]:
     throughput = goodput["throughput"]
     if throughput.get("ratio_warm_on"):
         rows.append(target_row("warm_throughput_vs_cold", "warm restarts on / off", throughput["ratio_warm_on"]["median"],
-                               "recipe steps/s without failures, warm restarts on / off, local tier on (paired runs)"))
+                               "recipe steps/s without failures, warm restarts on / off, local tier on (paired runs)",
+                               "" if not throughput.get("ratio_warm_on_cpu") else
+                               f"median step: {throughput['ratio_warm_on_median_step']['median']:.3f}; job CPU time "
+                               f"off / on: {throughput['ratio_warm_on_cpu']['median']:.3f}"))
     rows.append(target_row("local_tier_throughput_vs_off", "local tier on / off", throughput["ratio_on_off"]["median"],
                            "recipe steps/s without failures, local tier on / off (paired runs)",
                            f"median step: {throughput['ratio_on_off_median_step']['median']:.3f}"))

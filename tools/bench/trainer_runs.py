@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 from ftrain.checkpoint.run_dir import TENSORBOARD_DIR
 
 from .common import REPO, BenchError, remove, summarize
-from .launch import run_logged, tail, torchrun_cmd
+from .launch import children_cpu_s, run_logged, tail, torchrun_cmd
 from .system import OtherLoad, wait_for_quiet
 
 
@@ -43,13 +42,6 @@ def run_trainer_part(args: argparse.Namespace) -> dict[str, Any]:
     return {"config": trainer_config(args), "runs": runs, "modes": summarize_trainer(runs, modes)}
 
 
-def _children_cpu_s() -> float:
-    """CPU seconds of this process's ended children and their waited-for descendants: across one run, what the
-    job used (torchrun, its workers, their threads and writer processes), whatever else ran on the machine."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def run_recipe(
     args: argparse.Namespace, mode: str, rep: int, extra: list[str] | tuple[str, ...] = (), label: str = ""
 ) -> dict[str, Any]:
@@ -60,13 +52,13 @@ def run_recipe(
     cmd = torchrun_cmd(args.nproc, REPO / "recipes" / "train.py", [*trainer_overrides(args, run_dir, mode), *extra])
     log_path = Path(args.out) / "logs" / f"trainer-{label}-{rep}.log"
     waited = wait_for_quiet(args.quiet_wait)
-    started, load, cpu_before = time.perf_counter(), OtherLoad(), _children_cpu_s()
+    started, load, cpu_before = time.perf_counter(), OtherLoad(), children_cpu_s()
     code = run_logged(cmd, log_path, dict(os.environ), echo=lambda line: False)
     wall = time.perf_counter() - started
     if code != 0:
         raise BenchError(f"trainer run mode={mode} rep={rep} exited {code}: {tail(log_path)} (full log: {log_path})")
     result = {"mode": mode, "rep": rep, "wall_s": wall, "quiet_wait_s": waited, **load.shares(),
-              "job_cpu_s": _children_cpu_s() - cpu_before,
+              "job_cpu_s": children_cpu_s() - cpu_before,
               **read_run(run_dir / TENSORBOARD_DIR, args.trainer_skip, args.interval)}
     print(f"[bench] trainer {label:<18} rep={rep}  {result['window_steps_per_s']:.2f} steps/s "
           f"(whole run {result['steps_per_s']:.2f}; other load {result['other_cpu_share']:.0%}; run {wall:.0f} s)",
