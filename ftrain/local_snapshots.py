@@ -51,16 +51,15 @@ class LocalSnapshotting:
             return False
         snapshotted = False
         if self.schedule.due(step) or save_due:
-            snapshotted = self._take(step, save_due)
+            snapshotted = self._take(step)
         if self.schedule.review_due(step):
             # a review with no measured snapshot yet (the first, right after the warm-up) waits for this one's
             self._measure(block=self.schedule.cost_s is None)
             self._review_interval(step)
         return snapshotted
 
-    def _take(self, step: int, save_due: bool) -> bool:
-        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval. True if taken.
-        One a durable save will write from is copied in the background, as that save's staging would be."""
+    def _take(self, step: int) -> bool:
+        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval. True if taken."""
         assert self.local is not None
         if self.local.disabled:
             return False
@@ -71,7 +70,7 @@ class LocalSnapshotting:
         called = time.perf_counter()
         # A resume may start right after this step: the curve up to it must be out of this process (a syscall).
         self._telemetry.metrics.flush()
-        self.local.snapshot(step, self._states.local, background=save_due and self._manager.takes_prestaged)
+        self.local.snapshot(step, self._states.local)
         self._call_s = time.perf_counter() - called
         self._unmeasured = True
         self._measure(block=False)  # a snapshot taken whole in the call is measured at once

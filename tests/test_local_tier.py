@@ -240,8 +240,8 @@ def test_the_previous_snapshot_stays_complete_while_the_next_is_in_flight(tmp_pa
 
 
 def test_a_background_snapshot_of_host_state_is_copied_off_the_training_thread_and_then_complete(tmp_path, monkeypatch):
-    """background=True (a snapshot a durable save will write from): snapshot() returns while the copy waits;
-    wait() returns once it is done; the snapshot is then complete and its background CPU is known."""
+    """background=True (the path device state takes, here with host state): snapshot() returns while the copy
+    waits; wait() returns once it is done; the snapshot is then complete and its background CPU is known."""
     tier = tier_at(tmp_path)
     take(tier, 1)
     release, copying = threading.Event(), threading.Event()
@@ -270,8 +270,8 @@ def test_a_background_snapshot_of_host_state_is_copied_off_the_training_thread_a
 
 def test_a_slot_lent_to_a_save_in_flight_is_kept_while_the_next_saves_snapshot_is_placed(tmp_path):
     """A save still writing from step 10's slot, and step 12's snapshot lent to the next save before its
-    background copy has chosen a slot: step 12 must not go into step 10's slot (the older of the two, else the
-    natural choice), and with both slots lent the next snapshot is skipped, the tier staying on."""
+    background copy (device state's path) has chosen a slot: step 12 must not go into step 10's slot (the older of
+    the two, else the natural choice), and with both slots lent the next snapshot is skipped, the tier staying on."""
     tier = tier_at(tmp_path)
     writing = {10: True, 12: True}
     tier.snapshot(10, {"t": Filled(10)}, background=True)

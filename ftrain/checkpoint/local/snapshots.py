@@ -9,7 +9,7 @@
         tier.drop_after(durable_step)         # snapshots of steps the run will now redo belong to another timeline
     ...
     tier.snapshot(step, states)               # after the optimizer step (host state: taken whole in the call;
-                                              # device state, or background=True: copied in the background)
+                                              # device state: copied to the host in the background)
     tier.wait()                               # before the next optimizer step changes what is being copied
     ...
     tier.remove(); tier.close()               # the run finished cleanly
@@ -37,10 +37,9 @@ Checksums: ``sums.py``'s xxh3-64 per 64 MiB chunk (the marker names the algorith
 Hot path: ``snapshot`` calls each state's ``state_dict()`` and walks the result (``state_tree.split``: tensors
 out, the rest into a new tree). Host state is then copied, summed and marked right there, in the training thread:
 a background thread would compete with training for the cores and the GIL, and training has to wait for the copy
-before the next optimizer step anyway. The exception is a snapshot a durable save will write from
-(``background=True``): without the tier that save's staging copy is made in the background, so the snapshot that
-replaces it is too. Device state is copied device-to-host on a side stream by a background thread. ``wait``
-waits for the copy only. What each part costs: ``tools/bench_local_tier.py`` and
+before the next optimizer step anyway (also for the snapshot a durable save writes from: copied in the
+background there, it cost the save step more, not less; ``docs/bench.md``). Device state is copied device-to-host
+on a side stream by a background thread, and ``wait`` waits for that copy only. What each part costs: ``tools/bench_local_tier.py`` and
 ``docs/bench.md``.
 """
 
@@ -144,7 +143,8 @@ class LocalSnapshots:
     # ------------------------------------------------------------------------------------------------ taking
     def snapshot(self, step: int, states: Mapping[str, Stateful], background: bool = False) -> None:
         """Take a snapshot of ``states`` after ``step``: their ``state_dict()`` now; host tensors are copied now
-        too (with ``background``, in the background), device tensors in the background.
+        too, device tensors in the background. ``background``: host tensors too, on the path device state takes
+        (for testing that path without a device).
 
         The tensors must not change until ``wait()`` returns (call it before the next optimizer step, e.g. from
         an optimizer step pre-hook); a snapshot still in flight is waited for first. Everything else is captured
