@@ -200,9 +200,8 @@ def test_restore_needs_the_same_state_names_and_an_existing_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- slots
-def test_the_previous_snapshot_stays_complete_while_the_next_is_in_flight(tmp_path, monkeypatch):
-    tier = tier_at(tmp_path)
-    take(tier, 1)
+def hold_copies(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make every snapshot's copy wait: ``copying`` is set when one starts, and it goes on once ``release`` is."""
     release, copying = threading.Event(), threading.Event()
     real_copy = LocalSnapshots._copy
 
@@ -212,6 +211,13 @@ def test_the_previous_snapshot_stays_complete_while_the_next_is_in_flight(tmp_pa
         real_copy(self, tensors, views, ready)
 
     monkeypatch.setattr(LocalSnapshots, "_copy", held_copy)
+    return release, copying
+
+
+def test_the_previous_snapshot_stays_complete_while_the_next_is_in_flight(tmp_path, monkeypatch):
+    tier = tier_at(tmp_path)
+    take(tier, 1)
+    release, copying = hold_copies(monkeypatch)
 
     def in_flight(step: int) -> threading.Thread:  # host state is copied inside snapshot(): hold it in a thread
         thread = threading.Thread(target=tier.snapshot, args=(step, {"t": Filled(step)}))
@@ -244,15 +250,7 @@ def test_a_background_snapshot_of_host_state_is_copied_off_the_training_thread_a
     waits; wait() returns once it is done; the snapshot is then complete and its background CPU is known."""
     tier = tier_at(tmp_path)
     take(tier, 1)
-    release, copying = threading.Event(), threading.Event()
-    real_copy = LocalSnapshots._copy
-
-    def held_copy(self, tensors, views, ready):
-        copying.set()
-        release.wait(10)
-        real_copy(self, tensors, views, ready)
-
-    monkeypatch.setattr(LocalSnapshots, "_copy", held_copy)
+    release, copying = hold_copies(monkeypatch)
     tier.snapshot(2, {"t": Filled(2)}, background=True)  # returns with the copy held
     assert copying.wait(10) and tier.background_cost() is None  # still running
     release.set()
