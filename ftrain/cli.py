@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from ftrain import warm
 from ftrain.config import Config, ConfigError, keys, load_config, format_value, to_yaml
@@ -24,6 +25,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it
+CONFIG_ERROR_GRACE_S = 10.0  # how long ranks other than local rank 0 wait before exiting on a config error
 
 logger = logging.getLogger("ftrain")
 
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         if _local_rank() == 0:  # under torchrun every rank finds the same problem: say it once per node
             print(f"ftrain: config error: {exc}", file=sys.stderr)
+        else:
+            # torchrun stops every worker as soon as one has exited with an error: the others leave after local
+            # rank 0 has had its chance to say why (it ends the job when it exits, so this costs no time then)
+            time.sleep(CONFIG_ERROR_GRACE_S)
         return EXIT_CONFIG
     if cfg.train.warm_restarts:
         why_not = warm.available()
