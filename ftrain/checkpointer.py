@@ -175,7 +175,8 @@ class Checkpointer:
             raise
         self._states = SavedStates(model, optimizer, self.progress, self.extra)
         self._snapshotting = LocalSnapshotting(
-            self.local, self.local_schedule, self._states, self.manager, self._run, self.ctx, self._telemetry
+            self.local, self.local_schedule, self.schedule, self._states, self.manager, self._run, self.ctx,
+            self._telemetry,
         )
         self._exports = Exports(self.options, model, self.run_dir, self.manager)
         self._agreement = StepAgreement(self.preemption, self.manager, self._monitor, self.options.on_failure, self.ctx)

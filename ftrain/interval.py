@@ -137,7 +137,10 @@ class LocalSchedule:
         """The median cost of the recent snapshots (what ``propose`` weighs); None before any was measured."""
         return statistics.median(self._costs) if self._costs else None
 
-    def propose(self) -> int:
+    def propose(self, save_every: int = 0) -> int:
+        """The interval this rank's measurements ask for. ``save_every``: the steps between durable saves (0: none);
+        each save takes a snapshot whatever the interval (the save writes from it), and those are paid from the
+        same budget, so the snapshots between saves get what they leave of it (none: ``MAX_AUTO_INTERVAL``)."""
         recent = self._since_start  # a start's first step is not fed here (``StepTimer``): one-off costs
         if not self._costs or (len(self._steps) < 3 and not recent):
             return self.interval
@@ -145,7 +148,10 @@ class LocalSchedule:
         cost = self.cost_s
         if step_s <= 0 or cost is None:
             return self.interval
-        return max(1, min(self.MAX_AUTO_INTERVAL, math.ceil(cost / (self.budget * step_s))))
+        left_per_step = self.budget * step_s - (cost / save_every if save_every > 0 else 0.0)
+        if left_per_step <= 0:
+            return self.MAX_AUTO_INTERVAL
+        return max(1, min(self.MAX_AUTO_INTERVAL, math.ceil(cost / left_per_step)))
 
     def set(self, interval: int) -> bool:
         changed = interval != self.interval

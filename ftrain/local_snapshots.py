@@ -14,18 +14,20 @@ from ftrain.checkpoint.local import LentSnapshot, LocalSnapshots, resume_newest
 from ftrain.checkpoint.manager import CheckpointManager
 from ftrain.checkpoint.options import AUTO
 from ftrain.checkpoint.run_dir import RunDirectory
-from ftrain.interval import LocalSchedule
+from ftrain.interval import LocalSchedule, SaveSchedule
 from ftrain.telemetry import Telemetry
 from ftrain.user_objects import SavedStates
 
 
 class LocalSnapshotting:
-    """``local``: the run's snapshots, or None without the tier; ``schedule``: when they are due."""
+    """``local``: the run's snapshots, or None without the tier; ``schedule``: when they are due;
+    ``save_schedule``: the durable saves', each of which takes a snapshot too."""
 
     def __init__(
         self,
         local: LocalSnapshots | None,
         schedule: LocalSchedule,
+        save_schedule: SaveSchedule,
         states: SavedStates,
         manager: CheckpointManager,
         run: RunDirectory,
@@ -34,6 +36,7 @@ class LocalSnapshotting:
     ) -> None:
         self.local = local
         self.schedule = schedule
+        self._save_schedule = save_schedule
         self._states = states
         self._manager = manager
         self._run = run
@@ -89,7 +92,8 @@ class LocalSnapshotting:
 
     def _review_interval(self, step: int) -> None:
         """``local_interval=auto``: every rank re-evaluates at the same steps and they take the largest proposal."""
-        agreed = int(max_over_ranks([float(self.schedule.propose())], self._ctx.device)[0])
+        save_every = self._save_schedule.interval if self._manager.enabled else 0
+        agreed = int(max_over_ranks([float(self.schedule.propose(save_every))], self._ctx.device)[0])
         changed = self.schedule.set(agreed)
         self._telemetry.local_interval(agreed, changed, self.schedule.cost_s, step)
 

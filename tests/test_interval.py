@@ -99,6 +99,21 @@ def test_local_interval_auto_is_the_fewest_steps_whose_snapshot_cost_fits_the_bu
     assert LocalSchedule("0").interval == 0 and not LocalSchedule("0").due(5)
 
 
+def test_local_interval_auto_pays_the_snapshots_durable_saves_take_from_the_same_budget():
+    """Every durable save takes a snapshot (it writes from it): with a save every 10 steps those alone spend part
+    of the budget, and the snapshots between saves get the rest; saves that spend it all leave MAX_AUTO_INTERVAL."""
+    from ftrain.interval import LocalSchedule
+
+    schedule = LocalSchedule("auto", overhead_budget=0.01)
+    for _ in range(10):
+        schedule.observe_step(0.6)
+        schedule.observe_snapshot(0.03)  # 30 ms of a 0.6 s step: 6 ms of budget per step
+    assert schedule.propose() == 5  # no saves: 30 ms / 6 ms
+    assert schedule.propose(save_every=10) == 10  # saves spend 3 ms per step: 30 ms / 3 ms
+    assert schedule.propose(save_every=5) == LocalSchedule.MAX_AUTO_INTERVAL  # 6 ms per step: nothing left
+    assert schedule.propose(save_every=2) == LocalSchedule.MAX_AUTO_INTERVAL
+
+
 def test_local_interval_auto_is_first_reviewed_a_few_steps_after_each_start():
     """A large state is not snapshotted at every step until step 50 whatever it costs: the first review comes
     FIRST_REVIEW_AFTER steps after a start (the same step on every rank), from the first measured snapshots."""

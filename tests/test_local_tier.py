@@ -233,6 +233,7 @@ def test_the_previous_snapshot_stays_complete_while_the_next_is_in_flight(tmp_pa
     assert torch.equal(restored.state["w"], torch.full((1000,), 1.0)) and restored.state["b"] == b"\x01"
     release.set()
     taking.join(10)
+    tier._finish()  # its marker is written in the background
     assert tier_at(tmp_path).complete_steps() == [1, 2]
     release.clear(), copying.clear()
     taking = in_flight(3)  # goes into the slot of step 1, never into that of step 2
@@ -240,6 +241,7 @@ def test_the_previous_snapshot_stays_complete_while_the_next_is_in_flight(tmp_pa
     assert tier_at(tmp_path).complete_steps() == [2]  # step 1's marker went before its first byte changed
     release.set()
     taking.join(10)
+    tier._finish()
     assert tier_at(tmp_path).complete_steps() == [2, 3]
     assert len(list((tmp_path / "rank-0").glob("*.data"))) == 2  # never more than two copies
     tier.close()
@@ -261,8 +263,38 @@ def test_a_background_snapshot_of_host_state_is_copied_off_the_training_thread_a
     restored = Filled(0)
     tier_at(tmp_path).restore(2, {"t": restored})
     assert torch.equal(restored.state["w"], torch.full((1000,), 2.0))
-    take(tier, 3)  # taken whole in the call: no background cost
-    assert tier.background_cost() == 0.0
+    tier.close()
+
+
+def test_host_state_is_copied_in_the_call_and_marked_in_the_background(tmp_path, monkeypatch):
+    """Host state: snapshot() returns with the copy done (wait() has nothing to wait for, the state may change),
+    while the sums and the marker are still being made in the background: until they are, the snapshot is not
+    there for anyone, and the previous one stays the newest; then it is complete and its background CPU known."""
+    tier = tier_at(tmp_path)
+    take(tier, 1)
+    release, summing = threading.Event(), threading.Event()
+    real_sums = reading.chunk_sums
+
+    def held_sums(*args, **kwargs):
+        summing.set()
+        release.wait(10)
+        return real_sums(*args, **kwargs)
+
+    monkeypatch.setattr(reading, "chunk_sums", held_sums)
+    live = Filled(2)
+    tier.snapshot(2, {"t": live})
+    assert tier._copied.is_set()  # copied in the call
+    tier.wait()
+    live.state["w"].fill_(99.0)  # training goes on: the snapshot holds step 2's values
+    assert summing.wait(10) and tier.background_cost() is None
+    assert tier_at(tmp_path).complete_steps() == [1]  # not marked yet: step 1 is the newest snapshot
+    release.set()
+    cost = tier.background_cost(block=True)
+    assert cost is not None and cost >= 0.0
+    assert tier_at(tmp_path).complete_steps() == [1, 2]
+    restored = Filled(0)
+    tier_at(tmp_path).restore(2, {"t": restored})
+    assert torch.equal(restored.state["w"], torch.full((1000,), 2.0))
     tier.close()
 
 

@@ -8,7 +8,7 @@
     else:
         tier.drop_after(durable_step)         # snapshots of steps the run will now redo belong to another timeline
     ...
-    tier.snapshot(step, states)               # after the optimizer step (host state: taken whole in the call;
+    tier.snapshot(step, states)               # after the optimizer step (host state: copied in the call;
                                               # device state: copied to the host in the background)
     tier.wait()                               # before the next optimizer step changes what is being copied
     ...
@@ -35,12 +35,14 @@ get that room, or a snapshot fails, it says so once (a warning on ``ftrain.check
 Checksums: ``sums.py``'s xxh3-64 per 64 MiB chunk (the marker names the algorithm; CRC-32 markers are still read).
 
 Hot path: ``snapshot`` calls each state's ``state_dict()`` and walks the result (``state_tree.split``: tensors
-out, the rest into a new tree). Host state is then copied, summed and marked right there, in the training thread:
-a background thread would compete with training for the cores and the GIL, and training has to wait for the copy
-before the next optimizer step anyway (also for the snapshot a durable save writes from: copied in the
-background there, it cost the save step more, not less; ``docs/bench.md``). Device state is copied device-to-host
-on a side stream by a background thread, and ``wait`` waits for that copy only. What each part costs: ``tools/bench_local_tier.py`` and
-``docs/bench.md``.
+out, the rest into a new tree). Host state is then copied right there, in the training thread: a background copy
+would compete with training for the cores and the GIL, and training has to wait for the copy before the next
+optimizer step anyway (also for the snapshot a durable save writes from: copied in the background there, it cost
+the save step more, not less; ``docs/bench.md``). Summing the copy and writing the marker only read the slot: a
+background thread does that (xxhash releases the GIL while it sums). Device state is copied device-to-host on a
+side stream by the background thread too, and ``wait`` waits for that copy only. A snapshot counts once its
+marker is written; until then the other slot's older snapshot is the newest. What each part costs:
+``tools/bench_local_tier.py`` and ``docs/bench.md``.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -71,6 +74,18 @@ from ftrain.checkpoint.sums import WRITE_SUM, buffer_sum
 logger = logging.getLogger("ftrain.checkpoint")
 
 ALGORITHM = WRITE_SUM  # what new snapshots are summed with
+
+
+@dataclass(frozen=True)
+class _Copied:
+    """A snapshot copied into its slot, not yet summed and marked."""
+
+    step: int
+    slot: int
+    plan: Plan
+    states: list[str]
+    encoding: str
+    skeleton: bytes
 
 
 class LocalSnapshots:
@@ -108,8 +123,8 @@ class LocalSnapshots:
         self.max_bytes = max_bytes
         self._slots = Slots(self.root, rank, max_bytes)
         self.disabled: str | None = None  # why the tier is off
-        # CPU time of the last snapshot's work in the background thread (device state only; 0 for host state,
-        # which snapshot() takes whole, so its cost is the call's own time)
+        # CPU time of the last snapshot's work in the background thread (its sums and marker; for device state
+        # its copy too); None while that work runs
         self.background_cpu_s: float | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftrain-local")
         self._job: Future[None] | None = None
@@ -159,10 +174,15 @@ class LocalSnapshots:
         self._taking = Taking(step, [tensor for _, tensor, _ in tensors], self._copied)
         on_device = any(tensor.is_cuda for _, tensor, _ in tensors)
         if not on_device and not background:
-            # Host state: taken here, in the training thread. A background thread's copy and Python work would
-            # compete with training for the cores and the GIL, and training waits for the copy before the next
-            # optimizer step anyway (docs/bench.md compares the two).
-            self._take(step, tree, tensors, None, self._taking, False)
+            # Host state: copied here, in the training thread (a background copy competes with training for the
+            # cores and the GIL, and the next optimizer step waits for it anyway; docs/bench.md compares the two).
+            # Summing the copy and writing its marker read only the slot: the background thread does that, with
+            # the GIL released while it sums.
+            self._finish()  # the previous snapshot's marker (and its slot's bookkeeping) first
+            copied = self._guarded(step, lambda: self._copy_to_slot(step, tree, tensors, None, self._taking))
+            if copied is not None:
+                self.background_cpu_s = None
+                self._job = self._executor.submit(self._in_background, step, lambda: self._mark(copied))
             return
         ready = None
         if on_device:
@@ -173,7 +193,16 @@ class LocalSnapshots:
                 self._stream = torch.cuda.Stream(device=device)
             ready = torch.cuda.Event()  # device state: copied device-to-host on a side stream
             ready.record(torch.cuda.current_stream(device))
-        self._job = self._executor.submit(self._take, step, tree, tensors, ready, self._taking, True)
+        taking = self._taking
+        self.background_cpu_s = None
+        self._job = self._executor.submit(
+            self._in_background, step, lambda: self._copied_then_marked(step, tree, tensors, ready, taking)
+        )
+
+    def _copied_then_marked(self, step: int, tree: dict[str, Any], tensors: list[Any], ready: Any, taking: Taking) -> None:
+        copied = self._copy_to_slot(step, tree, tensors, ready, taking)
+        if copied is not None:
+            self._mark(copied)
 
     def wait(self) -> None:
         """Block until the copy of the snapshot in flight is done (its checksum and marker may still follow).
@@ -208,57 +237,73 @@ class LocalSnapshots:
             self._job.result()
             self._job = None
 
-    def _take(
+    def _in_background(self, step: int, work: Callable[[], None]) -> None:
+        """The executor's job: ``work``, then ``background_cpu_s`` = the CPU time it took."""
+        started = time.thread_time()
+        self._guarded(step, work)
+        self.background_cpu_s = time.thread_time() - started
+
+    def _guarded(self, step: int, work: Callable[[], Any]) -> Any:
+        """``work()``; on any failure the tier turns itself off (it is an optimization: it never stops training)
+        and None is returned."""
+        try:
+            return work()
+        except Disabled as exc:
+            self._disable(str(exc))
+        except Exception as exc:
+            self._disable(f"a local snapshot of step {step} failed: {type(exc).__name__}: {exc}")
+        return None
+
+    def _copy_to_slot(
         self,
         step: int,
         tree: dict[str, Any],
         tensors: list[tuple[tuple[Any, ...], torch.Tensor, bool]],
         ready: Any,
         taking: Taking,
-        background: bool,
-    ) -> None:
-        started = time.thread_time()
+    ) -> _Copied | None:
+        """The first half of a snapshot: a slot chosen (its marker removed), the tensors copied into it, the
+        skeleton encoded. ``taking.copied`` is set however it ends. None: no slot to write (both lent)."""
         try:
-            try:
-                slot = self._choose_slot(step)
-                if slot is None:
-                    logger.debug("local snapshot of step %d skipped: durable saves write from both slots", step)
-                    return
-                plan = self._layout(tensors)
-                views = self._slots.views(slot, plan, self._stream if ready is not None else None)
-                self._copy(tensors, views, ready)
-                taking.slot, taking.views = slot, views
-                paths = None if plan.paths_in_marker else [entry.path for entry in plan.entries]
-                encoding, skeleton = encode_skeleton({"tree": tree, "paths": paths})
-            finally:
-                taking.copied.set()  # the live tensors are no longer read
-            marker = SnapshotMarker(
-                format=FORMAT,
-                step=step,
-                rank=self.rank,
-                world_size=self.world_size,
-                signature=self.signature,
-                states=list(tree),
-                data_file=data_name(slot),
-                data_size=plan.size,
-                skeleton_file=skel_name(slot),
-                skeleton_encoding=encoding,
-                skeleton_size=len(skeleton),
-                skeleton_checksum=buffer_sum(skeleton, ALGORITHM),
-                algorithm=ALGORITHM,
-                chunk=CHUNK,
-                data_sums=reading.chunk_sums(self._slots.buffers[slot], plan.size, ALGORITHM),
-                tensors=[],  # encoded once per layout: plan.records_json
-            )
-            files = self._slots.files[slot]
-            memory.overwrite(files.skeleton, skeleton)  # the slot has no marker: no tmp + rename needed
-            memory.replace(files.marker, marker.to_json(plan.records_json).encode(), files.marker_tmp)
-            self._held[slot] = step  # type: ignore[index]  # set by _choose_slot
-            self.background_cpu_s = time.thread_time() - started if background else 0.0
-        except Disabled as exc:
-            self._disable(str(exc))
-        except Exception as exc:  # the tier is an optimization: it must never stop training
-            self._disable(f"a local snapshot of step {step} failed: {type(exc).__name__}: {exc}")
+            slot = self._choose_slot(step)
+            if slot is None:
+                logger.debug("local snapshot of step %d skipped: durable saves write from both slots", step)
+                return None
+            plan = self._layout(tensors)
+            views = self._slots.views(slot, plan, self._stream if ready is not None else None)
+            self._copy(tensors, views, ready)
+            taking.slot, taking.views = slot, views
+            paths = None if plan.paths_in_marker else [entry.path for entry in plan.entries]
+            encoding, skeleton = encode_skeleton({"tree": tree, "paths": paths})
+            return _Copied(step, slot, plan, list(tree), encoding, skeleton)
+        finally:
+            taking.copied.set()  # the live tensors are no longer read
+
+    def _mark(self, copied: _Copied) -> None:
+        """The second half: the copy summed, the skeleton and then the marker written: the snapshot is complete."""
+        slot, plan = copied.slot, copied.plan
+        marker = SnapshotMarker(
+            format=FORMAT,
+            step=copied.step,
+            rank=self.rank,
+            world_size=self.world_size,
+            signature=self.signature,
+            states=copied.states,
+            data_file=data_name(slot),
+            data_size=plan.size,
+            skeleton_file=skel_name(slot),
+            skeleton_encoding=copied.encoding,
+            skeleton_size=len(copied.skeleton),
+            skeleton_checksum=buffer_sum(copied.skeleton, ALGORITHM),
+            algorithm=ALGORITHM,
+            chunk=CHUNK,
+            data_sums=reading.chunk_sums(self._slots.buffers[slot], plan.size, ALGORITHM),
+            tensors=[],  # encoded once per layout: plan.records_json
+        )
+        files = self._slots.files[slot]
+        memory.overwrite(files.skeleton, copied.skeleton)  # the slot has no marker: no tmp + rename needed
+        memory.replace(files.marker, marker.to_json(plan.records_json).encode(), files.marker_tmp)
+        self._held[slot] = copied.step  # type: ignore[index]  # set by _choose_slot
 
     def _choose_slot(self, step: int) -> int | None:
         """The slot to write: never the one holding the newest older snapshot, never one a durable save is
