@@ -111,6 +111,45 @@ def test_listings_past_one_page(s3_env, s3_bucket):
     assert storage.dirs() == []
 
 
+def test_uneven_writes_become_the_exact_bytes_in_parts(s3_env, s3_bucket, monkeypatch):
+    """Writes that straddle part boundaries (1 byte, odd sizes, several parts at once) through the S3 file
+    system's stream: the object is exactly the bytes written, in order, with whole parts sent from reused buffers
+    (never more than UPLOADS_IN_FLIGHT + 1 of them); a small file is one PUT of what it holds."""
+    import random
+
+    from ftrain.checkpoint.storage import s3_io
+
+    monkeypatch.setattr(s3_io, "PART_BYTES", 5 << 20)  # S3's smallest part: more parts for the same bytes
+    storage = open_storage(f"s3://{s3_bucket}/uneven")
+    fs = s3_io.S3FileSystem(storage)
+    rng = random.Random(3)
+    payload = rng.randbytes(27 << 20)  # 5.4 parts
+    sizes = [1, 5 << 20, 3, (7 << 20) + 11, 12 << 20]
+    sent: list[int] = []
+    real_upload_part = storage.client.upload_part
+
+    def upload_part(**kwargs):
+        sent.append(id(kwargs["Body"]))
+        return real_upload_part(**kwargs)
+
+    monkeypatch.setattr(storage.client, "upload_part", upload_part)
+    with fs.create_stream(f"{storage.url}/step_00000001/data", "wb") as stream:
+        offset = 0
+        for size in [*sizes, len(payload)]:
+            chunk = payload[offset : offset + size]
+            assert stream.write(memoryview(chunk)) == len(chunk)
+            offset += len(chunk)
+            if offset >= len(payload):
+                break
+        assert stream.tell() == len(payload)
+    assert storage.read_bytes("step_00000001/data") == payload
+    assert len(sent) == 6 and len(set(sent[:5])) <= s3_io.UPLOADS_IN_FLIGHT + 1
+    with fs.create_stream(f"{storage.url}/step_00000001/small", "wb") as stream:
+        stream.write(b"abc")
+        stream.write(bytearray(b"de"))
+    assert storage.read_bytes("step_00000001/small") == b"abcde" and len(sent) == 6
+
+
 def test_a_large_file_goes_up_in_parts_and_verifies(s3_env, s3_bucket, tmp_path):
     """DCP's writer through the S3 file system: a multipart upload checksummed as it is sent, verified on read."""
     import torch
@@ -190,6 +229,23 @@ def test_damaged_newest_checkpoint_falls_back(s3_env, s3_bucket, tmp_path):
     check_ok(resumed)
     assert "step_00000015 is unusable" in resumed.stderr and "step_00000010 is unusable" in resumed.stderr
     assert f"{url}/step_00000005 (step 5)" in resumed.stderr
+
+
+def test_the_payload_is_signed_over_plain_http_only(monkeypatch):
+    """Over https (and AWS itself) botocore is told not to SHA-256 every payload byte for the signature (TLS
+    carries them, ftrain sums them); over plain http the signature is kept."""
+    from ftrain.checkpoint.storage.s3 import make_client, s3_options
+
+    assert s3_options(None) == {"payload_signing_enabled": False}
+    assert s3_options("HTTPS://store.example:9000") == {"addressing_style": "path", "payload_signing_enabled": False}
+    assert s3_options("http://127.0.0.1:8333") == {"addressing_style": "path"}
+    for key, value in {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://store.example:9000")
+    assert make_client().meta.config.s3["payload_signing_enabled"] is False
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8333")
+    assert "payload_signing_enabled" not in (make_client().meta.config.s3 or {})
 
 
 def test_bad_bucket_is_one_line_and_touches_nothing(s3_env, tmp_path):

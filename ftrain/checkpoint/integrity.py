@@ -31,7 +31,7 @@ from ftrain._torch_compat import dcp_storage_info_class
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.safe_load import read_metadata_safely
 from ftrain.checkpoint.storage import CheckpointDir, StorageError, checkpoint_at
-from ftrain.checkpoint.sums import SUM_KEYS, WRITE_SUM
+from ftrain.checkpoint.sums import SUM_KEYS, WRITE_SUM, buffer_sum
 
 CHECKSUMS = "CHECKSUMS.json"
 VERIFY_THREADS = 4
@@ -49,8 +49,11 @@ def file_entries(where: layout.Where) -> list[dict[str, Any]]:
     checkpoint = checkpoint_at(where)
     storage = checkpoint.storage
     recorded: dict[str, str] = {}
-    if storage.exists(checkpoint.file(CHECKSUMS)):
-        recorded = json.loads(storage.read_bytes(checkpoint.file(CHECKSUMS)))
+    try:  # one read (on object storage, one request): its bytes give the data files' sums and its own
+        raw = storage.read_bytes(checkpoint.file(CHECKSUMS))
+        recorded = {**json.loads(raw), CHECKSUMS: buffer_sum(raw, WRITE_SUM)}
+    except FileNotFoundError:
+        pass
     entries = layout.list_files(checkpoint)
     for entry in entries:
         entry[WRITE_SUM] = recorded.get(entry["name"]) or storage.checksum(checkpoint.file(entry["name"]), WRITE_SUM)

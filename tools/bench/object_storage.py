@@ -4,7 +4,8 @@
   manager (multipart, ranged GETs) with ftrain's part size and parts in flight: what the server and client can do
   with these bytes, with nothing of DCP or ftrain around them.
 * ftrain: ``CheckpointManager`` into ``s3://`` (mode sync, ``threads`` writer threads: save until the marker is
-  written) and its ``load`` with checksums verified as the data arrives, in one process; the same bytes.
+  written) and its ``load`` with checksums verified as the data arrives, in one process; the same bytes. Both
+  also count the CPU time of their own process (all threads: the client's side) per GB moved.
 * Loop: the recipe with checkpointing off, saving to local disk and saving to the store (``checkpoint.mode=async``,
   alternating, same seed): the training loop's throughput relative to the off run of the same repetition.
 
@@ -17,8 +18,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -81,16 +82,28 @@ def run_s3_part(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _repeat(args: argparse.Namespace, fn: Any) -> list[float]:
+def _repeat(args: argparse.Namespace, fn: Any) -> list[tuple[float, float]]:
+    """``fn`` returns (wall seconds, this process's CPU seconds) of what it measures."""
     for _ in range(args.warmup):
         fn()
     return [fn() for _ in range(args.reps)]
 
 
-def _rate(samples: list[float], nbytes: int) -> dict[str, Any]:
-    summary = summarize(samples)
+class _Timer:
+    """Wall and CPU time (this process, all its threads: the client's side; a server of its own is apart)."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def done(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _rate(samples: list[tuple[float, float]], nbytes: int) -> dict[str, Any]:
+    summary = summarize([wall for wall, _ in samples])
     summary["bytes"] = nbytes
     summary["gbps"] = nbytes / summary["median"] / 1e9 if summary["median"] > 0 else 0.0
+    summary["cpu_s_per_gb"] = statistics.median(cpu for _, cpu in samples) / (nbytes / 1e9)
     return summary
 
 
@@ -110,23 +123,23 @@ def measure_floor(args: argparse.Namespace, url: str, state: dict[str, torch.Ten
     keys = [storage.key(f"object{i}") for i in range(threads)]
     nbytes = sum(len(s) for s in shares)
 
-    def put() -> float:
-        started = time.perf_counter()
+    def put() -> tuple[float, float]:
+        timer = _Timer()
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda i: client.upload_fileobj(io.BytesIO(shares[i]), storage.bucket, keys[i], Config=config),
                           range(threads)))
-        return time.perf_counter() - started
+        return timer.done()
 
-    def get() -> float:
+    def get() -> tuple[float, float]:
         into = [io.BytesIO() for _ in range(threads)]
-        started = time.perf_counter()
+        timer = _Timer()
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(lambda i: client.download_fileobj(storage.bucket, keys[i], into[i], Config=config),
                           range(threads)))
-        seconds = time.perf_counter() - started
+        measured = timer.done()
         if [b.getvalue() for b in into] != shares:
             raise BenchError("the S3 read floor read back different bytes than were written")
-        return seconds
+        return measured
 
     print("[bench] s3 floor: parallel PUT, then GET", flush=True)
     result = {"put": _rate(_repeat(args, put), nbytes), "get": _rate(_repeat(args, get), nbytes)}
@@ -150,13 +163,13 @@ def measure_ftrain(args: argparse.Namespace, url: str, state: dict[str, torch.Te
         storage, CheckpointOptions(mode="sync", keep_last=1, write_threads=threads), ctx, RunSignature(model=None)
     )
 
-    def save() -> float:
-        started = time.perf_counter()
+    def save() -> tuple[float, float]:
+        timer = _Timer()
         manager.save(next(step), {"state": state})
         stats = manager.wait()
         if stats is None or not stats.ok:
             raise BenchError(f"saving to {url} failed: {getattr(stats, 'error', '') or 'see log'}")
-        return time.perf_counter() - started
+        return timer.done()
 
     print("[bench] s3 ftrain: CheckpointManager save, then load", flush=True)
     try:
@@ -166,13 +179,13 @@ def measure_ftrain(args: argparse.Namespace, url: str, state: dict[str, torch.Te
     target = {k: torch.zeros_like(t) for k, t in state.items()}
     loader = CheckpointManager(storage, CheckpointOptions(mode="sync"), ctx, RunSignature(model=None))
 
-    def load() -> float:
+    def load() -> tuple[float, float]:
         for tensor in target.values():
             tensor.zero_()
-        started = time.perf_counter()
+        timer = _Timer()
         if loader.load({"state": target}) is None:
             raise BenchError(f"no checkpoint to resume from in {url}")
-        return time.perf_counter() - started
+        return timer.done()
 
     try:
         loads = _repeat(args, load)

@@ -258,6 +258,11 @@ def _spread(summary: dict[str, Any] | None, digits: int) -> str:
     return text + (f" [{summary['min']:.{digits}f}-{summary['max']:.{digits}f}]" if summary["n"] > 1 else "")
 
 
+def _cpu_per_gb(rate: dict[str, Any]) -> str:
+    value = rate.get("cpu_s_per_gb")
+    return "-" if value is None else f"{value:.2f}"
+
+
 def s3_lines(s3: dict[str, Any]) -> list[str]:
     """The part's markdown: rates against the floor, and the loop's throughput by where checkpoints go."""
     cfg, floor, ours = s3["config"], s3["floor"], s3["ftrain"]
@@ -266,11 +271,12 @@ def s3_lines(s3: dict[str, Any]) -> list[str]:
         "", "## Object storage (S3)", "",
         f"{cfg['url']}; {cfg['size_bytes'] / 1e6:.0f} MB as {cfg['threads']} files in parallel; "
         f"{cfg['reps']} reps after {cfg['warmup']} warm-up.", "",
-        "| | floor (boto3 transfer) | ftrain | ftrain / floor |", "|---|---|---|---|",
+        "| | floor (boto3 transfer) | ftrain | ftrain / floor | client CPU-s per GB: floor / ftrain |",
+        "|---|---|---|---|---|",
         f"| save (until the marker) | {floor['put']['gbps']:.3f} GB/s | {ours['save']['gbps']:.3f} GB/s | "
-        f"{s3['save_to_floor']:.2f} |",
+        f"{s3['save_to_floor']:.2f} | {_cpu_per_gb(floor['put'])} / {_cpu_per_gb(ours['save'])} |",
         f"| resume (checksums verified) | {floor['get']['gbps']:.3f} GB/s | {ours['resume']['gbps']:.3f} GB/s | "
-        f"{s3['resume_to_floor']:.2f} |",
+        f"{s3['resume_to_floor']:.2f} | {_cpu_per_gb(floor['get'])} / {_cpu_per_gb(ours['resume'])} |",
         "", "| loop (checkpoint.mode=async) | steps/s | vs off | server CPU per run |", "|---|---|---|---|",
     ]
     for label in S3_LOOP_MODES:

@@ -84,11 +84,17 @@ class RangedReader(SizedReader):
 
 class Upload(io.RawIOBase):
     """A write stream that becomes one object when closed: a single PUT when small, else a multipart upload whose
-    parts (``PART_BYTES``) are sent in the background as they fill. ``abort`` (or a failed part) leaves nothing."""
+    parts (``PART_BYTES``) are sent in the background as they fill. ``abort`` (or a failed part) leaves nothing.
+
+    Every byte written is copied once, into the buffer of its part, which is then sent as it is: the first part's
+    buffer grows with what is written (a small file costs what it holds), the later ones are whole parts, reused
+    once their part is on the store (at most ``UPLOADS_IN_FLIGHT`` + 1 buffers per upload)."""
 
     def __init__(self, storage: S3Storage, key: str, pool: ThreadPoolExecutor, step: int | None = None) -> None:
         self.storage, self.key, self.pool, self.step = storage, key, pool, step
-        self.buffer = bytearray()
+        self.buffer = bytearray()  # the part being filled: ``filled`` bytes of it hold data
+        self.filled = 0
+        self.spare: list[bytearray] = []  # whole-part buffers whose part is on the store
         self.written = 0
         self.upload_id: str | None = None
         self.parts: list[Future] = []
@@ -102,14 +108,25 @@ class Upload(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.buffer += view
-        self.written += len(view)
-        while len(self.buffer) >= PART_BYTES:
-            self._send_part(bytes(self.buffer[:PART_BYTES]))
-            del self.buffer[:PART_BYTES]
-        return len(view)
+        total = len(view)
+        self.written += total
+        while view:
+            room = PART_BYTES - self.filled
+            take = view[:room]
+            if len(self.buffer) >= PART_BYTES:  # a whole-part buffer: filled in place
+                self.buffer[self.filled : self.filled + len(take)] = take
+            else:  # the first part's: grows
+                self.buffer += take
+            self.filled += len(take)
+            view = view[len(take):]
+            if self.filled == PART_BYTES:
+                self._send_part(self.buffer)
+                self.buffer = self.spare.pop() if self.spare else bytearray(PART_BYTES)
+                self.filled = 0
+        return total
 
-    def _send_part(self, data: bytes) -> None:
+    def _send_part(self, data: bytearray) -> None:
+        """Send ``data`` (a buffer not written to again until its part is on the store) as the next part."""
         client, bucket = self.storage.client, self.storage.bucket
         if self.upload_id is None:
             self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=self.key)["UploadId"]
@@ -117,16 +134,14 @@ class Upload(io.RawIOBase):
         while sum(not part.done() for part in self.parts) >= UPLOADS_IN_FLIGHT:
             next(part for part in self.parts if not part.done()).exception()  # wait for the oldest
         upload_id = self.upload_id
-        self.parts.append(
-            self.pool.submit(
-                lambda: {
-                    "PartNumber": number,
-                    "ETag": client.upload_part(
-                        Bucket=bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=data
-                    )["ETag"],
-                }
-            )
-        )
+
+        def send() -> dict[str, Any]:
+            etag = client.upload_part(Bucket=bucket, Key=self.key, UploadId=upload_id, PartNumber=number, Body=data)
+            if len(data) == PART_BYTES:
+                self.spare.append(data)  # (list.append is atomic) the part is on the store: its buffer is free
+            return {"PartNumber": number, "ETag": etag["ETag"]}
+
+        self.parts.append(self.pool.submit(send))
         if number == 1 and self.step is not None:
             self.parts[0].result()
             faults.pause_point(faults.WHILE_UPLOADING, self.step)
@@ -138,11 +153,12 @@ class Upload(io.RawIOBase):
         self.finished = True
         client, bucket = self.storage.client, self.storage.bucket
         try:
-            if self.upload_id is None:
-                client.put_object(Bucket=bucket, Key=self.key, Body=bytes(self.buffer))
+            if self.upload_id is None:  # never a whole part: the first part's buffer holds exactly the file
+                client.put_object(Bucket=bucket, Key=self.key, Body=self.buffer)
             else:
-                if self.buffer:
-                    self._send_part(bytes(self.buffer))
+                if self.filled:
+                    whole = self.filled == len(self.buffer)
+                    self._send_part(self.buffer if whole else self.buffer[: self.filled])
                 parts = [part.result() for part in self.parts]
                 client.complete_multipart_upload(
                     Bucket=bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": parts}
@@ -151,13 +167,13 @@ class Upload(io.RawIOBase):
             self.abort()
             raise
         finally:
-            self.buffer = bytearray()
+            self.buffer, self.spare = bytearray(), []
             super().close()
 
     def abort(self) -> None:
         """Give up: no object appears, and the parts sent are freed on the store."""
         self.finished = True
-        self.buffer = bytearray()
+        self.buffer, self.spare = bytearray(), []
         if self.upload_id is not None:
             for part in self.parts:
                 part.cancel()
