@@ -48,16 +48,8 @@ from ftrain.state import OPTIMIZER_FRESH, TrainProgress
 from ftrain.step_agreement import StepAgreement
 from ftrain.step_timing import StepTimer
 from ftrain.telemetry import Telemetry, show_ftrain_logs
-from ftrain.user_objects import (
-    SavedStates,
-    check_extra_names,
-    give_loader_a_generator,
-    has_persistent_buffers,
-    model_device,
-    require_stateful_loader,
-    skip_batches,
-    state_bytes,
-)
+from ftrain.user_objects import SavedStates, check_extra_names, give_loader_a_generator, has_persistent_buffers
+from ftrain.user_objects import model_device, require_stateful_loader, skip_batches, state_bytes
 
 logger = logging.getLogger("ftrain")
 
@@ -297,12 +289,12 @@ class Checkpointer:
         if stop:
             self.preempted = self.preemption.requested or "a signal on another rank"
             logger.warning("stop requested (%s): saving step %d and exiting", self.preempted, step)
-            self._save(step, from_snapshot=snapshotted)
+            self._save_then_mark(step, snapshotted)
             self.wait()
             self._run.mark_preempted(step, self.preempted)
             return True
         if save_due:
-            self._save(step, from_snapshot=snapshotted)
+            self._save_then_mark(step, snapshotted)
         self._exports.after_step(step, last)
         return False
 
@@ -355,6 +347,12 @@ class Checkpointer:
         ``load`` and committed since: no request to the store on the training thread). Collective."""
         mine = self.manager.in_flight(step) or (self.ctx.is_main and self.manager.is_committed(step))
         return bool(max_over_ranks([1.0 if mine else 0.0], self.ctx.device)[0])
+
+    def _save_then_mark(self, step: int, snapshotted: bool) -> None:
+        try:
+            self._save(step, from_snapshot=snapshotted)
+        finally:
+            self._snapshotting.after_save(step, snapshotted)
 
     def _save(self, step: int, from_snapshot: bool, refuse_saved: bool = False) -> None:
         """``from_snapshot``: the local snapshot of ``step`` was just taken, with no change to the state since.

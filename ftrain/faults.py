@@ -10,8 +10,9 @@ replaces it after the failure goes past the same step. Points:
 
     before_commit   every rank's data and DCP's metadata are durable; the COMPLETE marker is not yet written
     after_commit    the marker is written; retention has not yet run
-    after_local_snapshot   the local snapshot of this step is handed to its background copy (the training
-                    thread pauses; the copy and its marker finish)
+    after_local_snapshot   the local snapshot of this step is copied and its sums and marker are under way in
+                    the background (the training thread pauses; they finish); at a save step that only
+                    dispatches (an async mode, no save in flight), once it is dispatched
     while_writing   a rank's writer (thread or process) has this step's staged data and has written none of it;
                     training goes on
     while_uploading object storage: the first part of a multipart upload of one of this step's files is on the
@@ -31,6 +32,7 @@ logger = logging.getLogger("ftrain.faults")
 GENERATION_ENV = "FTRAIN_WARM_GENERATION"
 
 STEP_DONE = "step_done"
+AFTER_LOCAL_SNAPSHOT = "after_local_snapshot"
 WHILE_WRITING = "while_writing"
 ACTION_RAISE = "raise"
 WHILE_UPLOADING = "while_uploading"

@@ -45,6 +45,7 @@ class LocalSnapshotting:
         self._extra_checked = False
         self._call_s = 0.0  # the training thread's share of the latest snapshot
         self._unmeasured = False  # the latest snapshot's cost is not yet with the schedule
+        self._marking_later = False  # the latest snapshot's sums and marker wait for after_save
 
     def after_healthy_step(self, step: int, save_due: bool) -> bool:
         """A snapshot of ``step`` when one is due, and always with a durable save: the save writes from the
@@ -54,15 +55,17 @@ class LocalSnapshotting:
             return False
         snapshotted = False
         if self.schedule.due(step) or save_due:
-            snapshotted = self._take(step)
+            snapshotted = self._take(step, save_due)
         if self.schedule.review_due(step):
             # a review with no measured snapshot yet (the first, right after the warm-up) waits for this one's
             self._measure(block=self.schedule.cost_s is None)
             self._review_interval(step)
         return snapshotted
 
-    def _take(self, step: int) -> bool:
-        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval. True if taken."""
+    def _take(self, step: int, save_due: bool) -> bool:
+        """A local snapshot of ``step``; with ``local_interval=auto``, its cost steers the interval. True if taken.
+        With ``save_due``, when the save will only dispatch, its sums and marker wait for ``after_save`` (they
+        would compete with the dispatch); a save that first waits for another would hold them back too long."""
         assert self.local is not None
         if self.local.disabled:
             return False
@@ -73,12 +76,21 @@ class LocalSnapshotting:
         called = time.perf_counter()
         # A resume may start right after this step: the curve up to it must be out of this process (a syscall).
         self._telemetry.metrics.flush()
-        self.local.snapshot(step, self._states.local)
+        self._marking_later = save_due and self._manager.dispatches_at_once
+        self.local.snapshot(step, self._states.local, mark_later=self._marking_later)
         self._call_s = time.perf_counter() - called
         self._unmeasured = True
-        self._measure(block=False)  # a snapshot taken whole in the call is measured at once
-        faults.pause_point("after_local_snapshot", step)
+        if not self._marking_later:
+            faults.pause_point(faults.AFTER_LOCAL_SNAPSHOT, step)
         return True
+
+    def after_save(self, step: int, snapshotted: bool) -> None:
+        """The durable save of ``step`` is dispatched: the sums and marker of its snapshot may start."""
+        if self.local is None or not snapshotted or not self._marking_later:
+            return
+        self._marking_later = False
+        self.local.start_marking()
+        faults.pause_point(faults.AFTER_LOCAL_SNAPSHOT, step)
 
     def _measure(self, block: bool) -> None:
         """Hand the latest snapshot's cost (the call plus its background CPU) to the schedule once it is known;

@@ -298,6 +298,26 @@ def test_host_state_is_copied_in_the_call_and_marked_in_the_background(tmp_path,
     tier.close()
 
 
+def test_mark_later_waits_for_start_marking_and_is_never_lost(tmp_path):
+    """A save step's snapshot (mark_later): copied in the call, its sums and marker held back until the save is
+    dispatched (start_marking); whatever waits for the snapshot (a resume's listing, the next snapshot, close)
+    marks it first, so it is never lost."""
+    tier = tier_at(tmp_path)
+    tier.snapshot(1, {"t": Filled(1)}, mark_later=True)
+    assert tier._copied.is_set() and tier.background_cost() is None
+    assert tier_at(tmp_path).complete_steps() == []  # not marked yet
+    tier.start_marking()
+    assert tier.background_cost(block=True) is not None
+    assert tier_at(tmp_path).complete_steps() == [1]
+    tier.snapshot(2, {"t": Filled(2)}, mark_later=True)
+    tier.snapshot(3, {"t": Filled(3)})  # marks step 2 before choosing a slot for step 3
+    tier._finish()
+    assert tier_at(tmp_path).complete_steps() == [2, 3]
+    tier.snapshot(4, {"t": Filled(4)}, mark_later=True)
+    tier.close()  # marks it too
+    assert tier_at(tmp_path).complete_steps() == [3, 4]
+
+
 def test_a_slot_lent_to_a_save_in_flight_is_kept_while_the_next_saves_snapshot_is_placed(tmp_path):
     """A save still writing from step 10's slot, and step 12's snapshot lent to the next save before its
     background copy (device state's path) has chosen a slot: step 12 must not go into step 10's slot (the older of

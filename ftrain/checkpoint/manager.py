@@ -173,6 +173,14 @@ class CheckpointManager:
         shared file mappings it receives by descriptor)."""
         return self.mode in (MODE_ASYNC, MODE_ASYNC_PROCESS)
 
+    @property
+    def dispatches_at_once(self) -> bool:
+        """Whether a ``save`` now would only hand the state to the background writer: an async mode, no save in
+        flight to wait for, the writer process (``async_process``) started."""
+        pending, starting = self._pending, self._writer_start
+        idle = pending is None or pending.done.is_set()
+        return self.takes_prestaged and idle and (starting is None or starting.done())
+
     def find_committed(self) -> None:
         """Rank 0, at a start: note the steps complete in the storage (one writer per storage: from now on only
         this manager's commits and retention change them)."""

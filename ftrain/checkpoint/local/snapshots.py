@@ -128,6 +128,7 @@ class LocalSnapshots:
         self.background_cpu_s: float | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ftrain-local")
         self._job: Future[None] | None = None
+        self._unmarked: tuple[int, Callable[[], None]] | None = None  # a snapshot copied with mark_later
         self._copied: threading.Event | None = None
         self._plan: Plan | None = None
         self._held: dict[int, int] | None = None  # slot -> step of its complete snapshot, known to this process
@@ -156,10 +157,14 @@ class LocalSnapshots:
         self._verified.clear()
 
     # ------------------------------------------------------------------------------------------------ taking
-    def snapshot(self, step: int, states: Mapping[str, Stateful], background: bool = False) -> None:
+    def snapshot(
+        self, step: int, states: Mapping[str, Stateful], background: bool = False, mark_later: bool = False
+    ) -> None:
         """Take a snapshot of ``states`` after ``step``: their ``state_dict()`` now; host tensors are copied now
         too, device tensors in the background. ``background``: host tensors too, on the path device state takes
-        (for testing that path without a device).
+        (for testing that path without a device). ``mark_later`` (host state): the background sums and marker
+        wait for ``start_marking()`` (or anything that waits for the snapshot), e.g. until a durable save of the
+        step has been dispatched, so that they do not compete with it.
 
         The tensors must not change until ``wait()`` returns (call it before the next optimizer step, e.g. from
         an optimizer step pre-hook); a snapshot still in flight is waited for first. Everything else is captured
@@ -182,7 +187,9 @@ class LocalSnapshots:
             copied = self._guarded(step, lambda: self._copy_to_slot(step, tree, tensors, None, self._taking))
             if copied is not None:
                 self.background_cpu_s = None
-                self._job = self._executor.submit(self._in_background, step, lambda: self._mark(copied))
+                self._unmarked = (step, lambda: self._mark(copied))
+                if not mark_later:
+                    self.start_marking()
             return
         ready = None
         if on_device:
@@ -194,6 +201,7 @@ class LocalSnapshots:
             ready = torch.cuda.Event()  # device state: copied device-to-host on a side stream
             ready.record(torch.cuda.current_stream(device))
         taking = self._taking
+        self.start_marking()  # (the executor runs its jobs in order)
         self.background_cpu_s = None
         self._job = self._executor.submit(
             self._in_background, step, lambda: self._copied_then_marked(step, tree, tensors, ready, taking)
@@ -222,17 +230,27 @@ class LocalSnapshots:
         self._lent.append((taking, in_use))
         return LentSnapshot(taking)
 
+    def start_marking(self) -> None:
+        """Start the background sums and marker of a snapshot taken with ``mark_later``."""
+        if self._unmarked is not None:
+            step, work = self._unmarked
+            self._unmarked = None
+            self._job = self._executor.submit(self._in_background, step, work)
+
     def background_cost(self, block: bool = False) -> float | None:
-        """CPU seconds the latest snapshot's background work took (0.0 for one taken whole in the call); None
-        while that work still runs, unless ``block``: then it waits for it."""
-        if self._job is not None:
-            if not (block or self._job.done()):
+        """CPU seconds the latest snapshot's background work took; None while that work is still to come or
+        runs, unless ``block``: then it waits for it."""
+        if self._unmarked is not None and not block:
+            return None
+        if self._job is not None or self._unmarked is not None:
+            if not (block or self._job.done()):  # type: ignore[union-attr]
                 return None
             self._finish()
         return self.background_cpu_s
 
     def _finish(self) -> None:
         """Block until the snapshot in flight is complete (marker written) or has failed."""
+        self.start_marking()
         if self._job is not None:
             self._job.result()
             self._job = None
