@@ -291,6 +291,7 @@ def test_object_storage_part_in_its_quick_form(tmp_path):
     assert s3["save_to_floor"] > 0 and s3["resume_to_floor"] > 0
     moves = [("floor", "put"), ("floor", "get"), ("ftrain", "save"), ("ftrain", "resume")]
     assert all(s3[side][kind]["cpu_s_per_gb"] > 0 for side, kind in moves)  # the client's CPU per GB moved
+    assert s3["ftrain"]["save"]["requests_per_save"] >= 4  # data, .metadata, CHECKSUMS.json, COMPLETE at least
     assert set(s3["loop"]["modes"]) == {"off", "async", "async-s3"}
     assert all(run["server_cpu_s"] >= 0 for run in s3["loop"]["runs"])  # the niced server's CPU, per run
     assert all(run["job_cpu_s"] > 0 for run in s3["loop"]["runs"]) and s3["loop"]["cpu_points"] is not None

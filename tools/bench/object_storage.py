@@ -5,7 +5,8 @@
   with these bytes, with nothing of DCP or ftrain around them.
 * ftrain: ``CheckpointManager`` into ``s3://`` (mode sync, ``threads`` writer threads: save until the marker is
   written) and its ``load`` with checksums verified as the data arrives, in one process; the same bytes. Both
-  also count the CPU time of their own process (all threads: the client's side) per GB moved.
+  also count the CPU time of their own process (all threads: the client's side) per GB moved, and ftrain's
+  saves the requests they make.
 * Loop: the recipe with checkpointing off, saving to local disk and saving to the store (``checkpoint.mode=async``,
   alternating, same seed): the training loop's throughput relative to the off run of the same repetition.
 
@@ -172,8 +173,12 @@ def measure_ftrain(args: argparse.Namespace, url: str, state: dict[str, torch.Te
         return timer.done()
 
     print("[bench] s3 ftrain: CheckpointManager save, then load", flush=True)
+    requests: list[str] = []
     try:
-        saves = _repeat(args, save)
+        for _ in range(args.warmup):
+            save()
+        storage.client.meta.events.register("before-call.s3", lambda model, **_: requests.append(model.name))
+        saves = [save() for _ in range(args.reps)]
     finally:
         manager.close()
     target = {k: torch.zeros_like(t) for k, t in state.items()}
@@ -193,7 +198,8 @@ def measure_ftrain(args: argparse.Namespace, url: str, state: dict[str, torch.Te
         loader.close()
     if not all(torch.equal(target[k], state[k]) for k in state):
         raise BenchError(f"resume from {url} loaded different values than were saved")
-    return {"save": _rate(saves, nbytes), "resume": _rate(loads, nbytes)}
+    return {"save": {**_rate(saves, nbytes), "requests_per_save": len(requests) / max(args.reps, 1)},
+            "resume": _rate(loads, nbytes)}
 
 
 def server_cpu_s(server: Any) -> float | None:

@@ -277,6 +277,7 @@ def s3_lines(s3: dict[str, Any]) -> list[str]:
         f"{s3['save_to_floor']:.2f} | {_cpu_per_gb(floor['put'])} / {_cpu_per_gb(ours['save'])} |",
         f"| resume (checksums verified) | {floor['get']['gbps']:.3f} GB/s | {ours['resume']['gbps']:.3f} GB/s | "
         f"{s3['resume_to_floor']:.2f} | {_cpu_per_gb(floor['get'])} / {_cpu_per_gb(ours['resume'])} |",
+        "", f"Requests per ftrain save: {ours['save'].get('requests_per_save', float('nan')):.1f}.",
         "", "| loop (checkpoint.mode=async) | steps/s | vs off | server CPU per run |", "|---|---|---|---|",
     ]
     for label in S3_LOOP_MODES:
