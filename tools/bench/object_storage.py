@@ -83,10 +83,13 @@ def run_s3_part(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _repeat(args: argparse.Namespace, fn: Any) -> list[tuple[float, float]]:
-    """``fn`` returns (wall seconds, this process's CPU seconds) of what it measures."""
+def _repeat(args: argparse.Namespace, fn: Any, after_warmup: Any = None) -> list[tuple[float, float]]:
+    """``fn`` returns (wall seconds, this process's CPU seconds) of what it measures; ``after_warmup()`` runs
+    between the warm-up and the measured repetitions."""
     for _ in range(args.warmup):
         fn()
+    if after_warmup is not None:
+        after_warmup()
     return [fn() for _ in range(args.reps)]
 
 
@@ -174,11 +177,12 @@ def measure_ftrain(args: argparse.Namespace, url: str, state: dict[str, torch.Te
 
     print("[bench] s3 ftrain: CheckpointManager save, then load", flush=True)
     requests: list[str] = []
-    try:
-        for _ in range(args.warmup):
-            save()
+
+    def count_requests() -> None:
         storage.client.meta.events.register("before-call.s3", lambda model, **_: requests.append(model.name))
-        saves = [save() for _ in range(args.reps)]
+
+    try:
+        saves = _repeat(args, save, after_warmup=count_requests)
     finally:
         manager.close()
     target = {k: torch.zeros_like(t) for k, t in state.items()}

@@ -240,12 +240,9 @@ class LocalSnapshots:
     def background_cost(self, block: bool = False) -> float | None:
         """CPU seconds the latest snapshot's background work took; None while that work is still to come or
         runs, unless ``block``: then it waits for it."""
-        if self._unmarked is not None and not block:
+        if not block and (self._unmarked is not None or (self._job is not None and not self._job.done())):
             return None
-        if self._job is not None or self._unmarked is not None:
-            if not (block or self._job.done()):  # type: ignore[union-attr]
-                return None
-            self._finish()
+        self._finish()
         return self.background_cpu_s
 
     def _finish(self) -> None:
