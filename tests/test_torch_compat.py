@@ -333,3 +333,28 @@ def test_fake_process_group_runs_collectives_without_peers():
     finally:
         dist.destroy_process_group()
     assert not dist.is_initialized()
+
+
+def test_dcp_writer_planning_asks_metadata_exists(tmp_path):
+    """``CheckpointWriter`` answers DCP's ``FileSystemWriter._metadata_exists`` itself (no request per rank per save
+    on an object store): planning must still ask that hook, not the file system directly."""
+    import warnings
+
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    from ftrain.checkpoint.writer import CheckpointWriter
+
+    (tmp_path / ".metadata").write_bytes(b"old")
+    writer = CheckpointWriter(tmp_path)
+    writer.set_up_storage_writer(True, rank=0, use_collectives=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        writer.prepare_local_plan(SavePlan([]))
+    # the hook it overrides is the one DCP's own writer consults: without the override the warning comes
+    plain = torch.distributed.checkpoint.FileSystemWriter(tmp_path)
+    plain.set_up_storage_writer(True, rank=0, use_collectives=True)
+    with pytest.warns(UserWarning, match="existing checkpoint"):
+        plain.prepare_local_plan(SavePlan([]))
+    assert hasattr(torch.distributed.checkpoint.FileSystemWriter, "_metadata_exists"), _broke(
+        "FileSystemWriter._metadata_exists", "is gone"
+    )

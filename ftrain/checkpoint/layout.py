@@ -75,8 +75,13 @@ class StepDir:
 def scan(root: Root) -> list[StepDir]:
     """Every ``step_*`` directory under ``root``, oldest first."""
     storage = open_storage(root)
+    return _step_dirs(storage, storage.dirs_holding(MARKER))
+
+
+def _step_dirs(storage: Storage, listing: dict[str, bool]) -> list[StepDir]:
+    """The ``step_*`` directories of a ``dirs_holding(MARKER)`` listing, oldest first."""
     found = []
-    for name, marked in storage.dirs_holding(MARKER).items():
+    for name, marked in listing.items():
         step = parse_step(name)
         if step is not None:
             found.append(StepDir(step, CheckpointDir(storage, name), marked))
@@ -264,12 +269,12 @@ def remove_dir(where: Where) -> None:
     checkpoint.storage.remove_dir(checkpoint.name)
 
 
-def _leftovers(storage: Storage) -> list[CheckpointDir]:
-    """Directories an interrupted removal left behind (``step_N`` renamed out of the ``step_*`` namespace); any
-    other name is not ftrain's and is never touched."""
+def _leftovers(storage: Storage, names: list[str]) -> list[CheckpointDir]:
+    """Of the directory ``names`` under the storage, those an interrupted removal left behind (``step_N`` renamed
+    out of the ``step_*`` namespace); any other name is not ftrain's and is never touched."""
     return [
         CheckpointDir(storage, name)
-        for name in storage.dirs()
+        for name in names
         if name.endswith(TRASH_SUFFIX) and _STEP_DIR.match(name[: -len(TRASH_SUFFIX)])
     ]
 
@@ -280,21 +285,23 @@ def plan_purge(root: Root, keep_last: int, keep_every: int = 0, in_flight: int |
     interrupted deletes. The directory of a save still in flight (``in_flight``) is never touched.
     """
     storage = open_storage(root)
-    dirs = scan(storage)
+    listing = storage.dirs_holding(MARKER)  # one listing for both (on an object store, a request per 1000 keys)
+    dirs = _step_dirs(storage, listing)
     complete = [d for d in dirs if d.complete]
     newest = complete[-1].step if complete else None
     doomed = [d.dir for d in complete[: max(len(complete) - keep_last, 0)] if not (keep_every and d.step % keep_every == 0)]
     doomed += [
         d.dir for d in dirs if not d.complete and newest is not None and d.step < newest and d.step != in_flight
     ]
-    doomed += _leftovers(storage)
+    doomed += _leftovers(storage, list(listing))
     return sorted(doomed, key=lambda d: d.name)
 
 
 def remove_incomplete(root: Root) -> list[CheckpointDir]:
     """At start-up, before any save: every incomplete directory is a crash's leftover. Returns what was removed."""
     storage = open_storage(root)
-    removed = [d.dir for d in scan(storage) if not d.complete] + _leftovers(storage)
+    listing = storage.dirs_holding(MARKER)
+    removed = [d.dir for d in _step_dirs(storage, listing) if not d.complete] + _leftovers(storage, list(listing))
     for checkpoint in removed:
         remove_dir(checkpoint)
     storage.abort_unfinished_writes()

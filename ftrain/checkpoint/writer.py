@@ -143,6 +143,14 @@ class CheckpointWriter(FileSystemWriter):
             logging.getLogger().setLevel(logging.WARNING)
         super().set_up_storage_writer(is_coordinator, *args, **kwargs)
 
+    def _metadata_exists(self) -> bool:
+        """DCP asks on every rank, while planning (in the training thread), whether the directory already holds a
+        ``.metadata``, only to warn that it overwrites it. ftrain never saves over a committed step, and the
+        directory of a save that died is incomplete and is written over as DCP would: the answer changes nothing
+        but costs a request per rank per save on an object store. (A private hook of ``FileSystemWriter``:
+        tests/test_torch_compat.py checks that planning still asks it.)"""
+        return False
+
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         step = layout.parse_step(self.checkpoint)
         if step is not None:

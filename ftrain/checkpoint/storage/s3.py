@@ -10,8 +10,9 @@ How the guarantees of ``base.Storage`` hold without rename:
 
 * An object appears whole or not at all. A data file is uploaded in parts (``PART_BYTES``) as DCP writes it and
   exists only once its multipart upload completes, when the stream is closed; a failed write aborts the upload.
-  DCP writes ``.metadata`` (as ``.metadata.tmp``, then copied to ``.metadata``) only after every rank's files
-  are complete, and rank 0 writes the ``COMPLETE`` object after that, alone and last: it decides completeness.
+  DCP writes ``.metadata`` (one upload: ``S3FileSystem`` holds its temporary file until the rename) only after
+  every rank's files are complete, and rank 0 writes the ``COMPLETE`` object after that, alone and last: it
+  decides completeness.
 * ``write_atomic`` is one PUT (the marker is small).
 * ``remove_dir`` deletes the marker object first, then the rest: no instant leaves a marker naming a deleted
   object. A removal killed half way leaves a directory without a marker: incomplete, removed at the next start.

@@ -201,12 +201,21 @@ _upload_pool: ThreadPoolExecutor | None = None
 _upload_pool_lock = threading.Lock()
 
 
+TEMPORARY_SUFFIX = ".tmp"  # DCP writes .metadata under this suffix, then renames it
+
+
 class S3FileSystem:
     """DCP's ``FileSystemBase`` over one ``S3Storage``: what ``FileSystemWriter``/``FileSystemReader`` write and
-    read through. Paths are ``s3://bucket/key`` strings."""
+    read through. Paths are ``s3://bucket/key`` strings.
+
+    DCP writes ``.metadata`` under a temporary name and renames it. Without rename that is an upload, a HEAD, a
+    copy and a delete for an object that appears whole or not at all anyway; so a file written under a ``.tmp``
+    name is held in memory and uploaded once, under its final name, when it is renamed. A writer that dies
+    before the rename leaves nothing, as a temporary object left behind would be: no ``.metadata``."""
 
     def __init__(self, storage: S3Storage) -> None:
         self.storage = storage
+        self._held: dict[str, bytes] = {}
 
     def _name(self, path: str | os.PathLike) -> str:
         """The storage name of an ``s3://`` path under this storage's prefix."""
@@ -225,6 +234,11 @@ class S3FileSystem:
             return
         if mode != "wb":
             raise ValueError(f"S3FileSystem streams are 'rb' or 'wb', not {mode!r}")
+        if name.endswith(TEMPORARY_SUFFIX):
+            held = io.BytesIO()
+            yield held
+            self._held[name] = held.getvalue()
+            return
         step = _STEP.search(name)
         stream = Upload(self.storage, self.storage.key(name), upload_pool(), int(step.group(1)) if step else None)
         try:
@@ -241,8 +255,12 @@ class S3FileSystem:
         return str(path).rstrip("/")
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
-        """Copy, then delete (DCP renames ``.metadata.tmp`` once; nothing else is renamed)."""
+        """A held file: one upload under the new name. Any other object: copy, then delete."""
         storage = self.storage
+        held = self._held.pop(self._name(path), None)
+        if held is not None:
+            storage.write_atomic(self._name(new_path), held)
+            return
         source, target = storage.key(self._name(path)), storage.key(self._name(new_path))
         storage.client.copy({"Bucket": storage.bucket, "Key": source}, storage.bucket, target)
         storage.client.delete_object(Bucket=storage.bucket, Key=source)
@@ -255,9 +273,16 @@ class S3FileSystem:
         return str(checkpoint_id).startswith(SCHEME)
 
     def exists(self, path: str | os.PathLike) -> bool:
-        return self.storage.exists(self._name(path))
+        name = self._name(path)
+        if name in self._held:
+            return True
+        if name + TEMPORARY_SUFFIX in self._held:
+            return False  # the target of a held file: its one upload replaces whatever is there, no need to look
+        return self.storage.exists(name)
 
     def rm_file(self, path: str | os.PathLike) -> None:
+        if self._held.pop(self._name(path), None) is not None:
+            return
         self.storage.client.delete_object(Bucket=self.storage.bucket, Key=self.storage.key(self._name(path)))
 
     def ls(self, path: str | os.PathLike) -> list[str]:
