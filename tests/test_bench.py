@@ -292,6 +292,8 @@ def test_object_storage_part_in_its_quick_form(tmp_path):
     moves = [("floor", "put"), ("floor", "get"), ("ftrain", "save"), ("ftrain", "resume")]
     assert all(s3[side][kind]["cpu_s_per_gb"] > 0 for side, kind in moves)  # the client's CPU per GB moved
     assert s3["ftrain"]["save"]["requests_per_save"] >= 4  # data, .metadata, CHECKSUMS.json, COMPLETE at least
+    small = s3["small_saves"]  # a recipe-sized save's CPU time in one process, to disk and to the store
+    assert small["disk_cpu_ms"] > 0 and small["store_cpu_ms"] > 0 and small["requests_per_save"] >= 4
     assert set(s3["loop"]["modes"]) == {"off", "async", "async-s3"}
     assert all(run["server_cpu_s"] >= 0 for run in s3["loop"]["runs"])  # the niced server's CPU, per run
     assert all(run["job_cpu_s"] > 0 for run in s3["loop"]["runs"]) and s3["loop"]["cpu_points"] is not None

@@ -30,8 +30,8 @@ It has five parts; ``--parts`` runs ``micro,trainer`` unless told otherwise:
   redone, time lost, cost per failure, ETTR, bit-identical to an uninterrupted run), and one
   ``checkpoint.interval=auto`` run (intervals chosen, overhead against ``checkpoint.overhead_budget``).
 * ``s3`` (``bench/object_storage.py``): save and resume through ``checkpoint.dir=s3://`` against the same
-  server's floor (parallel plain PUT/GET of the same bytes), and the recipe's loop saving to local disk and to the
-  store, side by side with checkpointing off (``--s3-url``, or a SeaweedFS server of its own).
+  server's floor (parallel plain PUT/GET of the same bytes), a small save's CPU time in one process to disk and to
+  the store, and the recipe's loop saving to local disk and to the store, side by side with checkpointing off (``--s3-url``, or a SeaweedFS server of its own).
 * ``loop`` (``bench/own_loop.py``): a training loop of its own through the public ``ftrain.Checkpointer`` (an FSDP2
   MLP of ``--loop-size-mb`` with AdamW, ``--loop-steps`` steps, a save every ``--loop-interval``): loop time with no
   Checkpointer, with the local tier off and with the defaults, alternating over ``--loop-reps`` rounds; save cost

@@ -7,6 +7,8 @@
   written) and its ``load`` with checksums verified as the data arrives, in one process; the same bytes. Both
   also count the CPU time of their own process (all threads: the client's side) per GB moved, and ftrain's
   saves the requests they make.
+* Small saves: one process's CPU time per save of a recipe-sized state (``async``, until committed, retention
+  included) to local disk and to the store, alternating, and the requests per save to the store.
 * Loop: the recipe with checkpointing off, saving to local disk and saving to the store (``checkpoint.mode=async``,
   alternating, same seed): the training loop's throughput relative to the off run of the same repetition.
 
@@ -70,6 +72,7 @@ def run_s3_part(args: argparse.Namespace) -> dict[str, Any]:
         print(f"[bench] s3: {size_mb:.0f} MB in {len(state)} tensors, {threads} files in parallel, {url}", flush=True)
         floor = measure_floor(args, url, state, threads)
         ftrain = measure_ftrain(args, url, state, threads)
+        small_saves = measure_small_saves(args, url)
         loop = measure_loop(args, url, server)
     nbytes = state_bytes(state)
     return {
@@ -79,6 +82,7 @@ def run_s3_part(args: argparse.Namespace) -> dict[str, Any]:
         "ftrain": ftrain,
         "save_to_floor": ratio(ftrain["save"]["gbps"], floor["put"]["gbps"]),
         "resume_to_floor": ratio(ftrain["resume"]["gbps"], floor["get"]["gbps"]),
+        "small_saves": small_saves,
         "loop": loop,
     }
 
@@ -204,6 +208,63 @@ def measure_ftrain(args: argparse.Namespace, url: str, state: dict[str, torch.Te
         raise BenchError(f"resume from {url} loaded different values than were saved")
     return {"save": {**_rate(saves, nbytes), "requests_per_save": len(requests) / max(args.reps, 1)},
             "resume": _rate(loads, nbytes)}
+
+
+SMALL_SAVE_MB = 6.0  # about the recipe's checkpoint (model, AdamW, progress), as the loop saves it
+SMALL_SAVES = 10  # measured saves per destination, after a warm-up of KEEP_LAST + 1 (retention at work)
+SMALL_KEEP_LAST = 2
+SETTLE_S = 0.3  # after a commit, for retention's thread to finish before the CPU time is read
+
+
+def measure_small_saves(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    """The CPU time one process spends per save of a recipe-sized state in ``async`` mode (staging, writing,
+    commit, retention: every thread), saving to a local directory and to the store alternately, and the requests
+    a save to the store makes. What the store costs a training process per save beyond a disk, in a number the
+    loop's throughput (several points of noise per run here) cannot resolve."""
+    import tempfile
+
+    from ftrain.checkpoint import CheckpointManager
+    from ftrain.checkpoint.collectives import DistContext
+    from ftrain.checkpoint.compat import RunSignature
+    from ftrain.checkpoint.options import CheckpointOptions
+    from ftrain.checkpoint.storage import open_storage
+
+    ctx = DistContext(0, 1, torch.device("cpu"), None)
+    state = make_state(int(SMALL_SAVE_MB * 1e6), int(1e6), torch.device("cpu"), 0)
+    options = CheckpointOptions(mode="async", keep_last=SMALL_KEEP_LAST, write_threads=1)
+    with tempfile.TemporaryDirectory(dir=args.out) as local:
+        storages = {"disk": open_storage(local), "store": open_storage(f"{url}/small-saves")}
+        managers = {label: CheckpointManager(storage, options, ctx, RunSignature(model=None))
+                    for label, storage in storages.items()}
+        requests: list[str] = []
+        cpu_ms: dict[str, list[float]] = {label: [] for label in managers}
+        step = iter(range(1, 10**6))
+
+        def save(label: str) -> float:
+            cpu = time.process_time()
+            managers[label].save(next(step), {"state": state})
+            stats = managers[label].wait()
+            time.sleep(SETTLE_S)
+            if stats is None or not stats.ok:
+                raise BenchError(f"a small save to {label} failed: {getattr(stats, 'error', '') or 'see log'}")
+            return (time.process_time() - cpu) * 1e3
+
+        print(f"[bench] s3 small saves: {SMALL_SAVE_MB:.0f} MB, async, to disk and to the store alternately", flush=True)
+        try:
+            for _ in range(SMALL_KEEP_LAST + 1):
+                for label in managers:
+                    save(label)
+            storages["store"].client.meta.events.register(  # type: ignore[attr-defined]
+                "before-call.s3", lambda model, **_: requests.append(model.name))
+            for _ in range(SMALL_SAVES):
+                for label in managers:
+                    cpu_ms[label].append(save(label))
+        finally:
+            for manager in managers.values():
+                manager.close()
+    disk, store = (statistics.median(cpu_ms[label]) for label in ("disk", "store"))
+    return {"size_mb": SMALL_SAVE_MB, "saves": SMALL_SAVES, "cpu_ms": cpu_ms, "disk_cpu_ms": disk,
+            "store_cpu_ms": store, "extra_cpu_ms": store - disk, "requests_per_save": len(requests) / SMALL_SAVES}
 
 
 def server_cpu_s(server: Any) -> float | None:

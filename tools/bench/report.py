@@ -278,6 +278,7 @@ def s3_lines(s3: dict[str, Any]) -> list[str]:
         f"| resume (checksums verified) | {floor['get']['gbps']:.3f} GB/s | {ours['resume']['gbps']:.3f} GB/s | "
         f"{s3['resume_to_floor']:.2f} | {_cpu_per_gb(floor['get'])} / {_cpu_per_gb(ours['resume'])} |",
         "", f"Requests per ftrain save: {ours['save'].get('requests_per_save', float('nan')):.1f}.",
+        *small_save_lines(s3.get("small_saves")),
         "", "| loop (checkpoint.mode=async) | steps/s | vs off | server CPU per run |", "|---|---|---|---|",
     ]
     for label in S3_LOOP_MODES:
@@ -296,6 +297,14 @@ def s3_lines(s3: dict[str, Any]) -> list[str]:
                      f"is {cpu:+.1f} points of the checkpoint-free run's above saving to local disk (median of the "
                      "rounds): what the training processes pay for the store, load on the machine apart.")
     return lines
+
+
+def small_save_lines(small: dict[str, Any] | None) -> list[str]:
+    if not small:
+        return []
+    return ["", f"A {small['size_mb']:.0f} MB save in one process (async, until committed, retention included; median of "
+            f"{small['saves']}): {small['disk_cpu_ms']:.0f} ms of CPU to local disk, {small['store_cpu_ms']:.0f} ms to "
+            f"the store ({small['extra_cpu_ms']:+.0f} ms), {small['requests_per_save']:.1f} requests per save."]
 
 
 def _tree(source: dict[str, Any]) -> str:
