@@ -111,6 +111,67 @@ def test_listings_past_one_page(s3_env, s3_bucket):
     assert storage.dirs() == []
 
 
+def test_a_temporary_file_is_uploaded_once_under_its_final_name(s3_env, s3_bucket):
+    """DCP writes .metadata as .metadata.tmp and renames it: the S3 file system holds the temporary file and makes
+    it one upload under the final name at the rename (no temporary object, no copy); a write that fails while held
+    leaves nothing."""
+    from ftrain.checkpoint.storage import s3_io
+
+    storage = open_storage(f"s3://{s3_bucket}/held")
+    fs = s3_io.S3FileSystem(storage)
+    tmp, final = f"{storage.url}/step_00000001/.metadata.tmp", f"{storage.url}/step_00000001/.metadata"
+    with fs.create_stream(tmp, "wb") as stream:
+        stream.write(b"meta")
+        stream.write(b"data")
+    assert storage.files("step_00000001") == []  # nothing sent yet
+    assert fs.exists(tmp) and not fs.exists(final)
+    fs.rename(tmp, final)
+    assert [info.name for info in storage.files("step_00000001")] == [".metadata"]
+    assert storage.read_bytes("step_00000001/.metadata") == b"metadata" and not fs.exists(tmp)
+    with pytest.raises(RuntimeError):
+        with fs.create_stream(f"{storage.url}/step_00000002/.metadata.tmp", "wb") as stream:
+            stream.write(b"half")
+            raise RuntimeError("the writer died")
+    assert storage.files("step_00000002") == [] and not fs.exists(f"{storage.url}/step_00000002/.metadata.tmp")
+
+
+def test_a_save_makes_few_requests(s3_env, s3_bucket):
+    """A save with retention at work (async, keep_last=1), counted at the client: the data file, CHECKSUMS.json,
+    .metadata (one upload) and the marker; the commit's listing of the step (the sums come from the writer, which
+    ran in this process: nothing is read back); one listing of the prefix and the removal of the older checkpoint
+    (marker, listing, batch delete). No HEAD, no copy, no GET; and the marker still verifies every file."""
+    import time
+
+    import torch
+
+    from ftrain.checkpoint import CheckpointManager
+    from ftrain.checkpoint.collectives import DistContext
+    from ftrain.checkpoint.compat import RunSignature
+    from ftrain.checkpoint.options import CheckpointOptions
+
+    storage = open_storage(f"s3://{s3_bucket}/few")
+    manager = CheckpointManager(storage, CheckpointOptions(mode="async", keep_last=1, write_threads=1),
+                                DistContext(0, 1, torch.device("cpu"), None), RunSignature(model=None))
+    state = {"w": torch.arange(1000, dtype=torch.float32), "b": torch.ones(10)}
+    requests: list[str] = []
+    try:
+        for step in (1, 2):
+            manager.save(step, {"state": state})
+            assert manager.wait().ok
+        wait_for(lambda: [d.step for d in layout.scan(storage)] == [2], 30, what="retention of step 1")
+        storage.client.meta.events.register("before-call.s3", lambda model, **_: requests.append(model.name))
+        manager.save(3, {"state": state})
+        assert manager.wait().ok
+        wait_for(lambda: requests.count("DeleteObjects") == 1, 30, what="retention of step 2")
+        time.sleep(0.2)
+    finally:
+        manager.close()
+    counts = {name: requests.count(name) for name in sorted(set(requests))}
+    assert counts == {"DeleteObject": 1, "DeleteObjects": 1, "ListObjectsV2": 3, "PutObject": 4}, counts
+    newest = layout.latest_complete(storage)
+    assert newest is not None and newest.step == 3 and integrity.verify(newest.dir, checksums=True) == []
+
+
 def test_uneven_writes_become_the_exact_bytes_in_parts(s3_env, s3_bucket, monkeypatch):
     """Writes that straddle part boundaries (1 byte, odd sizes, several parts at once) through the S3 file
     system's stream: the object is exactly the bytes written, in order, with whole parts sent from reused buffers

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.distributed.checkpoint.metadata import (
@@ -39,22 +39,25 @@ MAX_PROBLEMS = 3  # metadata problems reported per checkpoint (the first ones; t
 _STORAGE_INFO = dcp_storage_info_class()  # DCP's record of where an entry lies in a file
 
 
-def file_entries(where: layout.Where) -> list[dict[str, Any]]:
+def file_entries(where: layout.Where, written: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     """Name, size and checksum (``sums.WRITE_SUM``: xxh3-64) of every file of the checkpoint in ``where``, for its
     commit marker.
 
-    Data files take the sums their writers recorded; the few the coordinator wrote last (``.metadata``,
-    ``CHECKSUMS.json``) are small and summed here.
+    ``written``: the sums its writer took as it wrote, where that writer ran in this process
+    (``CheckpointWriter.written_sums``). Otherwise data files take the sums their writers recorded in
+    ``CHECKSUMS.json``, and the few files the coordinator wrote last (``.metadata``, ``CHECKSUMS.json``) are read
+    back and summed; so is any file neither names.
     """
     checkpoint = checkpoint_at(where)
     storage = checkpoint.storage
-    recorded: dict[str, str] = {}
-    try:  # one read (on object storage, one request): its bytes give the data files' sums and its own
-        raw = storage.read_bytes(checkpoint.file(CHECKSUMS))
-        recorded = {**json.loads(raw), CHECKSUMS: buffer_sum(raw, WRITE_SUM)}
-    except FileNotFoundError:
-        pass
     entries = layout.list_files(checkpoint)
+    recorded: dict[str, str] = dict(written or {})
+    if any(entry["name"] not in recorded for entry in entries):
+        try:  # one read (on object storage, one request): its bytes give the data files' sums and its own
+            raw = storage.read_bytes(checkpoint.file(CHECKSUMS))
+            recorded = {**json.loads(raw), CHECKSUMS: buffer_sum(raw, WRITE_SUM), **recorded}
+        except FileNotFoundError:
+            pass
     for entry in entries:
         entry[WRITE_SUM] = recorded.get(entry["name"]) or storage.checksum(checkpoint.file(entry["name"]), WRITE_SUM)
     return entries

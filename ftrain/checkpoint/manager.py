@@ -8,8 +8,7 @@ the new one complete, never a directory that looks complete and is not:
 2. ``wait_for_staging()``: called before the optimizer next mutates parameters; the copy must be finished.
 3. Background: DCP writes and fsyncs every rank's files, then the coordinator writes ``.metadata``. Only
    when that succeeded on all ranks does rank 0 write the ``COMPLETE`` marker (tmp, fsync, rename, fsync dir).
-4. Background (rank 0): retention deletes what is no longer kept, only now that a newer checkpoint exists
-   (``retention.py``).
+4. Background (rank 0): retention deletes what is no longer kept, once a newer checkpoint exists (``retention.py``).
 """
 
 from __future__ import annotations
@@ -84,6 +83,7 @@ class _PendingSave:
     nonfinite: bool = False  # refused because a saved tensor held NaN or Inf
     finished_at: float | None = None  # when ``done`` was set
     done: threading.Event = field(default_factory=threading.Event)
+    writer: CheckpointWriter | None = None  # its written_sums spare the commit reading files back
 
 
 class CheckpointManager:
@@ -177,8 +177,7 @@ class CheckpointManager:
     def dispatches_at_once(self) -> bool:
         """Whether a ``save`` now would only hand the state to the background writer: an async mode, no save in
         flight to wait for, the writer process (``async_process``) started."""
-        pending, starting = self._pending, self._writer_start
-        idle = pending is None or pending.done.is_set()
+        idle, starting = self._pending is None or self._pending.done.is_set(), self._writer_start
         return self.takes_prestaged and idle and (starting is None or starting.done())
 
     def find_committed(self) -> None:
@@ -192,8 +191,7 @@ class CheckpointManager:
 
     def in_flight(self, step: int) -> bool:
         """True while the save of ``step`` has not finished (its data may still be read)."""
-        pending = self._pending
-        return pending is not None and pending.step == step and not pending.done.is_set()
+        return (pending := self._pending) is not None and pending.step == step and not pending.done.is_set()
 
     def save(
         self,
@@ -246,9 +244,10 @@ class CheckpointManager:
 
     def _save_sync(self, pending: _PendingSave, states: dict[str, Any]) -> None:
         try:
+            pending.writer = CheckpointWriter(pending.dir, thread_count=self.write_threads)
             dcp.save(
                 states,
-                storage_writer=CheckpointWriter(pending.dir, thread_count=self.write_threads),
+                storage_writer=pending.writer,
                 planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
             )
@@ -265,12 +264,13 @@ class CheckpointManager:
     def _save_async(self, pending: _PendingSave, states: dict[str, Any], prestaged: Prestaged | None) -> None:
         kind = AsyncCheckpointerType.PROCESS if self.mode == MODE_ASYNC_PROCESS else AsyncCheckpointerType.THREAD
         self._get_stager().prestaged_next = prestaged
+        pending.writer = CheckpointWriter(
+            pending.dir, thread_count=self.write_threads, in_writer_process=self.mode == MODE_ASYNC_PROCESS
+        )
         try:
             response = dcp.async_save(
                 states,
-                storage_writer=CheckpointWriter(
-                    pending.dir, thread_count=self.write_threads, in_writer_process=self.mode == MODE_ASYNC_PROCESS
-                ),
+                storage_writer=pending.writer,
                 planner=CachedPlanSavePlanner(self._plan_cache_key),
                 process_group=self.process_group,
                 async_checkpointer_type=kind,
@@ -332,7 +332,8 @@ class CheckpointManager:
             **self.signature.marker_fields(),
             **pending.marker_fields,
         }
-        pending.marker = layout.write_marker(pending.dir, info, integrity.file_entries(pending.dir))
+        written = pending.writer.written_sums if pending.writer is not None else None
+        pending.marker = layout.write_marker(pending.dir, info, integrity.file_entries(pending.dir, written))
         pending.committed_at = time.perf_counter()
         self._committed.add(pending.step)
         logger.info(

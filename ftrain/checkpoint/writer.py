@@ -38,7 +38,8 @@ from ftrain import faults
 from ftrain.checkpoint import layout
 from ftrain.checkpoint.integrity import CHECKSUMS
 from ftrain.checkpoint.storage import checkpoint_at
-from ftrain.checkpoint.sums import WRITE_SUM, Summer
+from ftrain.checkpoint.storage.base import DCP_TEMPORARY_SUFFIX
+from ftrain.checkpoint.sums import WRITE_SUM, Summer, buffer_sum
 
 _SUMS_KEY = "__ftrain_checksums__"
 _NONFINITE_KEY = "__ftrain_nonfinite__"
@@ -135,6 +136,10 @@ class CheckpointWriter(FileSystemWriter):
         self.fs = _ChecksummingFileSystem(storage.dcp_filesystem())
         self.path = self.fs.init_path(dcp_path)
         self.in_writer_process = in_writer_process
+        # Every file's checksum as written, once the coordinator has finished (data files, CHECKSUMS.json and
+        # .metadata), for the commit marker without reading them back. Empty where this object is the training
+        # process's copy of a writer that ran in DCP's writer process.
+        self.written_sums: dict[str, str] = {}
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if self.in_writer_process:
@@ -184,10 +189,12 @@ class CheckpointWriter(FileSystemWriter):
         if nonfinite:
             shown = ", ".join(sorted(set(nonfinite))[:5])
             raise NonFiniteStateError(f"non-finite values (NaN/Inf) in {len(set(nonfinite))} tensor(s): {shown}")
-        self.checkpoint.storage.write_atomic(
-            self.checkpoint.file(CHECKSUMS), json.dumps(sums, indent=1, sort_keys=True).encode()
-        )
+        recorded = json.dumps(sums, indent=1, sort_keys=True).encode()
+        self.checkpoint.storage.write_atomic(self.checkpoint.file(CHECKSUMS), recorded)
         super().finish(metadata, kept)
+        self.written_sums = {**sums, CHECKSUMS: buffer_sum(recorded, WRITE_SUM)}
+        if (metadata_sum := self.fs.sums.get(layout.DCP_METADATA + DCP_TEMPORARY_SUFFIX)) is not None:
+            self.written_sums[layout.DCP_METADATA] = metadata_sum
 
 
 class NonFiniteStateError(ValueError):

@@ -28,6 +28,7 @@ from typing import IO, Any
 
 # The commit marker's name is part of the seam: a store without atomic rename deletes it first (``remove_dir``).
 MARKER_NAME = "COMPLETE"
+DCP_TEMPORARY_SUFFIX = ".tmp"  # DCP writes .metadata under its name + this, then renames it
 
 
 class StorageError(OSError):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generator
 
 from ftrain import faults
 from ftrain.checkpoint.byte_streams import SizedReader
-from ftrain.checkpoint.storage.base import StorageError
+from ftrain.checkpoint.storage.base import DCP_TEMPORARY_SUFFIX, StorageError
 
 if TYPE_CHECKING:
     from ftrain.checkpoint.storage.s3 import S3Storage
@@ -201,9 +201,6 @@ _upload_pool: ThreadPoolExecutor | None = None
 _upload_pool_lock = threading.Lock()
 
 
-TEMPORARY_SUFFIX = ".tmp"  # DCP writes .metadata under this suffix, then renames it
-
-
 class S3FileSystem:
     """DCP's ``FileSystemBase`` over one ``S3Storage``: what ``FileSystemWriter``/``FileSystemReader`` write and
     read through. Paths are ``s3://bucket/key`` strings.
@@ -234,7 +231,7 @@ class S3FileSystem:
             return
         if mode != "wb":
             raise ValueError(f"S3FileSystem streams are 'rb' or 'wb', not {mode!r}")
-        if name.endswith(TEMPORARY_SUFFIX):
+        if name.endswith(DCP_TEMPORARY_SUFFIX):
             held = io.BytesIO()
             yield held
             self._held[name] = held.getvalue()
@@ -276,7 +273,7 @@ class S3FileSystem:
         name = self._name(path)
         if name in self._held:
             return True
-        if name + TEMPORARY_SUFFIX in self._held:
+        if name + DCP_TEMPORARY_SUFFIX in self._held:
             return False  # the target of a held file: its one upload replaces whatever is there, no need to look
         return self.storage.exists(name)
 
