@@ -156,6 +156,22 @@ def local_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_run(tmp_path_factory, "local-reference", lambda run_dir: check_ok(run_train(run_dir, *LOCAL_OPTIONS)))
 
 
+def snapshot_held(rank_dirs, step: int) -> bool:
+    """Whether every rank's local directory holds a snapshot marker of ``step``. Read while training goes on: a
+    slot's marker is removed before the slot is written again, so one listed may be gone by the time it is read."""
+
+    def holds(rank_dir) -> bool:
+        for marker in rank_dir.glob("slot-*.json"):
+            try:
+                if f'"step": {step}' in marker.read_text():
+                    return True
+            except FileNotFoundError:
+                continue
+        return False
+
+    return all(holds(d) for d in rank_dirs)
+
+
 def wait_for(condition, timeout: float = 120, what: str = "condition", proc: subprocess.Popen | None = None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -27,6 +27,7 @@ from conftest import (
     kill_job,
     run_train,
     scalars,
+    snapshot_held,
     start_train,
     wait_for,
 )
@@ -71,7 +72,7 @@ def _kill_at_13(run_dir: Path, *overrides: str, local: Path | None = None) -> li
     wait_for(lambda: (read_status(run_dir) or 0) and read_status(run_dir).step >= 13, what="step 13", proc=proc)
     directory = local or default_directory(run_dir)
     rank_dirs = [directory / f"rank-{rank}" for rank in (0, 1)]
-    wait_for(lambda: all(any('"step": 13' in p.read_text() for p in d.glob("slot-*.json")) for d in rank_dirs),
+    wait_for(lambda: snapshot_held(rank_dirs, 13),
              what="step 13's snapshot markers", proc=proc)
     kill_job(proc)
     return rank_dirs

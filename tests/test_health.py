@@ -28,6 +28,7 @@ from conftest import (
     kill_job,
     run_train,
     scalars,
+    snapshot_held,
     start_train,
     train_cmd,
     wait_for,
@@ -149,8 +150,7 @@ def _kill_after_step_12(run_dir, wrapper=None):
 
 def _both_ranks_hold_snapshot(run_dir, step):
     ranks = sorted(default_directory(run_dir).glob("rank-*"))
-    marker = f'"step": {step}'
-    return len(ranks) == 2 and all(any(marker in p.read_text() for p in d.glob("slot-*.json")) for d in ranks)
+    return len(ranks) == 2 and snapshot_held(ranks, step)
 
 
 def _health_keys(run_dir, step):

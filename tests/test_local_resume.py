@@ -23,6 +23,7 @@ from conftest import (
     kill_job,
     run_train,
     scalars,
+    snapshot_held,
     start_train,
     wait_for,
 )
@@ -44,7 +45,7 @@ def _kill_at_step_13(run_dir):
     proc = start_train(run_dir, *OPTIONS, env=PAUSE)
     wait_for(lambda: (read_status(run_dir) or 0) and read_status(run_dir).step >= 13, what="step 13", proc=proc)
     rank_dirs = sorted(default_directory(run_dir).glob("rank-*"))
-    wait_for(lambda: all(any('"step": 13' in p.read_text() for p in d.glob("slot-*.json")) for d in rank_dirs),
+    wait_for(lambda: snapshot_held(rank_dirs, 13),
              what="step 13's snapshot markers", proc=proc)
     kill_job(proc)
     assert layout.latest_complete(run_dir / "checkpoints").step == 10
@@ -121,7 +122,7 @@ def test_async_process_killed_while_its_writer_reads_the_lent_snapshot_resumes_b
     options = (*OPTIONS, "checkpoint.mode=async_process")
     proc = start_train(tmp_path, *options, env={"FTRAIN_FAULT": "while_writing@10", "FTRAIN_FAULT_SECONDS": "600"})
     rank_dirs = [default_directory(tmp_path) / f"rank-{rank}" for rank in (0, 1)]
-    wait_for(lambda: all(any('"step": 20' in p.read_text() for p in d.glob("slot-*.json")) for d in rank_dirs),
+    wait_for(lambda: snapshot_held(rank_dirs, 20),
              what="step 20's snapshot markers", proc=proc)
     for rank_dir in rank_dirs:  # the lent slot still holds step 10
         assert sorted(json.loads(p.read_text())["step"] for p in rank_dir.glob("slot-*.json")) == [10, 20]
