@@ -264,10 +264,10 @@ class CheckpointManager:
     def _save_async(self, pending: _PendingSave, states: dict[str, Any], prestaged: Prestaged | None) -> None:
         kind = AsyncCheckpointerType.PROCESS if self.mode == MODE_ASYNC_PROCESS else AsyncCheckpointerType.THREAD
         self._get_stager().prestaged_next = prestaged
-        pending.writer = CheckpointWriter(
-            pending.dir, thread_count=self.write_threads, in_writer_process=self.mode == MODE_ASYNC_PROCESS
-        )
         try:
+            pending.writer = CheckpointWriter(
+                pending.dir, thread_count=self.write_threads, in_writer_process=self.mode == MODE_ASYNC_PROCESS
+            )
             response = dcp.async_save(
                 states,
                 storage_writer=pending.writer,
