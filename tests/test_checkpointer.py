@@ -16,7 +16,7 @@ import torch.nn as nn
 
 import ftrain
 from ftrain import faults, tags
-from ftrain.checkpoint import layout
+from ftrain.checkpoint import integrity, layout
 from ftrain.checkpoint.reader import read_tensors
 from ftrain.checkpoint.local import LocalSnapshots
 from ftrain.checkpoint.staging import BufferStager
@@ -326,3 +326,51 @@ def test_a_preemption_signal_saves_the_step_and_leaves_a_marker_for_the_schedule
     again = ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer)
     assert again.load() == 7 and not (tmp_path / "PREEMPTED").exists()
     again.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "async_process"])
+def test_the_marker_lists_only_the_files_the_save_wrote(tmp_path, mode, caplog):
+    """A file in the step directory that the save did not write (here: a data file of another world size, as an
+    earlier save at this step could leave) is neither vouched for by the marker nor deleted; the checkpoint
+    verifies and loads without it."""
+    if mode == "async_process":  # DCP's writer process joins the job's process group: a one-rank one here
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = _model()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        with ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer, mode=mode) as ckpt:
+            ckpt.load()
+            _train_step(model, optimizer)
+            step_dir = layout.step_dir(tmp_path / "checkpoints", 1)
+            step_dir.mkdir(parents=True)
+            (step_dir / "__7_0.distcp").write_bytes(b"not this save's bytes")
+            with caplog.at_level("WARNING", logger="ftrain.checkpoint.integrity"):
+                ckpt.save(1)
+                ckpt.wait()
+    finally:
+        if mode == "async_process":
+            dist.destroy_process_group()
+    listed = {entry["name"] for entry in layout.read_marker(step_dir)["files"]}
+    assert "__7_0.distcp" not in listed and (step_dir / "__7_0.distcp").exists()
+    assert listed == {layout.DCP_METADATA, integrity.CHECKSUMS, *(p.name for p in step_dir.glob("__0_*.distcp"))}
+    assert "left out of the checkpoint: __7_0.distcp" in caplog.text
+    assert integrity.verify(step_dir) == []
+    fresh = _model()
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    with ftrain.Checkpointer(tmp_path, model=fresh, optimizer=fresh_optimizer) as ckpt:
+        assert ckpt.load() == 1
+    assert_same_tensors(_snapshot(model, optimizer), _snapshot(fresh, fresh_optimizer))
+
+
+@pytest.mark.parametrize("removed", [integrity.CHECKSUMS, layout.DCP_METADATA, "__0_0.distcp"])
+def test_a_save_missing_one_of_its_files_is_not_committed(tmp_path, removed):
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    with ftrain.Checkpointer(tmp_path, model=model, optimizer=optimizer, mode="sync") as ckpt:
+        ckpt.load()
+        ckpt.save(1)
+    step_dir = layout.step_dir(tmp_path / "checkpoints", 1)
+    (step_dir / layout.MARKER).unlink()
+    (step_dir / removed).unlink()
+    with pytest.raises(ftrain.CheckpointError, match=f"{removed}.* missing; not committed"):
+        integrity.saved_entries(step_dir)

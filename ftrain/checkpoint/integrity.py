@@ -15,6 +15,7 @@ location must lie inside a listed file, and whose declared tensor sizes must fit
 from __future__ import annotations
 
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping
 
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from ftrain._torch_compat import dcp_storage_info_class
 from ftrain.checkpoint import layout
+from ftrain.checkpoint.errors import CheckpointError
 from ftrain.checkpoint.safe_load import read_metadata_safely
 from ftrain.checkpoint.storage import CheckpointDir, StorageError, checkpoint_at
 from ftrain.checkpoint.sums import SUM_KEYS, WRITE_SUM, buffer_sum
@@ -38,29 +40,73 @@ VERIFY_THREADS = 4
 MAX_PROBLEMS = 3  # metadata problems reported per checkpoint (the first ones; the rest are counted)
 _STORAGE_INFO = dcp_storage_info_class()  # DCP's record of where an entry lies in a file
 
+logger = logging.getLogger(__name__)
 
-def file_entries(where: layout.Where, written: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-    """Name, size and checksum (``sums.WRITE_SUM``: xxh3-64) of every file of the checkpoint in ``where``, for its
-    commit marker.
 
-    ``written``: the sums its writer took as it wrote, where that writer ran in this process
-    (``CheckpointWriter.written_sums``). Otherwise data files take the sums their writers recorded in
-    ``CHECKSUMS.json``, and the few files the coordinator wrote last (``.metadata``, ``CHECKSUMS.json``) are read
-    back and summed; so is any file neither names.
-    """
+def file_entries(where: layout.Where) -> list[dict[str, Any]]:
+    """Name, size and checksum (``sums.WRITE_SUM``: xxh3-64) of every file in the checkpoint directory ``where``,
+    for a marker of files ftrain wrote there itself (an export). Data files take the sums their writers recorded in
+    ``CHECKSUMS.json``; any other file is read back and summed."""
     checkpoint = checkpoint_at(where)
-    storage = checkpoint.storage
     entries = layout.list_files(checkpoint)
-    recorded: dict[str, str] = dict(written or {})
-    if any(entry["name"] not in recorded for entry in entries):
-        try:  # one read (on object storage, one request): its bytes give the data files' sums and its own
-            raw = storage.read_bytes(checkpoint.file(CHECKSUMS))
-            recorded = {**json.loads(raw), CHECKSUMS: buffer_sum(raw, WRITE_SUM), **recorded}
-        except FileNotFoundError:
-            pass
+    try:
+        recorded = _recorded_sums(checkpoint, {}) if any(layout.is_data_file(e["name"]) for e in entries) else {}
+    except FileNotFoundError:  # written by DCP alone: every file is read back
+        recorded = {}
+    return _with_sums(checkpoint, entries, recorded)
+
+
+def saved_entries(where: layout.Where, written: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """The commit marker's entries for the save just written to ``where``: name, size and checksum of the files
+    that save wrote (the data files its ``CHECKSUMS.json`` names, ``CHECKSUMS.json`` and DCP's ``.metadata``) and
+    of no other. Any other file in the directory (placed there by something else, or left by an earlier save
+    at this step) is left out with a warning: the marker never vouches for bytes the save did not write, and
+    loading reads only listed files (``metadata_problems``). A file of the save that is missing raises
+    ``CheckpointError``: the step is not committed.
+
+    ``written``: the sums the writer took as it wrote, where it ran in this process
+    (``CheckpointWriter.written_sums``); otherwise ``CHECKSUMS.json`` gives the data files' sums, and it and
+    ``.metadata`` are read back and summed."""
+    checkpoint = checkpoint_at(where)
+    found = {entry["name"]: entry for entry in layout.list_files(checkpoint)}
+    try:
+        recorded = _recorded_sums(checkpoint, written or {})
+    except FileNotFoundError:
+        raise CheckpointError(f"{checkpoint}: {CHECKSUMS} of this save is missing; not committed") from None
+    own = sorted({*recorded, layout.DCP_METADATA})
+    missing = [name for name in own if name not in found]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise CheckpointError(f"{checkpoint}: {', '.join(missing)} of this save {verb} missing; not committed")
+    foreign = sorted(set(found) - set(own))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        logger.warning("%s holds files this save did not write, left out of the checkpoint: %s", checkpoint, shown)
+    entries = [found[name] for name in own]
+    return _with_sums(checkpoint, entries, recorded)
+
+
+def _with_sums(
+    checkpoint: CheckpointDir, entries: list[dict[str, Any]], recorded: Mapping[str, str]
+) -> list[dict[str, Any]]:
+    """``entries`` with their checksums: the ``recorded`` one, or the file read back and summed."""
     for entry in entries:
-        entry[WRITE_SUM] = recorded.get(entry["name"]) or storage.checksum(checkpoint.file(entry["name"]), WRITE_SUM)
+        name = entry["name"]
+        entry[WRITE_SUM] = recorded.get(name) or checkpoint.storage.checksum(checkpoint.file(name), WRITE_SUM)
     return entries
+
+
+def _recorded_sums(checkpoint: CheckpointDir, written: Mapping[str, str]) -> dict[str, str]:
+    """Sums by file name: ``written`` if it holds ``CHECKSUMS.json``'s own, else those ``CHECKSUMS.json`` records
+    (one read: on object storage, one request) with its own sum, overlaid by ``written``. Raises
+    ``FileNotFoundError`` if it is needed and absent."""
+    if CHECKSUMS in written:
+        return dict(written)
+    raw = checkpoint.storage.read_bytes(checkpoint.file(CHECKSUMS))
+    recorded = json.loads(raw)
+    if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+        raise CheckpointError(f"{checkpoint}: {CHECKSUMS} is not a table of file sums")
+    return {**recorded, CHECKSUMS: buffer_sum(raw, WRITE_SUM), **written}
 
 
 def verify(

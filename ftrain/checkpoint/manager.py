@@ -333,7 +333,7 @@ class CheckpointManager:
             **pending.marker_fields,
         }
         written = pending.writer.written_sums if pending.writer is not None else None
-        pending.marker = layout.write_marker(pending.dir, info, integrity.file_entries(pending.dir, written))
+        pending.marker = layout.write_marker(pending.dir, info, integrity.saved_entries(pending.dir, written))
         pending.committed_at = time.perf_counter()
         self._committed.add(pending.step)
         logger.info(
