@@ -83,13 +83,22 @@ def test_a_refused_start_touches_nothing_and_exits_2(tmp_path):
         assert _digest(tmp_path) == before, refused
 
 
+def _sigint_disposition(pid: int) -> str:
+    """Whether SIGINT is blocked, ignored or caught in process ``pid`` (Linux: /proc), for a failure message: a
+    blocked or ignored SIGINT is inherited from whoever started the process."""
+    bit = 1 << (signal.SIGINT - 1)
+    fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    return ", ".join(f"{name} {bool(int(fields[name], 16) & bit)}" for name in ("SigBlk", "SigIgn", "SigCgt") if name in fields)
+
+
 def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path):
     options = ("train.max_steps=400", "checkpoint.interval=5")
     proc = start_train(tmp_path, *options, nproc=0)
     wait_for(lambda: (read_status(tmp_path) or 0) and read_status(tmp_path).step >= 12, what="step 12", proc=proc)
+    sigint = _sigint_disposition(proc.pid)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-3000:]
+    assert proc.returncode == 130, f"SIGINT in the job: {sigint}\n{err[:3000]}\n...\n{err[-1500:]}"
     assert "ftrain: interrupted (SIGINT)" in err and "Traceback" not in err, err[-3000:]
     assert not (tmp_path / "LOCK").exists()
     resumed = run_train(tmp_path, "train.max_steps=20", "checkpoint.interval=5", nproc=0)
