@@ -1,9 +1,13 @@
 """CUDA paths (NCCL, pinned-memory staging, FSDP2 on GPU). CI has no GPU: these skip there, and run where one is."""
 
+import signal
+
+import psutil
 import pytest
 import torch
 
-from conftest import check_ok, run_train, scalars
+from conftest import check_ok, run_train, scalars, start_train, wait_for, worker_pids
+from ftrain.run_status import read_status
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,3 +79,21 @@ def test_local_snapshot_of_device_state_is_pinned_waits_for_queued_work_and_rest
             assert restored.tensor.device == device and bool((restored.tensor == 3.0).all())
         finally:
             tier.close()
+
+
+def test_warm_restart_on_cuda_forks_a_training_process_that_uses_the_gpu(tmp_path):
+    """The warm parent never touches CUDA (no rehearsal on CUDA, no device query before the fork), so the training
+    process it forks after one is SIGKILLed initialises CUDA itself and trains on in the same torchrun round."""
+    nproc = min(torch.cuda.device_count(), 2)
+    options = ("train.device=cuda", "train.max_steps=60", "checkpoint.interval=20", "checkpoint.local_interval=1")
+    proc = start_train(tmp_path, *options, nproc=nproc)
+    wait_for(lambda: (read_status(tmp_path) or 0) and read_status(tmp_path).step >= 10, what="step 10", proc=proc)
+    victim = psutil.Process(worker_pids(proc)[0]).children()[0]
+    assert victim.name() == "ftrain-train"
+    victim.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    assert "rank 0: training process ended (signal SIGKILL)" in err and "(generation 1)" in err, err[-4000:]
+    assert "Restarting" not in err  # torchrun never started a new round
+    assert (tmp_path / "checkpoints" / "step_00000060" / "COMPLETE").is_file()
+    assert sorted(set(scalars(tmp_path / "tb", "train/loss"))) == list(range(1, 61))
