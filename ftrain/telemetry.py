@@ -15,7 +15,7 @@ from ftrain.checkpoint.run_dir import TENSORBOARD_DIR
 from ftrain.run_status import RunStatus, StatusWriter, read_status
 
 if TYPE_CHECKING:
-    from ftrain.checkpoint.manager import SaveStats
+    from ftrain.checkpoint.pending import SaveStats
     from ftrain.interval import SaveSchedule
     from ftrain.state import TrainProgress
 

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ftrain.checkpoint.errors import CheckpointError
     from ftrain.checkpoint.loading import LoadResult
-    from ftrain.checkpoint.manager import CheckpointManager, SaveStats
+    from ftrain.checkpoint.manager import CheckpointManager
     from ftrain.checkpoint.options import CheckpointOptions
+    from ftrain.checkpoint.pending import SaveStats
 
 __all__ = ["CheckpointError", "CheckpointManager", "CheckpointOptions", "LoadResult", "SaveStats"]
 
@@ -19,7 +20,7 @@ _PUBLIC = {
     "CheckpointManager": "ftrain.checkpoint.manager",
     "CheckpointOptions": "ftrain.checkpoint.options",
     "LoadResult": "ftrain.checkpoint.loading",
-    "SaveStats": "ftrain.checkpoint.manager",
+    "SaveStats": "ftrain.checkpoint.pending",
 }
 
 

@@ -19,7 +19,6 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +28,12 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType,
 
 from ftrain import faults
 from ftrain.checkpoint import integrity, layout, loading, writer_process
-from ftrain.checkpoint.collectives import DistContext, max_over_ranks
+from ftrain.checkpoint.collectives import DistContext
 from ftrain.checkpoint.compat import RunSignature
 from ftrain.checkpoint.errors import CheckpointError, describe_error
 from ftrain.checkpoint.loading import LoadResult, StatesFor
 from ftrain.checkpoint.options import MODE_ASYNC, MODE_ASYNC_PROCESS, MODE_OFF, MODE_SYNC, CheckpointOptions
+from ftrain.checkpoint.pending import PendingSave, SaveStats, reduce_stats
 from ftrain.checkpoint.retention import RetentionThread
 from ftrain.checkpoint.save_planner import CachedPlanSavePlanner, new_cache_key
 from ftrain.checkpoint.staging import BufferStager, Prestaged
@@ -46,44 +46,6 @@ logger = logging.getLogger("ftrain.checkpoint")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 WRITER_START_DIR = ".writer-start"  # under the checkpoint root: what start_writer() saves, removed once written
-
-
-@dataclass
-class SaveStats:
-    """What one checkpoint cost; times are the maximum over ranks."""
-
-    step: int
-    blocking_s: float  # training loop stopped: waiting for the previous save, snapshot, dispatch, staging wait
-    staging_s: float  # from dispatch until the state was copied off the live tensors
-    save_s: float  # from the save call until the commit marker was written
-    write_s: float  # from staging done until every rank's files were durable
-    size_bytes: int  # all ranks' files together
-    ok: bool
-    error: str = ""
-
-    @property
-    def write_gbps(self) -> float:
-        return self.size_bytes / self.write_s / 1e9 if self.write_s > 0 and self.ok else 0.0
-
-
-@dataclass
-class _PendingSave:
-    step: int
-    dir: CheckpointDir
-    started: float
-    blocking_s: float = 0.0
-    staging_future: Future | None = None
-    upload_future: Future | None = None
-    staged_at: float | None = None
-    uploaded_at: float | None = None
-    committed_at: float | None = None
-    marker: dict[str, Any] | None = None
-    marker_fields: dict[str, Any] = field(default_factory=dict)
-    error: str = ""
-    nonfinite: bool = False  # refused because a saved tensor held NaN or Inf
-    finished_at: float | None = None  # when ``done`` was set
-    done: threading.Event = field(default_factory=threading.Event)
-    writer: CheckpointWriter | None = None  # its written_sums spare the commit reading files back
 
 
 class CheckpointManager:
@@ -112,10 +74,10 @@ class CheckpointManager:
         self.write_threads = options.write_threads or auto_write_threads()
         self.failures = 0
         self.writer_restarts = 0  # async_process: writer processes replaced after one was lost or a save failed
-        self._pending: _PendingSave | None = None
+        self._pending: PendingSave | None = None
         self._stager: BufferStager | None = None
         self._plan_cache_key = new_cache_key()
-        self._commit_queue: queue.Queue[_PendingSave | None] = queue.Queue()
+        self._commit_queue: queue.Queue[PendingSave | None] = queue.Queue()
         self._committer: threading.Thread | None = None
         self._retention: RetentionThread | None = None
         self._writer_start: Future | None = None
@@ -214,7 +176,7 @@ class CheckpointManager:
         if self.mode == MODE_ASYNC_PROCESS:
             self._check_writer_process(previous, 0 if prestaged is not None else staging_bytes)
         started = time.perf_counter()
-        pending = _PendingSave(
+        pending = PendingSave(
             step=step,
             dir=CheckpointDir(self.storage, layout.step_name(step)),
             started=started,
@@ -242,7 +204,7 @@ class CheckpointManager:
             self.writer_restarts += 1
             writer_process.stop()
 
-    def _save_sync(self, pending: _PendingSave, states: dict[str, Any]) -> None:
+    def _save_sync(self, pending: PendingSave, states: dict[str, Any]) -> None:
         try:
             pending.writer = CheckpointWriter(pending.dir, thread_count=self.write_threads)
             dcp.save(
@@ -261,7 +223,7 @@ class CheckpointManager:
         pending.finished_at = time.perf_counter()
         pending.done.set()
 
-    def _save_async(self, pending: _PendingSave, states: dict[str, Any], prestaged: Prestaged | None) -> None:
+    def _save_async(self, pending: PendingSave, states: dict[str, Any], prestaged: Prestaged | None) -> None:
         kind = AsyncCheckpointerType.PROCESS if self.mode == MODE_ASYNC_PROCESS else AsyncCheckpointerType.THREAD
         self._get_stager().prestaged_next = prestaged
         try:
@@ -307,7 +269,7 @@ class CheckpointManager:
         while (pending := self._commit_queue.get()) is not None:
             self._finish(pending)
 
-    def _finish(self, pending: _PendingSave) -> None:
+    def _finish(self, pending: PendingSave) -> None:
         """Background: wait for every rank's data to be durable, then commit (rank 0)."""
         try:
             assert pending.upload_future is not None
@@ -323,7 +285,7 @@ class CheckpointManager:
             pending.finished_at = time.perf_counter()
             pending.done.set()
 
-    def _commit(self, pending: _PendingSave) -> None:
+    def _commit(self, pending: PendingSave) -> None:
         faults.pause_point("before_commit", pending.step)
         info = {
             "step": pending.step,
@@ -347,7 +309,7 @@ class CheckpointManager:
         if self._retention is not None:
             self._retention.committed(pending.dir)
 
-    def _record_failure(self, pending: _PendingSave, exc: BaseException) -> None:
+    def _record_failure(self, pending: PendingSave, exc: BaseException) -> None:
         cause = describe_error(exc)
         # DCP wraps the writer's exception (in a CheckpointException, maybe from another process): match by name
         pending.nonfinite = NonFiniteStateError.__name__ in cause
@@ -420,30 +382,7 @@ class CheckpointManager:
         if charge_wait:
             pending.blocking_s += time.perf_counter() - waited
         self._pending = None
-        return self._reduce_stats(pending)
-
-    def _reduce_stats(self, pending: _PendingSave) -> SaveStats:
-        staged = pending.staged_at or pending.started
-        uploaded = pending.uploaded_at or staged
-        local = [
-            pending.blocking_s,
-            staged - pending.started,
-            uploaded - staged,
-            (pending.committed_at or uploaded) - pending.started,
-            1.0 if pending.error else 0.0,
-            float(pending.marker["total_bytes"]) if pending.marker else 0.0,
-        ]
-        blocking, staging, write, save, failed, size = max_over_ranks(local, self.device)
-        return SaveStats(
-            step=pending.step,
-            blocking_s=blocking,
-            staging_s=staging,
-            save_s=save,
-            write_s=write,
-            size_bytes=int(size),
-            ok=failed == 0.0,
-            error=pending.error,
-        )
+        return reduce_stats(pending, self.device)
 
     def _forget_committed(self, step: int) -> None:
         self._committed.discard(step)  # find_committed replaces the set: look it up at each call

@@ -19,7 +19,7 @@ from ftrain._torch_compat import (
 from ftrain.checkpoint.collectives import max_over_ranks
 
 if TYPE_CHECKING:
-    from ftrain.checkpoint.manager import SaveStats
+    from ftrain.checkpoint.pending import SaveStats
 
 logger = logging.getLogger("ftrain.checkpoint")
 
