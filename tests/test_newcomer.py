@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ftrain.run_status import read_status
 
-from conftest import REPO, check_ok, run_train, start_train, wait_for
+from conftest import REPO, Job, check_ok, run_train, start_train, train_cmd, wait_for
 
 LOOP = textwrap.dedent(
     """
@@ -83,6 +83,14 @@ def test_a_refused_start_touches_nothing_and_exits_2(tmp_path):
         assert _digest(tmp_path) == before, refused
 
 
+# A shell starts a background job (`cmd &`) with SIGINT ignored, and an ignored signal stays ignored across exec (so
+# Python installs no KeyboardInterrupt handler): the job starts with SIGINT at its default, as a terminal's foreground
+# job has it, however the test suite itself was started.
+_WITH_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _sigint_disposition(pid: int) -> str:
     """Whether SIGINT is blocked, ignored or caught in process ``pid`` (Linux: /proc), for a failure message: a
     blocked or ignored SIGINT is inherited from whoever started the process."""
@@ -93,7 +101,7 @@ def _sigint_disposition(pid: int) -> str:
 
 def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path):
     options = ("train.max_steps=400", "checkpoint.interval=5")
-    proc = start_train(tmp_path, *options, nproc=0)
+    proc = Job([sys.executable, "-c", _WITH_DEFAULT_SIGINT, *train_cmd(tmp_path, *options, nproc=0)], cwd=REPO)
     wait_for(lambda: (read_status(tmp_path) or 0) and read_status(tmp_path).step >= 12, what="step 12", proc=proc)
     sigint = _sigint_disposition(proc.pid)
     proc.send_signal(signal.SIGINT)
