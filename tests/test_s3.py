@@ -137,9 +137,10 @@ def test_a_temporary_file_is_uploaded_once_under_its_final_name(s3_env, s3_bucke
 
 def test_a_save_makes_few_requests(s3_env, s3_bucket):
     """A save with retention at work (async, keep_last=1), counted at the client: the data file, CHECKSUMS.json,
-    .metadata (one upload) and the marker; the commit's listing of the step (the sums come from the writer, which
-    ran in this process: nothing is read back); one listing of the prefix and the removal of the older checkpoint
-    (marker, listing, batch delete). No HEAD, no copy, no GET; and the marker still verifies every file."""
+    .metadata (one upload) and the marker (names, sizes and sums come from the writer, which ran in this process:
+    nothing is listed or read back at the commit); one listing of the prefix and the removal of the older
+    checkpoint (marker, listing, batch delete). No HEAD, no copy, no GET; and the marker still verifies every
+    file."""
     import time
 
     import torch
@@ -167,7 +168,7 @@ def test_a_save_makes_few_requests(s3_env, s3_bucket):
     finally:
         manager.close()
     counts = {name: requests.count(name) for name in sorted(set(requests))}
-    assert counts == {"DeleteObject": 1, "DeleteObjects": 1, "ListObjectsV2": 3, "PutObject": 4}, counts
+    assert counts == {"DeleteObject": 1, "DeleteObjects": 1, "ListObjectsV2": 2, "PutObject": 4}, counts
     newest = layout.latest_complete(storage)
     assert newest is not None and newest.step == 3 and integrity.verify(newest.dir, checksums=True) == []
 

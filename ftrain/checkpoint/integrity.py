@@ -56,24 +56,30 @@ def file_entries(where: layout.Where) -> list[dict[str, Any]]:
     return _with_sums(checkpoint, entries, recorded)
 
 
-def saved_entries(where: layout.Where, written: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+def saved_entries(
+    where: layout.Where, written: Mapping[str, str] | None = None, sizes: Mapping[str, int] | None = None
+) -> list[dict[str, Any]]:
     """The commit marker's entries for the save just written to ``where``: name, size and checksum of the files
     that save wrote (the data files its ``CHECKSUMS.json`` names, ``CHECKSUMS.json`` and DCP's ``.metadata``) and
-    of no other. Any other file in the directory (placed there by something else, or left by an earlier save
-    at this step) is left out with a warning: the marker never vouches for bytes the save did not write, and
-    loading reads only listed files (``metadata_problems``). A file of the save that is missing raises
-    ``CheckpointError``: the step is not committed.
+    of no other: the marker never vouches for bytes the save did not write, and loading reads only listed files
+    (``metadata_problems``). Another file in the directory (placed there by something else, or left by an
+    earlier save at this step) is left out, and left where it is.
 
-    ``written``: the sums the writer took as it wrote, where it ran in this process
-    (``CheckpointWriter.written_sums``); otherwise ``CHECKSUMS.json`` gives the data files' sums, and it and
-    ``.metadata`` are read back and summed."""
+    ``written`` and ``sizes``: each file's checksum and size as its writer wrote it, where the writer ran in this
+    process (``CheckpointWriter.written_sums`` and ``written_sizes``): then nothing is listed or read back (on an
+    object store no request, and no listing that could lag behind the uploads). Otherwise the directory is listed
+    (a file of the save that is missing raises ``CheckpointError``: the step is not committed; any other file is
+    named in a warning), ``CHECKSUMS.json`` gives the data files' sums, and it and ``.metadata`` are read back and
+    summed."""
     checkpoint = checkpoint_at(where)
-    found = {entry["name"]: entry for entry in layout.list_files(checkpoint)}
     try:
         recorded = _recorded_sums(checkpoint, written or {})
     except FileNotFoundError:
         raise CheckpointError(f"{checkpoint}: {CHECKSUMS} of this save is missing; not committed") from None
     own = sorted({*recorded, layout.DCP_METADATA})
+    if sizes is not None and all(name in recorded and name in sizes for name in own):
+        return [{"name": name, "size": sizes[name], WRITE_SUM: recorded[name]} for name in own]
+    found = {entry["name"]: entry for entry in layout.list_files(checkpoint)}
     missing = [name for name in own if name not in found]
     if missing:
         verb = "is" if len(missing) == 1 else "are"

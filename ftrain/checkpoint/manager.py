@@ -294,8 +294,9 @@ class CheckpointManager:
             **self.signature.marker_fields(),
             **pending.marker_fields,
         }
-        written = pending.writer.written_sums if pending.writer is not None else None
-        pending.marker = layout.write_marker(pending.dir, info, integrity.saved_entries(pending.dir, written))
+        writer = pending.writer
+        written = (writer.written_sums, writer.written_sizes) if writer is not None else (None, None)
+        pending.marker = layout.write_marker(pending.dir, info, integrity.saved_entries(pending.dir, *written))
         pending.committed_at = time.perf_counter()
         self._committed.add(pending.step)
         logger.info(

@@ -42,6 +42,7 @@ from ftrain.checkpoint.storage.base import DCP_TEMPORARY_SUFFIX
 from ftrain.checkpoint.sums import WRITE_SUM, Summer, buffer_sum
 
 _SUMS_KEY = "__ftrain_checksums__"
+_SIZES_KEY = "__ftrain_sizes__"
 _NONFINITE_KEY = "__ftrain_nonfinite__"
 EARLY_WRITEBACK_BYTES = 4 << 20
 MAX_AUTO_WRITE_THREADS = 4
@@ -55,11 +56,13 @@ class _ChecksummedFile:
     def __init__(self, raw: Any) -> None:
         self.raw = raw
         self.summer = Summer()
+        self.size = 0
         self._written_back = 0
 
     def write(self, data: Any) -> int:
         self.summer.update(data)  # releases the GIL on large buffers
         written = self.raw.write(data)
+        self.size += memoryview(data).nbytes
         if written >= EARLY_WRITEBACK_BYTES:
             self._start_writeback()
         return written
@@ -83,11 +86,13 @@ class _ChecksummedFile:
 
 
 class _ChecksummingFileSystem(FileSystemBase):
-    """A storage's DCP file system whose write streams record each file's checksum (by file name) when closed."""
+    """A storage's DCP file system whose write streams record each file's checksum and size (by file name) when
+    closed."""
 
     def __init__(self, inner: FileSystemBase) -> None:
         self.inner = inner
         self.sums: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[Any, None, None]:
@@ -97,7 +102,8 @@ class _ChecksummingFileSystem(FileSystemBase):
                 return
             tracked = _ChecksummedFile(stream)
             yield tracked
-        self.sums[str(path).replace("\\", "/").rsplit("/", 1)[-1]] = tracked.summer.hexdigest()
+        name = str(path).replace("\\", "/").rsplit("/", 1)[-1]
+        self.sums[name], self.sizes[name] = tracked.summer.hexdigest(), tracked.size
 
     def concat_path(self, path: str | os.PathLike, suffix: str) -> str | os.PathLike:
         return self.inner.concat_path(path, suffix)
@@ -136,10 +142,11 @@ class CheckpointWriter(FileSystemWriter):
         self.fs = _ChecksummingFileSystem(storage.dcp_filesystem())
         self.path = self.fs.init_path(dcp_path)
         self.in_writer_process = in_writer_process
-        # Every file's checksum as written, once the coordinator has finished (data files, CHECKSUMS.json and
-        # .metadata), for the commit marker without reading them back. Empty where this object is the training
-        # process's copy of a writer that ran in DCP's writer process.
+        # Every file's checksum and size as written, once the coordinator has finished (data files, CHECKSUMS.json
+        # and .metadata), for the commit marker without listing or reading them back. Empty where this object is
+        # the training process's copy of a writer that ran in DCP's writer process.
         self.written_sums: dict[str, str] = {}
+        self.written_sizes: dict[str, int] = {}
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         if self.in_writer_process:
@@ -165,11 +172,13 @@ class CheckpointWriter(FileSystemWriter):
         files = sorted({result.storage_data.relative_path for result in results})
         storage = self.checkpoint.storage
         sums = {name: self.fs.sums.get(name) or storage.checksum(self.checkpoint.file(name), WRITE_SUM) for name in files}
+        sizes = {name: self.fs.sizes[name] for name in files if name in self.fs.sizes}
         done: Future[list[WriteResult]] = Future()
         done.set_result(
             [
                 *results,
                 WriteResult(index=MetadataIndex(_SUMS_KEY), size_in_bytes=0, storage_data=sums),
+                WriteResult(index=MetadataIndex(_SIZES_KEY), size_in_bytes=0, storage_data=sizes),
                 WriteResult(index=MetadataIndex(_NONFINITE_KEY), size_in_bytes=0, storage_data=sorted(checked.nonfinite)),
             ]
         )
@@ -177,13 +186,16 @@ class CheckpointWriter(FileSystemWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         sums: dict[str, str] = {}
+        sizes: dict[str, int] = {}
         nonfinite: list[str] = []
         kept = []
         for rank_results in results:
-            kept.append([r for r in rank_results if r.index.fqn not in (_SUMS_KEY, _NONFINITE_KEY)])
+            kept.append([r for r in rank_results if r.index.fqn not in (_SUMS_KEY, _SIZES_KEY, _NONFINITE_KEY)])
             for r in rank_results:
                 if r.index.fqn == _SUMS_KEY:
                     sums.update(r.storage_data)
+                elif r.index.fqn == _SIZES_KEY:
+                    sizes.update(r.storage_data)
                 elif r.index.fqn == _NONFINITE_KEY:
                     nonfinite.extend(r.storage_data)
         if nonfinite:
@@ -193,8 +205,11 @@ class CheckpointWriter(FileSystemWriter):
         self.checkpoint.storage.write_atomic(self.checkpoint.file(CHECKSUMS), recorded)
         super().finish(metadata, kept)
         self.written_sums = {**sums, CHECKSUMS: buffer_sum(recorded, WRITE_SUM)}
-        if (metadata_sum := self.fs.sums.get(layout.DCP_METADATA + DCP_TEMPORARY_SUFFIX)) is not None:
-            self.written_sums[layout.DCP_METADATA] = metadata_sum
+        self.written_sizes = {**sizes, CHECKSUMS: len(recorded)}
+        metadata_tmp = layout.DCP_METADATA + DCP_TEMPORARY_SUFFIX
+        if metadata_tmp in self.fs.sums:
+            self.written_sums[layout.DCP_METADATA] = self.fs.sums[metadata_tmp]
+            self.written_sizes[layout.DCP_METADATA] = self.fs.sizes[metadata_tmp]
 
 
 class NonFiniteStateError(ValueError):
