@@ -45,15 +45,10 @@ logger = logging.getLogger(__name__)
 
 def file_entries(where: layout.Where) -> list[dict[str, Any]]:
     """Name, size and checksum (``sums.WRITE_SUM``: xxh3-64) of every file in the checkpoint directory ``where``,
-    for a marker of files ftrain wrote there itself (an export). Data files take the sums their writers recorded in
-    ``CHECKSUMS.json``; any other file is read back and summed."""
+    each read back and summed: for a marker of files ftrain wrote there itself (an export, whose files are small
+    and just written)."""
     checkpoint = checkpoint_at(where)
-    entries = layout.list_files(checkpoint)
-    try:
-        recorded = _recorded_sums(checkpoint, {}) if any(layout.is_data_file(e["name"]) for e in entries) else {}
-    except FileNotFoundError:  # written by DCP alone: every file is read back
-        recorded = {}
-    return _with_sums(checkpoint, entries, recorded)
+    return _with_sums(checkpoint, layout.list_files(checkpoint), {})
 
 
 def saved_entries(
